@@ -1,0 +1,1 @@
+"""daguerre.cluster: the online Serve application and cluster manifests (see README)."""

@@ -1,0 +1,1 @@
+"""Shipped YAML configs (models, jobs, serve), readable through importlib.resources."""

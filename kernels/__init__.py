@@ -1,0 +1,1 @@
+"""daguerre.kernels: attention backends and UNet compilation (see README)."""

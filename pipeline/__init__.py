@@ -1,0 +1,1 @@
+"""daguerre.pipeline: request schema, models, the diffusion engine, storage and the batch job."""

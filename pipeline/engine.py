@@ -1,0 +1,239 @@
+"""DiffusionEngine: list[ImageRequest] -> list[GeneratedImage], the only place images are made.
+
+Requests that can share one denoising loop (same size, steps, scheduler) form a bucket;
+each bucket runs in chunks of at most `max_batch_size` images, with classifier-free
+guidance batched (uncond and cond in one UNet call, per-request guidance scale and
+negative prompt) and the VAE decoding the whole chunk. Every request draws its noise
+from its own generator seeded by its seed, so an image does not depend on what it was
+batched with (within 1/255: batch composition changes float rounding, nothing else).
+
+The engine returns uint8 arrays; PNG encoding and storage run elsewhere, on CPU,
+so the accelerator never waits for I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from daguerre.pipeline.config import EngineConfig
+from daguerre.pipeline.models import TEXT_MAX_LENGTH, ModelComponents, load_model
+from daguerre.pipeline.schema import ImageRequest, Scheduler, StageTimings
+
+
+@dataclass
+class GeneratedImage:
+    """One finished image and how it was made."""
+
+    request: ImageRequest
+    image: np.ndarray  # [H, W, 3] uint8
+    seed: int
+    width: int
+    height: int
+    batch_size: int  # images denoised together with this one
+    scheduler_config: str  # JSON
+    timings: StageTimings  # this image's share of its chunk's time
+
+
+BucketKey = tuple[int, int, int, str]  # width, height, steps, scheduler
+
+
+def _scheduler(name: str, base_config: dict[str, Any]) -> Any:
+    from diffusers import (
+        DDIMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
+
+    kind = Scheduler(name)
+    if kind is Scheduler.ddim:
+        return DDIMScheduler.from_config(base_config)
+    if kind is Scheduler.euler:
+        return EulerDiscreteScheduler.from_config(base_config)
+    if kind is Scheduler.euler_a:
+        return EulerAncestralDiscreteScheduler.from_config(base_config)
+    return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2)
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device for a config value ('auto' picks CUDA when present)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for a config value ('auto': float16 on CUDA, float32 elsewhere)."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+class DiffusionEngine:
+    """Generates images for lists of requests with one model on one device."""
+
+    def __init__(self, config: EngineConfig | None = None, components: ModelComponents | None = None):
+        self.config = config or EngineConfig()
+        self.device = resolve_device(self.config.device)
+        self.dtype = resolve_dtype(self.config.dtype, self.device)
+        if self.device.type == "cpu" and self.config.torch_threads:
+            torch.set_num_threads(self.config.torch_threads)
+        self.model = components or load_model(self.config.model, device=self.device, dtype=self.dtype)
+        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.prompt_cache_hits = 0
+        self.prompt_cache_misses = 0
+
+    @property
+    def backend(self) -> dict[str, str]:
+        """What runs the math, recorded in every image's metadata."""
+        return {
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "attention": self.config.attention_backend,
+            "unet": self.config.unet_backend,
+        }
+
+    def resolve_size(self, request: ImageRequest) -> tuple[int, int]:
+        """(width, height) of a request, the model's native size filling what is missing."""
+        side = self.model.default_size
+        return request.width or side, request.height or side
+
+    def bucket_key(self, request: ImageRequest) -> BucketKey:
+        """Requests with equal keys can share one denoising loop."""
+        width, height = self.resolve_size(request)
+        return width, height, request.steps, request.scheduler.value
+
+    # -- the hot path ---------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, requests: list[ImageRequest]) -> list[GeneratedImage]:
+        """One image per request, in the order given."""
+        buckets: dict[BucketKey, list[int]] = {}
+        for i, request in enumerate(requests):
+            buckets.setdefault(self.bucket_key(request), []).append(i)
+        out: list[GeneratedImage | None] = [None] * len(requests)
+        step = self.config.max_batch_size
+        for key, indices in buckets.items():
+            for start in range(0, len(indices), step):
+                chunk = indices[start : start + step]
+                for i, image in zip(chunk, self._generate_chunk(key, [requests[i] for i in chunk]), strict=True):
+                    out[i] = image
+        return out  # type: ignore[return-value]
+
+    def _generate_chunk(self, key: BucketKey, requests: list[ImageRequest]) -> list[GeneratedImage]:
+        width, height, steps, scheduler_name = key
+        batch = len(requests)
+        model = self.model
+        factor = model.vae_scale_factor
+
+        # 1. Text embeddings, [2B, 77, D]: negative prompts first, then prompts (CFG in one call).
+        t0 = self._clock()
+        prompts = [r.negative_prompt for r in requests] + [r.prompt for r in requests]
+        text_embeds, pooled = self.encode_prompts(prompts)
+        added_cond = None
+        if model.is_sdxl:
+            # SDXL's micro-conditioning: original size, crop top-left, target size.
+            time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
+            added_cond = {"text_embeds": pooled, "time_ids": time_ids.repeat(2 * batch, 1)}
+        t1 = self._clock()
+
+        # 2. Per-request initial noise from per-request CPU generators: [B, 4, h, w].
+        generators = [torch.Generator("cpu").manual_seed(r.resolved_seed) for r in requests]
+        latent_shape = (1, model.unet.config.in_channels, height // factor, width // factor)
+        latents = torch.cat([torch.randn(latent_shape, generator=g) for g in generators])
+        latents = latents.to(self.device, self.dtype)
+
+        # 3. Timesteps. A scheduler instance is stateful: one per chunk.
+        scheduler = _scheduler(scheduler_name, model.scheduler_config)
+        scheduler.set_timesteps(steps, device=self.device)
+        latents = latents * scheduler.init_noise_sigma
+        guidance = torch.tensor([r.guidance_scale for r in requests], device=self.device, dtype=self.dtype)
+        guidance = guidance.view(batch, 1, 1, 1)
+
+        # 4. Denoising loop.
+        for t in scheduler.timesteps:
+            latent_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)  # [2B, 4, h, w]
+            noise = model.unet(
+                latent_in, t, encoder_hidden_states=text_embeds, added_cond_kwargs=added_cond
+            ).sample
+            noise_uncond, noise_cond = noise.chunk(2)
+            noise = noise_uncond + guidance * (noise_cond - noise_uncond)
+            # Ancestral samplers draw fresh noise per step: each request from its own generator.
+            latents = scheduler.step(noise, t, latents, generator=generators).prev_sample
+        t2 = self._clock()
+
+        # 5. VAE decode, [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3].
+        vae = model.vae
+        latents = latents.to(vae.dtype) / vae.config.scaling_factor
+        pixels = vae.decode(latents).sample
+        pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        images = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        t3 = self._clock()
+
+        share = StageTimings(
+            text_encode_s=(t1 - t0) / batch, denoise_s=(t2 - t1) / batch, vae_decode_s=(t3 - t2) / batch
+        )
+        scheduler_config = json.dumps(dict(scheduler.config), sort_keys=True, default=str)
+        return [
+            GeneratedImage(
+                request=r,
+                image=images[i],
+                seed=r.resolved_seed,
+                width=width,
+                height=height,
+                batch_size=batch,
+                scheduler_config=scheduler_config,
+                timings=share,
+            )
+            for i, r in enumerate(requests)
+        ]
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text embeddings [N, 77, D] (and SDXL's pooled [N, P]) for prompts, through the LRU cache."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._prompt_cache))
+        self.prompt_cache_misses += len(missing)
+        self.prompt_cache_hits += len(prompts) - len(missing)
+        fresh = dict(zip(missing, self._encode_uncached(missing), strict=True)) if missing else {}
+        rows = [fresh[p] if p in fresh else self._prompt_cache[p] for p in prompts]
+        limit = self.config.prompt_cache_size
+        for p in prompts:  # touch in use order, then bound the cache
+            if p in fresh:
+                self._prompt_cache[p] = fresh[p]
+            if p in self._prompt_cache:
+                self._prompt_cache.move_to_end(p)
+        while len(self._prompt_cache) > limit:
+            self._prompt_cache.popitem(last=False)
+        embeds = torch.stack([r[0] for r in rows])
+        pooled = torch.stack([r[1] for r in rows]) if rows[0][1] is not None else None
+        return embeds, pooled
+
+    def _encode_uncached(self, prompts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        model = self.model
+
+        def ids(tokenizer: Any) -> torch.Tensor:
+            tokens = tokenizer(
+                prompts, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt"
+            )
+            return tokens.input_ids.to(self.device)
+
+        if not model.is_sdxl:
+            hidden = model.text_encoder(ids(model.tokenizer))[0]  # [N, 77, D]
+            return [(h, None) for h in hidden]
+        # SDXL: both encoders' penultimate hidden states side by side; pooled from the second.
+        out_1 = model.text_encoder(ids(model.tokenizer), output_hidden_states=True)
+        out_2 = model.text_encoder_2(ids(model.tokenizer_2), output_hidden_states=True)
+        hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+        pooled = out_2.text_embeds
+        return list(zip(hidden, pooled, strict=True))
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()

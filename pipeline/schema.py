@@ -1,0 +1,351 @@
+"""The one contract: what an image request is, and what is recorded for each image.
+
+`ImageRequest` is validated here once, and everything else derives from it: the
+manifest's Arrow schema, the metadata row (`ImageRecord`), the errors table, and later
+the HTTP models. This module stays light: pydantic and the standard library only
+(pyarrow is imported inside the functions that build Arrow schemas), so the CLI and
+the validation stage never pay for torch, ray or diffusers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import re
+import types
+import typing
+from enum import Enum
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+
+class Scheduler(str, Enum):
+    """Samplers a request may ask for (mapped to diffusers schedulers in the engine)."""
+
+    ddim = "ddim"
+    euler = "euler"
+    euler_a = "euler_a"
+    dpmpp_2m = "dpmpp_2m"
+
+
+SCHEDULERS = tuple(s.value for s in Scheduler)
+
+# An id becomes a storage key (`images/<id>.png`): path segments of these characters only.
+_ID_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+MAX_ID_CHARS = 200
+
+
+class RequestLimits(BaseModel):
+    """What a deployment accepts; set in the job or serve config (`limits:`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_steps: int = Field(150, ge=1, description="Most denoising steps one image may ask for.")
+    max_pixels: int = Field(
+        2048 * 2048, ge=64, description="Most pixels (width x height) one image may ask for."
+    )
+    max_side: int = Field(2048, ge=8, description="Longest width or height accepted.")
+    size_multiple: int = Field(8, ge=1, description="Width and height must be multiples of this.")
+    max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt, in characters.")
+    max_guidance_scale: float = Field(50.0, gt=0, description="Largest guidance_scale accepted.")
+
+
+DEFAULT_LIMITS = RequestLimits()
+
+
+def _limits(info: ValidationInfo) -> RequestLimits:
+    ctx = info.context or {}
+    return ctx.get("limits") or DEFAULT_LIMITS
+
+
+class ImageRequest(BaseModel):
+    """One image to generate: a manifest row, or one image of an HTTP request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(description="Unique within a job; becomes the image's key `images/<id>.png`.")
+    prompt: str = Field(description="Text the image should show.")
+    negative_prompt: str = Field("", description="Text the image should not show.")
+    seed: int | None = Field(
+        None, description="Seed of this image's noise; derived from `id` when missing."
+    )
+    steps: int = Field(30, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, description="Classifier-free guidance scale (1 = off).")
+    width: int | None = Field(None, description="Image width in pixels; the model's default when missing.")
+    height: int | None = Field(None, description="Image height in pixels; the model's default when missing.")
+    scheduler: Scheduler = Field(Scheduler.ddim, description=f"One of {', '.join(SCHEDULERS)}.")
+    model: str | None = Field(None, description="Model the row is meant for; must match the job's model when set.")
+    metadata: dict[str, str] = Field(
+        default_factory=dict, description="Free key/value strings copied to the image's metadata row."
+    )
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, v: str) -> str:
+        if not v:
+            raise ValueError("must not be empty")
+        if len(v) > MAX_ID_CHARS:
+            raise ValueError(f"is {len(v)} characters long; at most {MAX_ID_CHARS} allowed")
+        if any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError("contains control characters")
+        if "\\" in v:
+            raise ValueError("contains a backslash; use '/' to nest ids")
+        if v.startswith("/"):
+            raise ValueError("is an absolute path; ids are relative keys under the output prefix")
+        for segment in v.split("/"):
+            if segment in ("", ".", ".."):
+                raise ValueError(
+                    f"has the path segment {segment!r}, which would escape or alias the output prefix"
+                )
+            if not _ID_SEGMENT.match(segment):
+                raise ValueError(
+                    "may only use letters, digits and . _ = + - in '/'-separated segments "
+                    "that start with a letter or digit"
+                )
+        return v
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, v: str, info: ValidationInfo) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        limit = _limits(info).max_prompt_chars
+        if len(v) > limit:
+            raise ValueError(f"is {len(v)} characters long; at most {limit} allowed")
+        return v
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _check_negative_prompt(cls, v: str, info: ValidationInfo) -> str:
+        limit = _limits(info).max_prompt_chars
+        if len(v) > limit:
+            raise ValueError(f"is {len(v)} characters long; at most {limit} allowed")
+        return v
+
+    @field_validator("seed")
+    @classmethod
+    def _check_seed(cls, v: int | None) -> int | None:
+        if v is not None and not 0 <= v < 2**63:
+            raise ValueError(f"{v} is out of range; use 0 <= seed < 2**63")
+        return v
+
+    @field_validator("steps")
+    @classmethod
+    def _check_steps(cls, v: int, info: ValidationInfo) -> int:
+        limit = _limits(info).max_steps
+        if not 1 <= v <= limit:
+            raise ValueError(f"{v} is out of range; use 1 <= steps <= {limit}")
+        return v
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _check_guidance(cls, v: float, info: ValidationInfo) -> float:
+        limit = _limits(info).max_guidance_scale
+        if not 0 <= v <= limit:  # NaN fails both comparisons
+            raise ValueError(f"{v} is out of range; use 0 <= guidance_scale <= {limit}")
+        return v
+
+    @field_validator("width", "height")
+    @classmethod
+    def _check_side(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is None:
+            return v
+        limits = _limits(info)
+        if not limits.size_multiple <= v <= limits.max_side:
+            raise ValueError(f"{v} is out of range; use {limits.size_multiple}..{limits.max_side}")
+        if v % limits.size_multiple:
+            raise ValueError(f"{v} is not a multiple of {limits.size_multiple}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_pixels(self, info: ValidationInfo) -> ImageRequest:
+        if self.width is not None and self.height is not None:
+            limit = _limits(info).max_pixels
+            if self.width * self.height > limit:
+                # Whole-request checks carry their field names as a "fields: " prefix.
+                raise ValueError(
+                    f"width,height: {self.width}x{self.height} is {self.width * self.height} "
+                    f"pixels; at most {limit} allowed"
+                )
+        return self
+
+    @property
+    def resolved_seed(self) -> int:
+        """The seed used: the given one, or one derived from the id (stable across runs)."""
+        return self.seed if self.seed is not None else seed_from_id(self.id)
+
+
+def seed_from_id(request_id: str) -> int:
+    """A seed derived from an id: the same on every machine, in every run."""
+    return int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") >> 1
+
+
+class FieldError(BaseModel):
+    """Why one field of a request was rejected."""
+
+    field: str
+    reason: str
+
+
+def validate_request(
+    row: dict[str, Any], limits: RequestLimits = DEFAULT_LIMITS
+) -> ImageRequest | list[FieldError]:
+    """An `ImageRequest` from a row, or the list of field errors that prevent one.
+
+    Null values count as missing, so Parquet nulls take the defaults."""
+    clean = {k: v for k, v in row.items() if v is not None}
+    try:
+        request = ImageRequest.model_validate(clean, context={"limits": limits})
+    except ValidationError as exc:
+        return [field_error(err) for err in exc.errors()]
+    return request
+
+
+def field_error(err: Any) -> FieldError:
+    """A `FieldError` from one pydantic error dict."""
+    field = ".".join(str(p) for p in err["loc"])
+    reason = _reason(err)
+    if not field:  # a whole-request check: "fields: reason"
+        field, _, reason = reason.partition(": ")
+    return FieldError(field=field, reason=reason)
+
+
+def _reason(err: Any) -> str:
+    kind, msg = err["type"], err["msg"]
+    if kind == "missing":
+        return "is required"
+    if kind == "extra_forbidden":
+        return "is not a known field"
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
+    shown = repr(err.get("input"))
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    if kind == "enum":
+        return f"{shown} is not valid; use one of {', '.join(SCHEDULERS)}"
+    if kind == "value_error":
+        if not err["loc"] or msg[:1].isdigit() or msg[:1] == "-":
+            return msg
+        return f"{shown} {msg}"
+    return f"{shown}: {msg}"
+
+
+class StageTimings(BaseModel):
+    """Seconds spent on one image per stage; a batch's time is shared among its images."""
+
+    text_encode_s: float = 0.0
+    denoise_s: float = 0.0
+    vae_decode_s: float = 0.0
+    encode_png_s: float = 0.0
+    write_s: float = 0.0
+
+
+class ImageRecord(BaseModel):
+    """One metadata row per finished image: the request and its full provenance."""
+
+    # The request, with defaults resolved to the values actually used.
+    id: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    scheduler: str
+    model: str
+    metadata: dict[str, str]
+    # The output.
+    uri: str
+    sha256: str
+    # Provenance.
+    weights_hash: str
+    scheduler_config: str  # JSON of the diffusers scheduler config
+    backend: dict[str, str]  # device, dtype, attention, unet
+    batch_size: int
+    daguerre_version: str
+    timings: StageTimings
+    node_id: str
+    actor_id: str
+    created_at: dt.datetime
+    status: Literal["ok"] = "ok"  # failures go to the errors table, never here
+    error: str | None = None
+
+
+class ErrorRecord(BaseModel):
+    """One row of the errors table: a request that produced no image, and why."""
+
+    id: str
+    stage: Literal["validate", "generate", "write"]
+    field: str
+    reason: str
+    row: str  # the offending row as JSON, truncated
+    created_at: dt.datetime
+
+
+# -- Arrow schemas, derived from the models above --------------------------------------
+
+
+def arrow_schema(model: type[BaseModel], required: set[str] | None = None) -> Any:
+    """The Arrow schema for a pydantic model; fields in `required` (default all) are non-null."""
+    import pyarrow as pa
+
+    fields = []
+    for name, info in model.model_fields.items():
+        arrow_type, optional = _arrow_type(info.annotation)
+        nullable = optional or (required is not None and name not in required)
+        fields.append(pa.field(name, arrow_type, nullable=nullable))
+    return pa.schema(fields)
+
+
+def manifest_schema() -> Any:
+    """Arrow schema of a manifest: `ImageRequest`'s fields, only `id` and `prompt` required."""
+    return arrow_schema(ImageRequest, required={"id", "prompt"})
+
+
+def record_schema() -> Any:
+    """Arrow schema of the metadata table (`ImageRecord`)."""
+    return arrow_schema(ImageRecord)
+
+
+def error_schema() -> Any:
+    """Arrow schema of the errors table (`ErrorRecord`)."""
+    return arrow_schema(ErrorRecord)
+
+
+def _arrow_type(annotation: Any) -> tuple[Any, bool]:
+    import pyarrow as pa
+
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        inner, _ = _arrow_type(args[0])
+        return inner, len(args) < len(typing.get_args(annotation))
+    if origin is Literal:
+        return pa.string(), False
+    if origin is dict:
+        key, value = typing.get_args(annotation)
+        return pa.map_(_arrow_type(key)[0], _arrow_type(value)[0]), False
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return pa.struct([pa.field(n, _arrow_type(f.annotation)[0]) for n, f in annotation.model_fields.items()]), False
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return pa.string(), False
+    simple = {
+        str: pa.string(),
+        int: pa.int64(),
+        float: pa.float64(),
+        bool: pa.bool_(),
+        dt.datetime: pa.timestamp("us", tz="UTC"),
+    }
+    if annotation in simple:
+        return simple[annotation], False
+    raise TypeError(f"no Arrow type for {annotation!r}")
