@@ -1,0 +1,170 @@
+"""The `daguerre` command: generate, manifest, demo.
+
+Heavy imports (torch, ray, diffusers) happen inside the commands that need them, so
+`daguerre --help` and input errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from daguerre.pipeline.config import ConfigError, JobConfig, load_yaml, validate_config
+from daguerre.pipeline.schema import SCHEDULERS
+
+DEFAULT_DEMO_OUT = "output/demo"
+
+
+def _actors(value: str) -> tuple[int, int]:
+    try:
+        low, _, high = value.partition(":")
+        pair = (int(low), int(high or low))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not MIN:MAX (for example 1:4)") from None
+    if pair[0] < 1 or pair[1] < pair[0]:
+        raise argparse.ArgumentTypeError(f"{value!r}: need 1 <= MIN <= MAX")
+    return pair
+
+
+def _job_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="preset (tiny, small, sd15, sdxl) or a diffusers model folder")
+    p.add_argument("--config", type=Path, help="job YAML (see configs/jobs/); flags override it")
+    p.add_argument("--batch-size", type=int, help="images per engine call")
+    p.add_argument("--actors", type=_actors, metavar="MIN:MAX", help="engine actor pool size, e.g. 1:4")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="daguerre", description="Distributed diffusion image generation on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="run a batch job over a Parquet manifest")
+    gen.add_argument("manifest", help="Parquet file or folder of Parquet files, one row per image")
+    gen.add_argument("--out", required=True, help="output prefix (a folder)")
+    _job_args(gen)
+
+    man = sub.add_parser("manifest", help="build a Parquet manifest from prompts (.txt lines or .csv rows)")
+    man.add_argument("prompts", type=Path, help=".txt (one prompt per line) or .csv (columns for --template)")
+    man.add_argument("-o", "--output", type=Path, required=True, help="manifest .parquet to write")
+    man.add_argument("--template", help='prompt template filled from CSV columns, e.g. "a studio photo of {product}, {style}"')
+    man.add_argument("--seeds", type=int, default=1, help="images per prompt (seeds seed-base, seed-base+1, ...)")
+    man.add_argument("--seed-base", type=int, default=0)
+    man.add_argument("--steps", type=int)
+    man.add_argument("--guidance-scale", type=float)
+    man.add_argument("--width", type=int)
+    man.add_argument("--height", type=int)
+    man.add_argument("--scheduler", choices=SCHEDULERS)
+    man.add_argument("--negative-prompt")
+
+    demo = sub.add_parser("demo", help="generate the demo manifest with the tiny model on a local Ray")
+    demo.add_argument("--out", default=DEFAULT_DEMO_OUT, help=f"output prefix (default {DEFAULT_DEMO_OUT})")
+    demo.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def job_config(args: argparse.Namespace) -> JobConfig:
+    """The job config from --config plus the flags given."""
+    overrides: dict[str, Any] = {}
+    if args.model:
+        overrides.setdefault("engine", {})["model"] = args.model
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    if args.actors:
+        overrides["min_actors"], overrides["max_actors"] = args.actors
+    if args.config:
+        return load_yaml(args.config, JobConfig, overrides)
+    return validate_config(JobConfig, overrides, source="flags")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from daguerre.pipeline.job import run_job
+
+    config = job_config(args)
+    summary = run_job(args.manifest, args.out, config, address=args.address, progress=not args.no_progress)
+    print_summary(summary)
+    return 0
+
+
+def cmd_manifest(args: argparse.Namespace) -> int:
+    from daguerre.pipeline.manifest import build_manifest, write_manifest
+
+    defaults = {
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "width": args.width,
+        "height": args.height,
+        "scheduler": args.scheduler,
+        "negative_prompt": args.negative_prompt,
+    }
+    defaults = {k: v for k, v in defaults.items() if v is not None}
+    table = build_manifest(args.prompts, args.template, args.seeds, args.seed_base, defaults)
+    write_manifest(table, args.output)
+    print(f"wrote {table.num_rows} rows to {args.output}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from daguerre.pipeline.job import run_job
+    from daguerre.pipeline.manifest import demo_manifest, write_manifest
+
+    out = Path(args.out)
+    manifest = write_manifest(demo_manifest(), out.parent / f"{out.name}-manifest.parquet")
+    print(f"demo manifest: {manifest} (8 valid rows, 2 invalid on purpose)")
+    summary = run_job(str(manifest), str(out), JobConfig(), progress=not args.no_progress)
+    print_summary(summary)
+    print(f"images:   {out / 'images'}/*.png")
+    print(f"metadata: {out / 'metadata'}/*.parquet (one row per image)")
+    print(f"errors:   {out / 'errors'}/*.parquet (one row per rejected manifest row)")
+    return 0
+
+
+def print_summary(summary: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"daguerre job: {summary.output}", show_header=False)
+    done_before = f"{summary.skipped_done} (finished before; skipped)"
+    rows = [
+        ("manifest rows", str(summary.manifest_rows)),
+        ("generated", str(summary.generated)),
+        ("skipped as done", done_before),
+        ("errors", f"{summary.errors}" + (f" {summary.errors_by_stage}" if summary.errors_by_stage else "")),
+        ("wall time", f"{summary.wall_s:.1f} s"),
+        ("images/s", f"{summary.images_per_s:.2f}"),
+    ]
+    for name, seconds in summary.stage_s.items():
+        if seconds:
+            rows.append((f"  {name.removesuffix('_s')}", f"{seconds:.2f} s (summed over images)"))
+    for name, value in rows:
+        table.add_row(name, value)
+    console = Console()
+    console.print(table)
+    if summary.generated == 0:
+        reasons = [f"{summary.skipped_done} rows already finished under the output prefix"]
+        if summary.errors:
+            reasons.append(f"{summary.errors} rows rejected (see {summary.output}/errors/)")
+        console.print(f"nothing generated: {', '.join(reasons)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from daguerre.pipeline.job import ManifestError
+    from daguerre.pipeline.manifest import ManifestBuildError
+
+    handlers = {"generate": cmd_generate, "manifest": cmd_manifest, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except (ConfigError, ManifestError, ManifestBuildError) as exc:
+        print(f"daguerre: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("daguerre: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
