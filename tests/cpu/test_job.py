@@ -1,0 +1,200 @@
+"""The Ray Data batch job end to end: images, metadata, errors, resume."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from daguerre.pipeline.config import EngineConfig, JobConfig
+from daguerre.pipeline.job import ManifestError, inspect_manifest, run_job
+from daguerre.pipeline.schema import ImageRequest, manifest_schema
+
+pytestmark = pytest.mark.timeout(300)
+
+VALID = [
+    {"id": "ok-0", "prompt": "a lighthouse", "seed": 1, "steps": 3, "metadata": {"sku": "A-1"}},
+    {"id": "ok-1", "prompt": "a teapot", "seed": 2, "steps": 3, "scheduler": "euler_a"},
+    {"id": "ok-2", "prompt": "a fox", "seed": 3, "steps": 2, "width": 96, "height": 64},
+    {"id": "nested/ok-3", "prompt": "a leaf", "steps": 3},
+    {"id": "ok-4", "prompt": "a map", "seed": 5, "steps": 3, "guidance_scale": 1.0},
+    {"id": "ok-5", "prompt": "a cat", "seed": 6, "steps": 3, "scheduler": "dpmpp_2m", "model": "tiny"},
+    {"id": "ok-6", "prompt": "a greenhouse", "seed": 7, "steps": 3},
+]
+BAD = {  # id -> (row, field the error must name)
+    "no-prompt": ({"id": "no-prompt"}, "prompt"),
+    "empty-prompt": ({"id": "empty-prompt", "prompt": "  "}, "prompt"),
+    "zero-steps": ({"id": "zero-steps", "prompt": "x", "steps": 0}, "steps"),
+    "many-steps": ({"id": "many-steps", "prompt": "x", "steps": 999}, "steps"),
+    "odd-width": ({"id": "odd-width", "prompt": "x", "width": 100}, "width"),
+    "huge-height": ({"id": "huge-height", "prompt": "x", "height": 8192}, "height"),
+    "neg-seed": ({"id": "neg-seed", "prompt": "x", "seed": -5}, "seed"),
+    "bad-scheduler": ({"id": "bad-scheduler", "prompt": "x", "scheduler": "plms"}, "scheduler"),
+    "": ({"id": "", "prompt": "x"}, "id"),
+    "dup": ({"id": "dup", "prompt": "x"}, "id"),
+    "../escape": ({"id": "../escape", "prompt": "x"}, "id"),
+    "/abs": ({"id": "/abs", "prompt": "x"}, "id"),
+    "back\\slash": ({"id": "back\\slash", "prompt": "x"}, "id"),
+    "ctrl\x01": ({"id": "ctrl\x01", "prompt": "x"}, "id"),
+    "other-model": ({"id": "other-model", "prompt": "x", "model": "sdxl"}, "model"),
+}
+
+
+def write(rows, path: Path) -> str:
+    # Nullable everywhere: a real manifest can hold the nulls the job must reject.
+    schema = pa.schema([f.with_nullable(True) for f in manifest_schema()])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def job(ray_session, tmp_path_factory):
+    """One job over a manifest with every kind of bad row, run once for the module."""
+    root = tmp_path_factory.mktemp("job")
+    rows = [*VALID, *(row for row, _ in BAD.values()), {"id": "dup", "prompt": "y"}]
+    manifest = write(rows, root / "manifest.parquet")
+    out = root / "out"
+    config = JobConfig(batch_size=3, engine=EngineConfig(model="tiny", device="cpu"))
+    summary = run_job(manifest, str(out), config, progress=False)
+    return {"manifest": manifest, "out": out, "config": config, "summary": summary, "rows": len(rows)}
+
+
+def metadata(out: Path):
+    return pads.dataset(out / "metadata", format="parquet").to_table()
+
+
+def test_counts(job):
+    s = job["summary"]
+    assert s.manifest_rows == job["rows"]
+    assert s.generated == len(VALID)
+    assert s.errors == len(BAD) + 1  # both "dup" rows
+    assert s.errors_by_stage == {"validate": len(BAD) + 1}
+    assert s.skipped_done == 0
+    assert s.images_per_s > 0 and s.stage_s["denoise_s"] > 0
+
+
+def test_images_decode_and_match_metadata(job):
+    table = metadata(job["out"]).to_pylist()
+    assert sorted(r["id"] for r in table) == sorted(r["id"] for r in VALID)
+    for record in table:
+        path = job["out"] / "images" / f"{record['id']}.png"
+        data = path.read_bytes()
+        assert hashlib.sha256(data).hexdigest() == record["sha256"]
+        assert record["uri"] == str(path)
+        image = Image.open(io.BytesIO(data))
+        assert image.size == (record["width"], record["height"]) and image.mode == "RGB"
+        assert record["model"] == "tiny" and record["weights_hash"].startswith("sha256:")
+        assert dict(record["backend"])["device"] == "cpu"
+        assert record["status"] == "ok" and record["daguerre_version"]
+        assert record["timings"]["denoise_s"] > 0 and record["timings"]["encode_png_s"] > 0
+    by_id = {r["id"]: r for r in table}
+    assert dict(by_id["ok-0"]["metadata"]) == {"sku": "A-1"}
+    assert (by_id["ok-2"]["width"], by_id["ok-2"]["height"]) == (96, 64)
+    assert by_id["nested/ok-3"]["seed"] == ImageRequest(id="nested/ok-3", prompt="x").resolved_seed
+
+
+def test_every_bad_row_is_recorded_with_field_and_reason(job):
+    errors = pads.dataset(job["out"] / "errors", format="parquet").to_table().to_pylist()
+    fields = {}
+    for e in errors:
+        fields.setdefault(e["id"], set()).add(e["field"])
+        assert e["reason"] and e["stage"] == "validate" and e["row"]
+    for bad_id, (_, field) in BAD.items():
+        assert field in fields.get(bad_id, set()), (bad_id, fields.get(bad_id))
+    assert len([e for e in errors if e["id"] == "dup"]) == 2
+    assert not (job["out"] / "escape.png").exists() and not Path("/abs.png").exists()
+
+
+def test_job_image_equals_engine_image(job, tiny_engine):
+    request = ImageRequest(**VALID[1])
+    alone = tiny_engine.generate([request])[0].image
+    from_job = np.asarray(Image.open(job["out"] / "images" / "ok-1.png"))
+    assert np.abs(alone.astype(int) - from_job.astype(int)).max() <= 1
+
+
+def test_rerun_generates_nothing(job):
+    summary = run_job(job["manifest"], str(job["out"]), job["config"], progress=False)
+    assert summary.generated == 0 and summary.skipped_done == len(VALID)
+    assert metadata(job["out"]).num_rows == len(VALID)
+
+
+def test_deleted_metadata_rows_are_regenerated_exactly(job):
+    out = job["out"]
+    gone = {"ok-0", "ok-4", "nested/ok-3"}
+    for fragment in (out / "metadata").glob("*.parquet"):
+        table = pq.read_table(fragment)
+        keep = table.filter(pa.compute.invert(pa.compute.is_in(table["id"], pa.array(sorted(gone)))))
+        if keep.num_rows < table.num_rows:
+            pq.write_table(keep, fragment) if keep.num_rows else fragment.unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    summary = run_job(job["manifest"], str(out), job["config"], progress=False)
+    assert summary.generated == 3 and summary.skipped_done == len(VALID) - 3
+    ids = metadata(out).column("id").to_pylist()
+    assert sorted(ids) == sorted(r["id"] for r in VALID)  # each exactly once
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
+    rewritten = {name for name in after if after[name] != before[name]}
+    assert rewritten == {"ok-0.png", "ok-4.png", "ok-3.png"}
+
+
+def test_not_parquet_is_refused_before_ray(tmp_path):
+    bad = tmp_path / "prompts.csv"
+    bad.write_text("id,prompt\n1,a cat\n")
+    with pytest.raises(ManifestError, match=r"prompts.csv: not a Parquet manifest"):
+        inspect_manifest(str(bad))
+
+
+def test_missing_columns_are_named(tmp_path):
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), path)
+    with pytest.raises(ManifestError, match=r"m.parquet: missing required column prompt \(has: id, text\)"):
+        inspect_manifest(str(path))
+
+
+def test_unknown_columns_are_named(tmp_path):
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"id": ["a"], "prompt": ["x"], "neg_prompt": ["y"]}), path)
+    with pytest.raises(ManifestError, match=r"unknown column neg_prompt"):
+        inspect_manifest(str(path))
+
+
+def test_manifest_folder_is_read(tmp_path):
+    folder = tmp_path / "parts"
+    folder.mkdir()
+    write(VALID[:2], folder / "a.parquet")
+    write(VALID[2:4], folder / "b.parquet")
+    info = inspect_manifest(str(folder))
+    assert info.rows == 4 and not info.duplicate_ids
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).with_name("daguerre")
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=240)
+
+
+def test_cli_bad_manifest_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "prompts.txt"
+    bad.write_text("a cat\n")
+    result = cli("generate", str(bad), "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "prompts.txt: not a Parquet manifest" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_generate_twice(tmp_path):
+    manifest = write(VALID[:2], tmp_path / "m.parquet")
+    first = cli("generate", manifest, "--out", str(tmp_path / "o"), "--no-progress", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert len(list((tmp_path / "o" / "images").glob("*.png"))) == 2
+    second = cli("generate", manifest, "--out", str(tmp_path / "o"), "--no-progress", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "nothing generated: 2 rows already finished" in second.stdout
