@@ -159,8 +159,6 @@ def prepare_batch(
     duplicates = set(duplicate_ids.to_pylist()) if len(duplicate_ids) else set()
     out: dict[str, list[Any]] = {c: [] for c in PREPARED_COLUMNS}
     for row in batch.to_pylist():
-        if isinstance(row.get("metadata"), list):  # Arrow maps arrive as (key, value) pairs
-            row["metadata"] = dict(row["metadata"])
         result = validate_request(row, limits_model)
         errors = result if isinstance(result, list) else []
         if not errors and result.id in duplicates:

@@ -201,8 +201,14 @@ def validate_request(
 ) -> ImageRequest | list[FieldError]:
     """An `ImageRequest` from a row, or the list of field errors that prevent one.
 
-    Null values count as missing, so Parquet nulls take the defaults."""
+    Null values count as missing, so Parquet nulls take the defaults; an Arrow map
+    (a list of key/value pairs in Python) is accepted for `metadata`."""
     clean = {k: v for k, v in row.items() if v is not None}
+    if isinstance(clean.get("metadata"), list):
+        try:
+            clean["metadata"] = dict(clean["metadata"])
+        except (TypeError, ValueError):
+            pass  # left as is: validation names the field
     try:
         request = ImageRequest.model_validate(clean, context={"limits": limits})
     except ValidationError as exc:
