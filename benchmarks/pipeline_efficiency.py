@@ -26,7 +26,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def manifest_rows(n: int, size: int, steps: int) -> list[dict]:
     # 32 distinct prompts, as templates repeat: both halves see the same prompt-cache hits.
     return [
-        {"id": f"bench-{i:05d}", "prompt": f"a studio photo of product {i % 32}", "seed": i, "steps": steps, "width": size, "height": size}
+        {
+            "id": f"bench-{i:05d}",
+            "prompt": f"a studio photo of product {i % 32}",
+            "seed": i,
+            "steps": steps,
+            "width": size,
+            "height": size,
+        }
         for i in range(n)
     ]
 
@@ -38,7 +45,9 @@ def bare_loop(rows: list[dict], model: str, batch: int, threads: int) -> dict:
     from daguerre.pipeline.schema import ImageRequest
 
     t0 = time.perf_counter()
-    engine = DiffusionEngine(EngineConfig(model=model, device="cpu", torch_threads=threads, max_batch_size=batch))
+    engine = DiffusionEngine(
+        EngineConfig(model=model, device="cpu", torch_threads=threads, max_batch_size=batch)
+    )
     load_s = time.perf_counter() - t0
     requests = [ImageRequest(**r) for r in rows]
     engine.generate(requests[:batch])  # warm-up
@@ -46,7 +55,12 @@ def bare_loop(rows: list[dict], model: str, batch: int, threads: int) -> dict:
     for start in range(0, len(requests), batch):
         engine.generate(requests[start : start + batch])
     seconds = time.perf_counter() - t0
-    return {"images": len(rows), "seconds": seconds, "images_per_s": len(rows) / seconds, "model_load_s": load_s}
+    return {
+        "images": len(rows),
+        "seconds": seconds,
+        "images_per_s": len(rows) / seconds,
+        "model_load_s": load_s,
+    }
 
 
 def job_run(rows: list[dict], model: str, batch: int, threads: int, workdir: Path) -> dict:
@@ -55,7 +69,6 @@ def job_run(rows: list[dict], model: str, batch: int, threads: int, workdir: Pat
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
     import ray
-
     from daguerre.pipeline.config import EngineConfig, JobConfig
     from daguerre.pipeline.job import run_job
     from daguerre.pipeline.schema import manifest_schema
@@ -74,10 +87,16 @@ def job_run(rows: list[dict], model: str, batch: int, threads: int, workdir: Pat
     summary = run_job(str(manifest), str(workdir / "out"), config, progress=False)
     ray.shutdown()
     # Steady state: from the first written batch to the last (actor start-up excluded).
-    created = pads.dataset(workdir / "out" / "metadata").to_table(columns=["created_at"]).column("created_at")
+    created = (
+        pads.dataset(workdir / "out" / "metadata")
+        .to_table(columns=["created_at"])
+        .column("created_at")
+    )
     stamps = sorted({c.timestamp() for c in created.to_pylist()})
     first_batch = sum(1 for c in created.to_pylist() if c.timestamp() == stamps[0])
-    steady = (summary.generated - first_batch) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+    steady = (
+        (summary.generated - first_batch) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else None
+    )
     return {
         "images": summary.generated,
         "errors": summary.errors,
@@ -94,7 +113,9 @@ def conditions(args: argparse.Namespace) -> dict:
     import ray
     import torch
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -105,7 +126,12 @@ def conditions(args: argparse.Namespace) -> dict:
         "steps": args.steps,
         "torch_threads": args.threads,
         "dtype": "float32",
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "diffusers": diffusers.__version__, "ray": ray.__version__},
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "ray": ray.__version__,
+        },
         "git_commit": commit,
     }
 
@@ -118,17 +144,26 @@ def plot(result: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     names = ["bare engine", "job (end to end)", "job (steady state)"]
-    values = [result["bare"]["images_per_s"], result["job"]["images_per_s"], result["job"]["steady_images_per_s"] or 0]
+    values = [
+        result["bare"]["images_per_s"],
+        result["job"]["images_per_s"],
+        result["job"]["steady_images_per_s"] or 0,
+    ]
     left.bar(names, values, color=["#555", "#2a7", "#7c5"])
     left.set_ylabel("images/s")
     left.set_title(f"ratio {result['ratio']:.3f} (steady {result['ratio_steady'] or 0:.3f})")
     stages = {k.removesuffix("_s"): v for k, v in result["job"]["stage_s"].items()}
-    stages["start-up + other"] = max(result["job"]["seconds"] - sum(result["job"]["stage_s"].values()), 0)
+    stages["start-up + other"] = max(
+        result["job"]["seconds"] - sum(result["job"]["stage_s"].values()), 0
+    )
     right.barh(list(stages), list(stages.values()), color="#38a")
     right.set_xlabel("seconds (stage times summed over images)")
     right.set_title("where the job's time goes")
     c = result["conditions"]
-    fig.suptitle(f"{c['model']} {c['size']} x{c['steps']} steps, batch {c['batch_size']}, {c['images']} images, {c['device']}", fontsize=9)
+    fig.suptitle(
+        f"{c['model']} {c['size']} x{c['steps']} steps, batch {c['batch_size']}, {c['images']} images, {c['device']}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -150,16 +185,22 @@ def main() -> int:
     print(f"bare engine: {bare['images_per_s']:.3f} images/s")
     with tempfile.TemporaryDirectory(prefix="daguerre-bench-") as tmp:
         job = job_run(rows, args.model, args.batch_size, args.threads, Path(tmp))
-    print(f"job:         {job['images_per_s']:.3f} images/s (steady state {job['steady_images_per_s'] or 0:.3f})")
+    print(
+        f"job:         {job['images_per_s']:.3f} images/s (steady state {job['steady_images_per_s'] or 0:.3f})"
+    )
     result = {
         "ratio": job["images_per_s"] / bare["images_per_s"],
-        "ratio_steady": job["steady_images_per_s"] / bare["images_per_s"] if job["steady_images_per_s"] else None,
+        "ratio_steady": job["steady_images_per_s"] / bare["images_per_s"]
+        if job["steady_images_per_s"]
+        else None,
         "goal": 0.90,
         "bare": bare,
         "job": job,
         "conditions": conditions(args),
     }
-    print(f"ratio:       {result['ratio']:.3f} (steady state {result['ratio_steady'] or 0:.3f}; goal >= 0.90)")
+    print(
+        f"ratio:       {result['ratio']:.3f} (steady state {result['ratio_steady'] or 0:.3f}; goal >= 0.90)"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     plot(result, args.plot or args.json.with_suffix(".png"))

@@ -32,13 +32,17 @@ def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="preset (tiny, small, sd15, sdxl) or a diffusers model folder")
     p.add_argument("--config", type=Path, help="job YAML (see configs/jobs/); flags override it")
     p.add_argument("--batch-size", type=int, help="images per engine call")
-    p.add_argument("--actors", type=_actors, metavar="MIN:MAX", help="engine actor pool size, e.g. 1:4")
+    p.add_argument(
+        "--actors", type=_actors, metavar="MIN:MAX", help="engine actor pool size, e.g. 1:4"
+    )
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="daguerre", description="Distributed diffusion image generation on Ray.")
+    parser = argparse.ArgumentParser(
+        prog="daguerre", description="Distributed diffusion image generation on Ray."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="run a batch job over a Parquet manifest")
@@ -46,11 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="output prefix (a folder)")
     _job_args(gen)
 
-    man = sub.add_parser("manifest", help="build a Parquet manifest from prompts (.txt lines or .csv rows)")
-    man.add_argument("prompts", type=Path, help=".txt (one prompt per line) or .csv (columns for --template)")
+    man = sub.add_parser(
+        "manifest", help="build a Parquet manifest from prompts (.txt lines or .csv rows)"
+    )
+    man.add_argument(
+        "prompts", type=Path, help=".txt (one prompt per line) or .csv (columns for --template)"
+    )
     man.add_argument("-o", "--output", type=Path, required=True, help="manifest .parquet to write")
-    man.add_argument("--template", help='prompt template filled from CSV columns, e.g. "a studio photo of {product}, {style}"')
-    man.add_argument("--seeds", type=int, default=1, help="images per prompt (seeds seed-base, seed-base+1, ...)")
+    man.add_argument(
+        "--template",
+        help='prompt template filled from CSV columns, e.g. "a studio photo of {product}, {style}"',
+    )
+    man.add_argument(
+        "--seeds", type=int, default=1, help="images per prompt (seeds seed-base, seed-base+1, ...)"
+    )
     man.add_argument("--seed-base", type=int, default=0)
     man.add_argument("--steps", type=int)
     man.add_argument("--guidance-scale", type=float)
@@ -59,8 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     man.add_argument("--scheduler", choices=SCHEDULERS)
     man.add_argument("--negative-prompt")
 
-    demo = sub.add_parser("demo", help="generate the demo manifest with the tiny model on a local Ray")
-    demo.add_argument("--out", default=DEFAULT_DEMO_OUT, help=f"output prefix (default {DEFAULT_DEMO_OUT})")
+    demo = sub.add_parser(
+        "demo", help="generate the demo manifest with the tiny model on a local Ray"
+    )
+    demo.add_argument(
+        "--out", default=DEFAULT_DEMO_OUT, help=f"output prefix (default {DEFAULT_DEMO_OUT})"
+    )
     demo.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -83,7 +100,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from daguerre.pipeline.job import run_job
 
     config = job_config(args)
-    summary = run_job(args.manifest, args.out, config, address=args.address, progress=not args.no_progress)
+    summary = run_job(
+        args.manifest, args.out, config, address=args.address, progress=not args.no_progress
+    )
     print_summary(summary)
     return 0
 
@@ -131,7 +150,11 @@ def print_summary(summary: Any) -> None:
         ("manifest rows", str(summary.manifest_rows)),
         ("generated", str(summary.generated)),
         ("skipped as done", done_before),
-        ("errors", f"{summary.errors}" + (f" {summary.errors_by_stage}" if summary.errors_by_stage else "")),
+        (
+            "errors",
+            f"{summary.errors}"
+            + (f" {summary.errors_by_stage}" if summary.errors_by_stage else ""),
+        ),
         ("wall time", f"{summary.wall_s:.1f} s"),
         ("images/s", f"{summary.images_per_s:.2f}"),
     ]

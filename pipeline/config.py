@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 from daguerre.pipeline.schema import RequestLimits, field_error
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -25,8 +24,12 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field("tiny", description="A preset name (tiny, small, sd15, sdxl) or a diffusers model folder.")
-    device: str = Field("auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda' or 'cuda:N'.")
+    model: str = Field(
+        "tiny", description="A preset name (tiny, small, sd15, sdxl) or a diffusers model folder."
+    )
+    device: str = Field(
+        "auto", description="'auto' (cuda when present, else cpu), 'cpu', 'cuda' or 'cuda:N'."
+    )
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="'auto' is float16 on CUDA and float32 on CPU."
     )
@@ -36,9 +39,15 @@ class EngineConfig(BaseModel):
     unet_backend: Literal["eager"] = Field(
         "eager", description="How the UNet runs (compiled backends arrive with kernels/)."
     )
-    max_batch_size: int = Field(8, ge=1, description="Most images denoised together in one UNet call (before CFG doubling).")
-    prompt_cache_size: int = Field(1024, ge=0, description="Prompt embeddings kept (LRU); 0 disables the cache.")
-    torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads on CPU; default: all cores.")
+    max_batch_size: int = Field(
+        8, ge=1, description="Most images denoised together in one UNet call (before CFG doubling)."
+    )
+    prompt_cache_size: int = Field(
+        1024, ge=0, description="Prompt embeddings kept (LRU); 0 disables the cache."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads on CPU; default: all cores."
+    )
 
 
 class JobConfig(BaseModel):
@@ -52,16 +61,26 @@ class JobConfig(BaseModel):
     min_actors: int = Field(1, ge=1, description="Engine actors kept alive.")
     max_actors: int = Field(1, ge=1, description="Engine actors Ray Data may scale up to.")
     actor_num_cpus: float = Field(
-        1.0, gt=0, description="CPUs reserved per engine actor when there is no GPU (keep some free for reads)."
+        1.0,
+        gt=0,
+        description="CPUs reserved per engine actor when there is no GPU (keep some free for reads).",
     )
-    actor_num_gpus: float = Field(1.0, ge=0, description="GPUs per engine actor when CUDA is present.")
-    writer_num_cpus: float = Field(0.25, gt=0, description="CPUs reserved per PNG-encode/write task.")
-    wait_for_min_actors_s: float = Field(600, gt=0, description="How long to wait for the first actors (model load).")
+    actor_num_gpus: float = Field(
+        1.0, ge=0, description="GPUs per engine actor when CUDA is present."
+    )
+    writer_num_cpus: float = Field(
+        0.25, gt=0, description="CPUs reserved per PNG-encode/write task."
+    )
+    wait_for_min_actors_s: float = Field(
+        600, gt=0, description="How long to wait for the first actors (model load)."
+    )
 
     @model_validator(mode="after")
     def _check_actors(self) -> JobConfig:
         if self.max_actors < self.min_actors:
-            raise ValueError(f"max_actors: {self.max_actors} is below min_actors ({self.min_actors})")
+            raise ValueError(
+                f"max_actors: {self.max_actors} is below min_actors ({self.min_actors})"
+            )
         return self
 
 

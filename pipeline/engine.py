@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from daguerre.pipeline.config import EngineConfig
 from daguerre.pipeline.models import TEXT_MAX_LENGTH, ModelComponents, load_model
 from daguerre.pipeline.schema import ImageRequest, Scheduler, StageTimings
@@ -59,7 +58,9 @@ def _scheduler(name: str, base_config: dict[str, Any]) -> Any:
         return EulerDiscreteScheduler.from_config(base_config)
     if kind is Scheduler.euler_a:
         return EulerAncestralDiscreteScheduler.from_config(base_config)
-    return DPMSolverMultistepScheduler.from_config(base_config, algorithm_type="dpmsolver++", solver_order=2)
+    return DPMSolverMultistepScheduler.from_config(
+        base_config, algorithm_type="dpmsolver++", solver_order=2
+    )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -79,14 +80,20 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class DiffusionEngine:
     """Generates images for lists of requests with one model on one device."""
 
-    def __init__(self, config: EngineConfig | None = None, components: ModelComponents | None = None):
+    def __init__(
+        self, config: EngineConfig | None = None, components: ModelComponents | None = None
+    ):
         self.config = config or EngineConfig()
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
         if self.device.type == "cpu" and self.config.torch_threads:
             torch.set_num_threads(self.config.torch_threads)
-        self.model = components or load_model(self.config.model, device=self.device, dtype=self.dtype)
-        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.model = components or load_model(
+            self.config.model, device=self.device, dtype=self.dtype
+        )
+        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
+            OrderedDict()
+        )
         self.prompt_cache_hits = 0
         self.prompt_cache_misses = 0
 
@@ -123,7 +130,9 @@ class DiffusionEngine:
         for key, indices in buckets.items():
             for start in range(0, len(indices), step):
                 chunk = indices[start : start + step]
-                for i, image in zip(chunk, self._generate_chunk(key, [requests[i] for i in chunk]), strict=True):
+                for i, image in zip(
+                    chunk, self._generate_chunk(key, [requests[i] for i in chunk]), strict=True
+                ):
                     out[i] = image
         return out  # type: ignore[return-value]
 
@@ -140,7 +149,9 @@ class DiffusionEngine:
         added_cond = None
         if model.is_sdxl:
             # SDXL's micro-conditioning: original size, crop top-left, target size.
-            time_ids = torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype)
+            time_ids = torch.tensor(
+                [[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype
+            )
             added_cond = {"text_embeds": pooled, "time_ids": time_ids.repeat(2 * batch, 1)}
         t1 = self._clock()
 
@@ -154,12 +165,16 @@ class DiffusionEngine:
         scheduler = _scheduler(scheduler_name, model.scheduler_config)
         scheduler.set_timesteps(steps, device=self.device)
         latents = latents * scheduler.init_noise_sigma
-        guidance = torch.tensor([r.guidance_scale for r in requests], device=self.device, dtype=self.dtype)
+        guidance = torch.tensor(
+            [r.guidance_scale for r in requests], device=self.device, dtype=self.dtype
+        )
         guidance = guidance.view(batch, 1, 1, 1)
 
         # 4. Denoising loop.
         for t in scheduler.timesteps:
-            latent_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)  # [2B, 4, h, w]
+            latent_in = scheduler.scale_model_input(
+                torch.cat([latents, latents]), t
+            )  # [2B, 4, h, w]
             noise = model.unet(
                 latent_in, t, encoder_hidden_states=text_embeds, added_cond_kwargs=added_cond
             ).sample
@@ -178,7 +193,9 @@ class DiffusionEngine:
         t3 = self._clock()
 
         share = StageTimings(
-            text_encode_s=(t1 - t0) / batch, denoise_s=(t2 - t1) / batch, vae_decode_s=(t3 - t2) / batch
+            text_encode_s=(t1 - t0) / batch,
+            denoise_s=(t2 - t1) / batch,
+            vae_decode_s=(t3 - t2) / batch,
         )
         scheduler_config = json.dumps(dict(scheduler.config), sort_keys=True, default=str)
         return [
@@ -214,12 +231,18 @@ class DiffusionEngine:
         pooled = torch.stack([r[1] for r in rows]) if rows[0][1] is not None else None
         return embeds, pooled
 
-    def _encode_uncached(self, prompts: list[str]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _encode_uncached(
+        self, prompts: list[str]
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         model = self.model
 
         def ids(tokenizer: Any) -> torch.Tensor:
             tokens = tokenizer(
-                prompts, padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True, return_tensors="pt"
+                prompts,
+                padding="max_length",
+                max_length=TEXT_MAX_LENGTH,
+                truncation=True,
+                return_tensors="pt",
             )
             return tokens.input_ids.to(self.device)
 

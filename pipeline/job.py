@@ -90,7 +90,9 @@ def inspect_manifest(uri: str) -> ManifestInfo:
     if not storage.fs.exists(storage.root):
         raise ManifestError(f"{uri}: no such file or folder")
     try:
-        dataset = pads.dataset(storage.root, format="parquet", filesystem=storage.fs, ignore_prefixes=[".", "_"])
+        dataset = pads.dataset(
+            storage.root, format="parquet", filesystem=storage.fs, ignore_prefixes=[".", "_"]
+        )
         if not dataset.files:
             raise ManifestError(f"{uri}: no Parquet files in this folder")
         schema = dataset.schema
@@ -112,7 +114,10 @@ def inspect_manifest(uri: str) -> ManifestInfo:
             f"{uri}: unknown column{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
             f"(known: {', '.join(known)}; put free fields in the 'metadata' map column)"
         )
-    ids = [str(i) if i is not None else "" for i in dataset.to_table(columns=["id"]).column("id").to_pylist()]
+    ids = [
+        str(i) if i is not None else ""
+        for i in dataset.to_table(columns=["id"]).column("id").to_pylist()
+    ]
     seen: set[str] = set()
     duplicates = {i for i in ids if i in seen or seen.add(i)}
     return ManifestInfo(uri=uri, rows=len(ids), columns=columns, ids=ids, duplicate_ids=duplicates)
@@ -125,7 +130,9 @@ def check_resources(config: JobConfig, use_gpu: bool) -> None:
     if use_gpu:
         gpus = ray.cluster_resources().get("GPU", 0)
         if gpus < config.actor_num_gpus:
-            raise RuntimeError(f"the cluster has {gpus:g} GPUs; one engine actor needs {config.actor_num_gpus:g}")
+            raise RuntimeError(
+                f"the cluster has {gpus:g} GPUs; one engine actor needs {config.actor_num_gpus:g}"
+            )
         return
     cpus = ray.cluster_resources().get("CPU", 0)
     taken = config.max_actors * config.actor_num_cpus
@@ -153,7 +160,9 @@ def prepare_batch(
     # Big id sets travel once through the object store; Ray Data does not resolve refs in fn_kwargs.
     skip_ids, duplicate_ids = ray.get([skip_ids, duplicate_ids])
     if batch.schema.field("id").type != pa.string():
-        batch = batch.set_column(batch.schema.get_field_index("id"), "id", pc.cast(batch.column("id"), pa.string()))
+        batch = batch.set_column(
+            batch.schema.get_field_index("id"), "id", pc.cast(batch.column("id"), pa.string())
+        )
     if len(skip_ids):
         batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=skip_ids)))
     limits_model = RequestLimits(**limits)
@@ -163,16 +172,28 @@ def prepare_batch(
         result = validate_request(row, limits_model)
         errors = result if isinstance(result, list) else []
         if not errors and result.id in duplicates:
-            errors = [FieldError(field="id", reason=f"{result.id!r} appears more than once in the manifest; ids must be unique")]
+            errors = [
+                FieldError(
+                    field="id",
+                    reason=f"{result.id!r} appears more than once in the manifest; ids must be unique",
+                )
+            ]
         if not errors and result.model is not None and result.model not in model_names:
             errors = [
-                FieldError(field="model", reason=f"{result.model!r} is not served by this job (it runs {model_names[0]!r})")
+                FieldError(
+                    field="model",
+                    reason=f"{result.model!r} is not served by this job (it runs {model_names[0]!r})",
+                )
             ]
         out["id"].append("" if row.get("id") is None else str(row["id"]))
         if errors:
             out["request"].append(None)
             out["error_field"].append(errors[0].field)
-            out["error_reason"].append("; ".join(f"{e.field}: {e.reason}" for e in errors) if len(errors) > 1 else errors[0].reason)
+            out["error_reason"].append(
+                "; ".join(f"{e.field}: {e.reason}" for e in errors)
+                if len(errors) > 1
+                else errors[0].reason
+            )
             out["row"].append(json.dumps(row, default=str)[:MAX_ERROR_ROW_CHARS])
         else:
             out["request"].append(result.model_dump_json())
@@ -198,7 +219,9 @@ class EngineWorker:
         # 2-core CPU), so all torch work runs on one thread of ours.
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daguerre-engine")
         # Ray sets OMP_NUM_THREADS to the actor's CPU share; on CPU the engine wants the cores.
-        self.torch_threads = None if torch.cuda.is_available() else (config.torch_threads or os.cpu_count() or 1)
+        self.torch_threads = (
+            None if torch.cuda.is_available() else (config.torch_threads or os.cpu_count() or 1)
+        )
         self.engine = self._torch_thread.submit(self._load, config).result()
         context = ray.get_runtime_context()
         self.node_id = context.get_node_id()
@@ -206,7 +229,6 @@ class EngineWorker:
 
     def _load(self, config: EngineConfig) -> Any:
         import torch
-
         from daguerre.pipeline.engine import DiffusionEngine
 
         if self.torch_threads:
@@ -217,7 +239,9 @@ class EngineWorker:
         import pyarrow as pa
 
         rows = batch.to_pylist()
-        requests = [ImageRequest.model_validate_json(r["request"]) for r in rows if r["request"] is not None]
+        requests = [
+            ImageRequest.model_validate_json(r["request"]) for r in rows if r["request"] is not None
+        ]
         images, failures = self._torch_thread.submit(self._generate, requests).result()
         out: dict[str, list[Any]] = {c: [] for c in ENGINE_COLUMNS}
         for r in rows:
@@ -229,8 +253,18 @@ class EngineWorker:
                 failed = r["request"] is not None
                 out["error_stage"].append("generate" if failed else "validate")
                 out["error_field"].append("engine" if failed else r["error_field"])
-                out["error_reason"].append(failures.get(r["id"], "not generated") if failed else r["error_reason"])
-                for c in ("image", "width", "height", "seed", "batch_size", "scheduler_config", "timings"):
+                out["error_reason"].append(
+                    failures.get(r["id"], "not generated") if failed else r["error_reason"]
+                )
+                for c in (
+                    "image",
+                    "width",
+                    "height",
+                    "seed",
+                    "batch_size",
+                    "scheduler_config",
+                    "timings",
+                ):
                     out[c].append(None)
             else:
                 out["error_stage"].append(None)
@@ -243,7 +277,12 @@ class EngineWorker:
                 out["batch_size"].append(generated.batch_size)
                 out["scheduler_config"].append(generated.scheduler_config)
                 out["timings"].append(generated.timings.model_dump_json())
-        table = pa.table({c: pa.array(v, type=t) for (c, t), v in zip(_engine_types().items(), out.values(), strict=True)})
+        table = pa.table(
+            {
+                c: pa.array(v, type=t)
+                for (c, t), v in zip(_engine_types().items(), out.values(), strict=True)
+            }
+        )
         provenance = {
             "model": self.engine.model.name,
             "weights_hash": self.engine.model.weights_hash,
@@ -284,7 +323,13 @@ def _engine_types() -> dict[str, Any]:
     import pyarrow as pa
 
     types = {c: pa.string() for c in ENGINE_COLUMNS}
-    types.update(image=pa.binary(), width=pa.int64(), height=pa.int64(), seed=pa.int64(), batch_size=pa.int64())
+    types.update(
+        image=pa.binary(),
+        width=pa.int64(),
+        height=pa.int64(),
+        seed=pa.int64(),
+        batch_size=pa.int64(),
+    )
     return types
 
 
@@ -310,7 +355,9 @@ def write_batch(batch: Any, output: Storage, version: str) -> Any:
         if row["error_stage"] is None:
             request = ImageRequest.model_validate_json(row["request"])
             t0 = time.perf_counter()
-            pixels = np.frombuffer(row["image"], dtype=np.uint8).reshape(row["height"], row["width"], 3)
+            pixels = np.frombuffer(row["image"], dtype=np.uint8).reshape(
+                row["height"], row["width"], 3
+            )
             png = io.BytesIO()
             Image.fromarray(pixels).save(png, format="PNG", compress_level=1)
             data = png.getvalue()
@@ -359,11 +406,14 @@ def write_batch(batch: Any, output: Storage, version: str) -> Any:
             summary[name].append(value)
     if records:
         output.write_table(
-            fragment_key(METADATA, [r["id"] for r in records]), pa.Table.from_pylist(records, schema=record_schema())
+            fragment_key(METADATA, [r["id"] for r in records]),
+            pa.Table.from_pylist(records, schema=record_schema()),
         )
     if errors:
         names = [f"{e['id']}\t{e['stage']}\t{e['field']}\t{e['reason']}" for e in errors]
-        output.write_table(fragment_key(ERRORS, names), pa.Table.from_pylist(errors, schema=error_schema()))
+        output.write_table(
+            fragment_key(ERRORS, names), pa.Table.from_pylist(errors, schema=error_schema())
+        )
     return pa.table(summary)
 
 
@@ -379,9 +429,9 @@ def run_job(
 ) -> JobSummary:
     """Run a job to the end and return its summary (also written to `<output>/runs/`)."""
     import pyarrow as pa
+    from daguerre.pipeline.models import describe_model
 
     import daguerre
-    from daguerre.pipeline.models import describe_model
 
     config = config or JobConfig()
     started = dt.datetime.now(dt.timezone.utc)
@@ -422,9 +472,13 @@ def run_job(
     ctx.enable_progress_bars = progress
     ctx.wait_for_min_actors_s = config.wait_for_min_actors_s
     device = engine_config.device
-    use_gpu = device.startswith("cuda") or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    use_gpu = device.startswith("cuda") or (
+        device == "auto" and ray.cluster_resources().get("GPU", 0) > 0
+    )
     check_resources(config, use_gpu)
-    actor_resources = {"num_gpus": config.actor_num_gpus} if use_gpu else {"num_cpus": config.actor_num_cpus}
+    actor_resources = (
+        {"num_gpus": config.actor_num_gpus} if use_gpu else {"num_cpus": config.actor_num_cpus}
+    )
     model_names = [engine_config.model, Path(engine_config.model).name]
 
     ds = ray.data.read_parquet(manifest, filesystem=storage_fs_for(manifest))
@@ -463,7 +517,9 @@ def run_job(
                 summary.generated += 1
             else:
                 summary.errors += 1
-                summary.errors_by_stage[row["stage"]] = summary.errors_by_stage.get(row["stage"], 0) + 1
+                summary.errors_by_stage[row["stage"]] = (
+                    summary.errors_by_stage.get(row["stage"], 0) + 1
+                )
             for name in stage_s:
                 stage_s[name] += row[name]
     summary.wall_s = time.perf_counter() - t_start

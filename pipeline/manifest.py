@@ -26,7 +26,11 @@ def read_prompt_rows(source: Path) -> list[dict[str, str]]:
         with source.open(newline="", encoding="utf-8") as fh:
             return [dict(row) for row in csv.DictReader(fh)]
     lines = source.read_text(encoding="utf-8").splitlines()
-    return [{"prompt": line.strip()} for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        {"prompt": line.strip()}
+        for line in lines
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 def build_manifest(
@@ -52,12 +56,16 @@ def build_manifest(
         if template:
             missing = [f for f in fields if f not in row]
             if missing:
-                raise ManifestBuildError(f"{source}: row {line}: template field {missing[0]!r} is not a column ({', '.join(row)})")
+                raise ManifestBuildError(
+                    f"{source}: row {line}: template field {missing[0]!r} is not a column ({', '.join(row)})"
+                )
             prompt = template.format(**row)
         elif "prompt" in row:
             prompt = row["prompt"]
         else:
-            raise ManifestBuildError(f"{source}: no 'prompt' column and no --template (columns: {', '.join(row)})")
+            raise ManifestBuildError(
+                f"{source}: no 'prompt' column and no --template (columns: {', '.join(row)})"
+            )
         for seed in range(seed_base, seed_base + seeds):
             request = {
                 **(defaults or {}),
@@ -109,7 +117,9 @@ def demo_manifest() -> Any:
                 "metadata": {"source": "daguerre demo"},
             }
         )
-    rows.append({"id": "demo-bad-size", "prompt": "a bad row: width is not a multiple of 8", "width": 100})
+    rows.append(
+        {"id": "demo-bad-size", "prompt": "a bad row: width is not a multiple of 8", "width": 100}
+    )
     rows.append({"id": "demo-bad-prompt", "prompt": "   "})
     return pa.Table.from_pylist(rows, schema=manifest_schema())
 

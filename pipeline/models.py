@@ -20,9 +20,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from daguerre.pipeline.config import ConfigError, validate_config
+from pydantic import BaseModel, ConfigDict, Field
 
 TEXT_MAX_LENGTH = 77  # CLIP's context length
 
@@ -69,7 +68,9 @@ class ModelComponents:
 def preset_names() -> list[str]:
     """Names of the shipped presets."""
     folder = importlib.resources.files("daguerre.configs") / "models"
-    return sorted(p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def get_preset(name: str) -> ModelPreset:
@@ -78,8 +79,12 @@ def get_preset(name: str) -> ModelPreset:
 
     path = importlib.resources.files("daguerre.configs") / "models" / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"model: {name!r} is neither a preset ({', '.join(preset_names())}) nor a folder")
-    return validate_config(ModelPreset, yaml.safe_load(path.read_text()), source=f"configs/models/{name}.yaml")
+        raise ConfigError(
+            f"model: {name!r} is neither a preset ({', '.join(preset_names())}) nor a folder"
+        )
+    return validate_config(
+        ModelPreset, yaml.safe_load(path.read_text()), source=f"configs/models/{name}.yaml"
+    )
 
 
 def describe_model(spec: str) -> str:
@@ -87,12 +92,16 @@ def describe_model(spec: str) -> str:
     path = Path(spec)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise ConfigError(f"model: {spec} is a folder without model_index.json (not a diffusers model)")
+            raise ConfigError(
+                f"model: {spec} is a folder without model_index.json (not a diffusers model)"
+            )
         return f"diffusers folder {path.resolve()}"
     return f"preset {get_preset(spec).name}"
 
 
-def load_model(spec: str, device: Any = "cpu", dtype: Any = None, meta: bool = False) -> ModelComponents:
+def load_model(
+    spec: str, device: Any = "cpu", dtype: Any = None, meta: bool = False
+) -> ModelComponents:
     """The model named by `spec` (a preset name or a diffusers folder), on `device` in `dtype`.
 
     With `meta=True` a preset is built on the meta device: shapes only, no memory, no
@@ -212,7 +221,9 @@ def _to(components: ModelComponents, device: Any, dtype: Any) -> None:
         if module is not None:
             setattr(components, name, module.to(device=device, dtype=dtype))
     # The SD VAEs overflow in float16 (diffusers marks them force_upcast): decode in float32.
-    vae_dtype = torch.float32 if (dtype == torch.float16 and components.vae.config.force_upcast) else dtype
+    vae_dtype = (
+        torch.float32 if (dtype == torch.float16 and components.vae.config.force_upcast) else dtype
+    )
     components.vae = components.vae.to(device=device, dtype=vae_dtype)
 
 
@@ -268,7 +279,9 @@ def _clip_bpe() -> tuple[list[str], list[tuple[str, str]]]:
     spec = importlib.util.find_spec("open_clip")
     bpe = None
     if spec is not None and spec.submodule_search_locations:
-        candidate = Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+        candidate = (
+            Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
+        )
         bpe = candidate if candidate.is_file() else None
     if bpe is not None:
         lines = gzip.open(bpe, "rt", encoding="utf-8").read().split("\n")
@@ -281,7 +294,11 @@ def _clip_bpe() -> tuple[list[str], list[tuple[str, str]]]:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

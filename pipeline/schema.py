@@ -80,12 +80,19 @@ class ImageRequest(BaseModel):
     )
     steps: int = Field(30, description="Denoising steps.")
     guidance_scale: float = Field(7.5, description="Classifier-free guidance scale (1 = off).")
-    width: int | None = Field(None, description="Image width in pixels; the model's default when missing.")
-    height: int | None = Field(None, description="Image height in pixels; the model's default when missing.")
+    width: int | None = Field(
+        None, description="Image width in pixels; the model's default when missing."
+    )
+    height: int | None = Field(
+        None, description="Image height in pixels; the model's default when missing."
+    )
     scheduler: Scheduler = Field(Scheduler.ddim, description=f"One of {', '.join(SCHEDULERS)}.")
-    model: str | None = Field(None, description="Model the row is meant for; must match the job's model when set.")
+    model: str | None = Field(
+        None, description="Model the row is meant for; must match the job's model when set."
+    )
     metadata: dict[str, str] = Field(
-        default_factory=dict, description="Free key/value strings copied to the image's metadata row."
+        default_factory=dict,
+        description="Free key/value strings copied to the image's metadata row.",
     )
 
     @field_validator("id")
@@ -342,7 +349,9 @@ def _arrow_type(annotation: Any) -> tuple[Any, bool]:
         key, value = typing.get_args(annotation)
         return pa.map_(_arrow_type(key)[0], _arrow_type(value)[0]), False
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return pa.struct([pa.field(n, _arrow_type(f.annotation)[0]) for n, f in annotation.model_fields.items()]), False
+        return pa.struct(
+            [pa.field(n, _arrow_type(f.annotation)[0]) for n, f in annotation.model_fields.items()]
+        ), False
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         return pa.string(), False
     simple = {

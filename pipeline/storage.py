@@ -95,7 +95,9 @@ class Storage:
         path = self.path(prefix)
         if not self.fs.exists(path):
             return None
-        dataset = pads.dataset(path, format="parquet", filesystem=self.fs, ignore_prefixes=[".", "_"])
+        dataset = pads.dataset(
+            path, format="parquet", filesystem=self.fs, ignore_prefixes=[".", "_"]
+        )
         if not dataset.files:
             return None
         return dataset.to_table(columns=columns)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.resources
 
 import pytest
-
 from daguerre.pipeline.config import ConfigError, JobConfig, load_yaml
 from daguerre.pipeline.models import get_preset, preset_names
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from daguerre.pipeline.config import EngineConfig
 from daguerre.pipeline.engine import DiffusionEngine
 from daguerre.pipeline.schema import SCHEDULERS, ImageRequest
@@ -14,7 +13,12 @@ STEPS = 4
 
 
 def req(i: int, **kw) -> ImageRequest:
-    base = {"id": f"r{i}", "prompt": f"a photo of object number {i}", "seed": 100 + i, "steps": STEPS}
+    base = {
+        "id": f"r{i}",
+        "prompt": f"a photo of object number {i}",
+        "seed": 100 + i,
+        "steps": STEPS,
+    }
     return ImageRequest(**{**base, **kw})
 
 
@@ -44,7 +48,14 @@ def test_mixed_sizes_steps_schedulers_in_one_call(tiny_engine):
     ]
     out = tiny_engine.generate(requests)
     assert [g.request.id for g in out] == [r.id for r in requests]
-    assert [g.image.shape for g in out] == [(64, 64, 3), (64, 96, 3), (64, 64, 3), (128, 64, 3), (64, 96, 3), (64, 64, 3)]
+    assert [g.image.shape for g in out] == [
+        (64, 64, 3),
+        (64, 96, 3),
+        (64, 64, 3),
+        (128, 64, 3),
+        (64, 96, 3),
+        (64, 64, 3),
+    ]
     assert all(g.image.dtype == np.uint8 for g in out)
     assert out[1].batch_size == out[4].batch_size == 2  # same bucket
     assert out[0].batch_size == 2  # r0 and r5 share 64x64/4 steps/ddim
@@ -53,7 +64,9 @@ def test_mixed_sizes_steps_schedulers_in_one_call(tiny_engine):
 
 
 def test_same_seed_same_image_different_seed_different_image(tiny_engine):
-    a, b, c = tiny_engine.generate([req(0), req(1, prompt=req(0).prompt, seed=100), req(2, prompt=req(0).prompt)])
+    a, b, c = tiny_engine.generate(
+        [req(0), req(1, prompt=req(0).prompt, seed=100), req(2, prompt=req(0).prompt)]
+    )
     assert max_diff(a.image, b.image) <= 1  # batch position changes rounding only
     assert max_diff(a.image, c.image) > 10
 
@@ -67,7 +80,9 @@ def test_missing_seed_comes_from_id(tiny_engine):
 
 
 def test_guidance_scale_is_per_request(tiny_engine):
-    low, high = tiny_engine.generate([req(0, guidance_scale=1.0), req(1, prompt=req(0).prompt, seed=100, guidance_scale=12.0)])
+    low, high = tiny_engine.generate(
+        [req(0, guidance_scale=1.0), req(1, prompt=req(0).prompt, seed=100, guidance_scale=12.0)]
+    )
     assert max_diff(low.image, high.image) > 10
     assert max_diff(tiny_engine.generate([req(0, guidance_scale=1.0)])[0].image, low.image) <= 1
 

@@ -11,7 +11,9 @@ HEAVY = ("torch", "ray", "diffusers", "transformers")
 
 
 def _run(code: str, cwd: Path = REPO) -> str:
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, check=True, capture_output=True, text=True).stdout
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, check=True, capture_output=True, text=True
+    ).stdout
 
 
 def test_light_modules_import_no_heavy_packages():

@@ -13,11 +13,10 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
-
 from daguerre.pipeline.config import EngineConfig, JobConfig
 from daguerre.pipeline.job import ManifestError, inspect_manifest, run_job
 from daguerre.pipeline.schema import ImageRequest, manifest_schema
+from PIL import Image
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -27,7 +26,14 @@ VALID = [
     {"id": "ok-2", "prompt": "a fox", "seed": 3, "steps": 2, "width": 96, "height": 64},
     {"id": "nested/ok-3", "prompt": "a leaf", "steps": 3},
     {"id": "ok-4", "prompt": "a map", "seed": 5, "steps": 3, "guidance_scale": 1.0},
-    {"id": "ok-5", "prompt": "a cat", "seed": 6, "steps": 3, "scheduler": "dpmpp_2m", "model": "tiny"},
+    {
+        "id": "ok-5",
+        "prompt": "a cat",
+        "seed": 6,
+        "steps": 3,
+        "scheduler": "dpmpp_2m",
+        "model": "tiny",
+    },
     {"id": "ok-6", "prompt": "a greenhouse", "seed": 7, "steps": 3},
 ]
 BAD = {  # id -> (row, field the error must name)
@@ -65,7 +71,13 @@ def job(ray_session, tmp_path_factory):
     out = root / "out"
     config = JobConfig(batch_size=3, engine=EngineConfig(model="tiny", device="cpu"))
     summary = run_job(manifest, str(out), config, progress=False)
-    return {"manifest": manifest, "out": out, "config": config, "summary": summary, "rows": len(rows)}
+    return {
+        "manifest": manifest,
+        "out": out,
+        "config": config,
+        "summary": summary,
+        "rows": len(rows),
+    }
 
 
 def metadata(out: Path):
@@ -132,7 +144,9 @@ def test_deleted_metadata_rows_are_regenerated_exactly(job):
     gone = {"ok-0", "ok-4", "nested/ok-3"}
     for fragment in (out / "metadata").glob("*.parquet"):
         table = pq.read_table(fragment)
-        keep = table.filter(pa.compute.invert(pa.compute.is_in(table["id"], pa.array(sorted(gone)))))
+        keep = table.filter(
+            pa.compute.invert(pa.compute.is_in(table["id"], pa.array(sorted(gone))))
+        )
         if keep.num_rows < table.num_rows:
             pq.write_table(keep, fragment) if keep.num_rows else fragment.unlink()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "images").rglob("*.png")}
@@ -155,7 +169,9 @@ def test_not_parquet_is_refused_before_ray(tmp_path):
 def test_missing_columns_are_named(tmp_path):
     path = tmp_path / "m.parquet"
     pq.write_table(pa.table({"id": ["a"], "text": ["x"]}), path)
-    with pytest.raises(ManifestError, match=r"m.parquet: missing required column prompt \(has: id, text\)"):
+    with pytest.raises(
+        ManifestError, match=r"m.parquet: missing required column prompt \(has: id, text\)"
+    ):
         inspect_manifest(str(path))
 
 

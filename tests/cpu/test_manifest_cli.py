@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from daguerre.pipeline.cli import main
 from daguerre.pipeline.manifest import ManifestBuildError, build_manifest, demo_manifest
 from daguerre.pipeline.schema import ImageRequest, validate_request
@@ -16,7 +15,21 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 def test_txt_times_seeds(tmp_path):
     out = tmp_path / "m.parquet"
-    assert main(["manifest", str(EXAMPLES / "prompts.txt"), "-o", str(out), "--seeds", "2", "--steps", "5"]) == 0
+    assert (
+        main(
+            [
+                "manifest",
+                str(EXAMPLES / "prompts.txt"),
+                "-o",
+                str(out),
+                "--seeds",
+                "2",
+                "--steps",
+                "5",
+            ]
+        )
+        == 0
+    )
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == 3 * 2
     assert rows[0]["id"] == "prompts-00001-s0" and rows[1]["id"] == "prompts-00001-s1"
@@ -25,11 +38,19 @@ def test_txt_times_seeds(tmp_path):
 
 
 def test_csv_template_fills_prompt_and_metadata(tmp_path):
-    table = build_manifest(EXAMPLES / "products.csv", template="a studio photo of {product}, {style}", seeds=1, seed_base=7)
+    table = build_manifest(
+        EXAMPLES / "products.csv",
+        template="a studio photo of {product}, {style}",
+        seeds=1,
+        seed_base=7,
+    )
     rows = table.to_pylist()
     assert rows[0]["prompt"] == "a studio photo of a red ceramic teapot, soft window light"
     assert rows[0]["seed"] == 7
-    assert dict(rows[0]["metadata"]) == {"product": "a red ceramic teapot", "style": "soft window light"}
+    assert dict(rows[0]["metadata"]) == {
+        "product": "a red ceramic teapot",
+        "style": "soft window light",
+    }
 
 
 def test_template_field_missing_is_named(tmp_path):
@@ -38,7 +59,16 @@ def test_template_field_missing_is_named(tmp_path):
 
 
 def test_invalid_defaults_are_refused(tmp_path, capsys):
-    code = main(["manifest", str(EXAMPLES / "prompts.txt"), "-o", str(tmp_path / "m.parquet"), "--width", "100"])
+    code = main(
+        [
+            "manifest",
+            str(EXAMPLES / "prompts.txt"),
+            "-o",
+            str(tmp_path / "m.parquet"),
+            "--width",
+            "100",
+        ]
+    )
     assert code == 2
     assert "width: 100 is not a multiple of 8" in capsys.readouterr().err
 

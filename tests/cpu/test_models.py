@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from daguerre.pipeline.config import ConfigError, EngineConfig
 from daguerre.pipeline.engine import DiffusionEngine
 from daguerre.pipeline.models import clip_tokenizer, describe_model, load_model, save_model

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-
 from daguerre.pipeline.schema import (
     ImageRecord,
     ImageRequest,
@@ -16,8 +15,8 @@ from daguerre.pipeline.schema import (
 )
 
 
-def errors_of(row, limits=RequestLimits()):
-    result = validate_request(row, limits)
+def errors_of(row, limits=None):
+    result = validate_request(row, limits or RequestLimits())
     assert isinstance(result, list), f"expected errors, got {result!r}"
     return {e.field: e.reason for e in result}
 
@@ -31,7 +30,9 @@ def test_minimal_row_takes_defaults():
 
 
 def test_nulls_count_as_missing():
-    request = validate_request({"id": "a", "prompt": "x", "steps": None, "seed": None, "metadata": None})
+    request = validate_request(
+        {"id": "a", "prompt": "x", "steps": None, "seed": None, "metadata": None}
+    )
     assert isinstance(request, ImageRequest) and request.steps == 30
 
 
@@ -49,8 +50,16 @@ def test_nulls_count_as_missing():
         ({"id": "a", "prompt": "x", "height": 4100}, "height", "out of range"),
         ({"id": "a", "prompt": "x", "width": 2048, "height": 2048, "steps": 1}, None, None),
         ({"id": "a", "prompt": "x", "seed": -1}, "seed", "0 <= seed"),
-        ({"id": "a", "prompt": "x", "scheduler": "plms"}, "scheduler", "use one of ddim, euler, euler_a, dpmpp_2m"),
-        ({"id": "a", "prompt": "x", "guidance_scale": float("nan")}, "guidance_scale", "out of range"),
+        (
+            {"id": "a", "prompt": "x", "scheduler": "plms"},
+            "scheduler",
+            "use one of ddim, euler, euler_a, dpmpp_2m",
+        ),
+        (
+            {"id": "a", "prompt": "x", "guidance_scale": float("nan")},
+            "guidance_scale",
+            "out of range",
+        ),
         ({"id": "", "prompt": "x"}, "id", "must not be empty"),
         ({"id": "../x", "prompt": "x"}, "id", "escape"),
         ({"id": "a/../../x", "prompt": "x"}, "id", "escape"),
@@ -72,7 +81,10 @@ def test_bad_rows_name_field_and_reason(row, field, words):
 
 
 def test_pixel_limit_names_both_fields():
-    errors = errors_of({"id": "a", "prompt": "x", "width": 1024, "height": 1024}, RequestLimits(max_pixels=512 * 512))
+    errors = errors_of(
+        {"id": "a", "prompt": "x", "width": 1024, "height": 1024},
+        RequestLimits(max_pixels=512 * 512),
+    )
     assert "width,height" in errors and "at most 262144" in errors["width,height"]
 
 
@@ -96,7 +108,16 @@ def test_manifest_schema_requires_only_id_and_prompt():
 
 def test_record_schema_has_provenance():
     schema = record_schema()
-    for name in ("uri", "sha256", "weights_hash", "scheduler_config", "backend", "timings", "created_at", "node_id"):
+    for name in (
+        "uri",
+        "sha256",
+        "weights_hash",
+        "scheduler_config",
+        "backend",
+        "timings",
+        "created_at",
+        "node_id",
+    ):
         assert name in schema.names
     assert set(ImageRequest.model_fields) <= set(schema.names)
     assert set(schema.names) == set(ImageRecord.model_fields)
