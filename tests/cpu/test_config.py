@@ -18,7 +18,7 @@ def test_shipped_job_configs_validate():
 
 
 def test_shipped_presets_validate():
-    assert {"tiny", "small", "sd15", "sdxl"} <= set(preset_names())
+    assert {"tiny", "tiny-xl", "small", "sd15", "sdxl"} <= set(preset_names())
     for name in preset_names():
         assert get_preset(name).name == name
 

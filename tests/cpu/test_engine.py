@@ -109,3 +109,30 @@ def test_cache_does_not_change_embeddings(tiny_engine):
     cached, _ = tiny_engine.encode_prompts(prompts)
     fresh = torch.stack([e for e, _ in tiny_engine._encode_uncached(prompts)])
     torch.testing.assert_close(cached, fresh)
+
+
+@pytest.fixture(scope="module")
+def tiny_xl_engine():
+    return DiffusionEngine(EngineConfig(model="tiny-xl", device="cpu"))
+
+
+def test_sdxl_path_is_deterministic_across_batches(tiny_xl_engine):
+    assert tiny_xl_engine.model.is_sdxl
+    target = req(0, negative_prompt="blurry")
+    alone = tiny_xl_engine.generate([target])[0]
+    together = tiny_xl_engine.generate([req(1), target, req(2, width=96)])[1]
+    assert alone.image.shape == (64, 64, 3)
+    assert max_diff(alone.image, together.image) <= 1
+
+
+def test_sdxl_folder_round_trip(tmp_path, tiny_xl_engine):
+    from daguerre.pipeline.models import save_model
+
+    folder = save_model(tiny_xl_engine.model, tmp_path / "tiny-xl")
+    engine = DiffusionEngine(EngineConfig(model=str(folder), device="cpu"))
+    assert engine.model.is_sdxl and engine.model.default_size == 64
+    request = req(3)
+    assert (
+        max_diff(engine.generate([request])[0].image, tiny_xl_engine.generate([request])[0].image)
+        == 0
+    )

@@ -214,3 +214,17 @@ def test_cli_generate_twice(tmp_path):
     second = cli("generate", manifest, "--out", str(tmp_path / "o"), "--no-progress", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "nothing generated: 2 rows already finished" in second.stdout
+
+
+def test_cli_demo(tmp_path):
+    result = cli("demo", "--out", str(tmp_path / "demo"), "--no-progress", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    images = sorted((tmp_path / "demo" / "images").glob("*.png"))
+    assert len(images) == 8
+    for path in images:
+        assert Image.open(path).convert("RGB").size[1] == 64
+    assert metadata(tmp_path / "demo").num_rows == 8
+    errors = pads.dataset(tmp_path / "demo" / "errors", format="parquet").to_table()
+    assert sorted(errors.column("id").to_pylist()) == ["demo-bad-prompt", "demo-bad-size"]
+    assert (tmp_path / "demo-manifest.parquet").is_file()
+    assert "generated" in result.stdout and "images:" in result.stdout
