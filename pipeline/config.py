@@ -46,7 +46,7 @@ class EngineConfig(BaseModel):
         1024, ge=0, description="Prompt embeddings kept (LRU); 0 disables the cache."
     )
     torch_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads on CPU; default: all cores."
+        None, ge=1, description="torch threads on CPU (set by the engine); default: all cores."
     )
 
 

@@ -14,6 +14,7 @@ so the accelerator never waits for I/O.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -86,8 +87,8 @@ class DiffusionEngine:
         self.config = config or EngineConfig()
         self.device = resolve_device(self.config.device)
         self.dtype = resolve_dtype(self.config.dtype, self.device)
-        if self.device.type == "cpu" and self.config.torch_threads:
-            torch.set_num_threads(self.config.torch_threads)
+        if self.device.type == "cpu":
+            torch.set_num_threads(self.config.torch_threads or os.cpu_count() or 1)
         self.model = components or load_model(
             self.config.model, device=self.device, dtype=self.dtype
         )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -211,29 +210,18 @@ class EngineWorker:
 
     def __init__(self, engine_config: dict[str, Any]):
         import ray
-        import torch
+        from daguerre.pipeline.engine import DiffusionEngine
 
         config = EngineConfig(**engine_config)
         # Ray Data calls the UDF from a thread other than the constructor's. Two threads
         # driving OpenMP make two thread teams fighting for the cores (~20% slower on a
-        # 2-core CPU), so all torch work runs on one thread of ours.
+        # 2-core CPU, measured here), so all torch work runs on one thread of ours, where
+        # the engine also sets its thread count (Ray caps OMP_NUM_THREADS at the actor's share).
         self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daguerre-engine")
-        # Ray sets OMP_NUM_THREADS to the actor's CPU share; on CPU the engine wants the cores.
-        self.torch_threads = (
-            None if torch.cuda.is_available() else (config.torch_threads or os.cpu_count() or 1)
-        )
-        self.engine = self._torch_thread.submit(self._load, config).result()
+        self.engine = self._torch_thread.submit(DiffusionEngine, config).result()
         context = ray.get_runtime_context()
         self.node_id = context.get_node_id()
         self.actor_id = context.get_actor_id() or ""
-
-    def _load(self, config: EngineConfig) -> Any:
-        import torch
-        from daguerre.pipeline.engine import DiffusionEngine
-
-        if self.torch_threads:
-            torch.set_num_threads(self.torch_threads)
-        return DiffusionEngine(config)
 
     def __call__(self, batch: Any) -> Any:
         import pyarrow as pa

@@ -61,12 +61,6 @@ class Storage:
         path = self.path(key)
         return path if self.is_local else self.fs.unstrip_protocol(path)
 
-    def exists(self, key: str) -> bool:
-        return self.fs.exists(self.path(key))
-
-    def read_bytes(self, key: str) -> bytes:
-        return self.fs.cat_file(self.path(key))
-
     def write_bytes(self, key: str, data: bytes) -> str:
         """Write `data` at `key` atomically; return its URI."""
         path = self.path(key)
