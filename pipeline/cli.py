@@ -1,4 +1,4 @@
-"""The `daguerre` command: generate, manifest, demo.
+"""The `daguerre` command: generate, manifest, serve, demo.
 
 Heavy imports (torch, ray, diffusers) happen inside the commands that need them, so
 `daguerre --help` and input errors answer at once.
@@ -72,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
     man.add_argument("--scheduler", choices=SCHEDULERS)
     man.add_argument("--negative-prompt")
 
+    srv = sub.add_parser(
+        "serve", help="serve the OpenAI-compatible images API and the native API over HTTP"
+    )
+    srv.add_argument(
+        "--config", type=Path, help="serve YAML (see configs/serve/); flags override it"
+    )
+    srv.add_argument(
+        "--model", help="preset or diffusers folder for the (first) model; default tiny"
+    )
+    srv.add_argument("--port", type=int, help="HTTP port (default 8000)")
+    srv.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    srv.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+
     demo = sub.add_parser(
         "demo", help="generate the demo manifest with the tiny model on a local Ray"
     )
@@ -104,6 +117,56 @@ def cmd_generate(args: argparse.Namespace) -> int:
         args.manifest, args.out, config, address=args.address, progress=not args.no_progress
     )
     print_summary(summary)
+    return 0
+
+
+def serve_config(args: argparse.Namespace) -> Any:
+    """The serve config from --config plus the flags given."""
+    from daguerre.pipeline.config import ServeConfig
+
+    overrides: dict[str, Any] = {}
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.host:
+        overrides["host"] = args.host
+    if args.config:
+        config = load_yaml(args.config, ServeConfig, overrides)
+    else:
+        config = validate_config(ServeConfig, overrides, source="flags")
+    if args.model:  # replaces the first model's weights, keeping its serving settings
+        first = config.models[0]
+        engine = first.engine.model_copy(update={"model": args.model})
+        config.models[0] = first.model_copy(update={"engine": engine, "name": None})
+        config = validate_config(ServeConfig, config.model_dump(), source="flags")
+    return config
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    config = serve_config(args)
+    from daguerre.cluster.serve import APP_NAME, start
+    from ray import serve
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    url = start(config, address=args.address)
+    names = ", ".join(m.served_name for m in config.models)
+    print(f"daguerre serving {names} at {url}", flush=True)
+    print(f"  OpenAI-compatible: POST {url}/v1/images/generations", flush=True)
+    print(f"  native:            POST {url}/v1/generate   docs: {url}/docs", flush=True)
+    print("Ctrl-C to stop", flush=True)
+    stop.wait()
+    print("daguerre: stopping", flush=True)
+    if args.address:  # a shared cluster: remove only this app
+        serve.delete(APP_NAME)
+    else:
+        serve.shutdown()
+    import ray
+
+    ray.shutdown()
     return 0
 
 
@@ -178,7 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     from daguerre.pipeline.job import ManifestError
     from daguerre.pipeline.manifest import ManifestBuildError
 
-    handlers = {"generate": cmd_generate, "manifest": cmd_manifest, "demo": cmd_demo}
+    handlers = {
+        "generate": cmd_generate,
+        "manifest": cmd_manifest,
+        "serve": cmd_serve,
+        "demo": cmd_demo,
+    }
     try:
         return handlers[args.command](args)
     except (ConfigError, ManifestError, ManifestBuildError) as exc:

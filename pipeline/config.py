@@ -84,6 +84,102 @@ class JobConfig(BaseModel):
         return self
 
 
+class ModelDeploymentConfig(BaseModel):
+    """One model served online: its engine and how its replicas batch, scale and shed load."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(
+        None,
+        description="Name clients ask for (`model` in requests); default: the preset or folder name.",
+    )
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    batch_wait_timeout_s: float = Field(
+        0.0,
+        ge=0,
+        description="How long a replica waits for more requests before running a batch. 0 runs at "
+        "once; requests arriving while the engine is busy join the next batch anyway.",
+    )
+    min_replicas: int = Field(1, ge=0, description="Replicas kept alive (0 allows scale to zero).")
+    max_replicas: int = Field(1, ge=1, description="Replicas Serve may scale up to.")
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="Autoscaling target per replica; default: engine.max_batch_size."
+    )
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Requests one replica holds at once; default: 2 x max_batch_size."
+    )
+    max_queued_requests: int = Field(
+        64,
+        ge=-1,
+        description="Requests waiting for a replica before new ones get 503 (-1: no limit).",
+    )
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After sent with a 503.")
+    num_gpus: float | Literal["auto"] = Field(
+        "auto", description="GPUs per replica; 'auto' is 1 when the cluster has GPUs, else 0."
+    )
+    num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per replica.")
+
+    @property
+    def served_name(self) -> str:
+        """The name clients use for this model."""
+        return self.name or Path(self.engine.model.rstrip("/")).name
+
+    @model_validator(mode="after")
+    def _check_replicas(self) -> ModelDeploymentConfig:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas: {self.max_replicas} is below min_replicas ({self.min_replicas})"
+            )
+        return self
+
+
+class ServeConfig(BaseModel):
+    """The online service: models, limits, auth and HTTP settings (configs/serve/*.yaml)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address the HTTP proxy binds.")
+    port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    models: list[ModelDeploymentConfig] = Field(
+        default_factory=lambda: [ModelDeploymentConfig()],
+        min_length=1,
+        description="Models served; the first is the default when a request names none.",
+    )
+    limits: RequestLimits = Field(default_factory=RequestLimits)
+    max_images_per_request: int = Field(
+        10, ge=1, le=100, description="Most images one native request may ask for (OpenAI n <= 10)."
+    )
+    output: str = Field(
+        "output/serve",
+        description="Prefix (folder or s3://) where response_format=url images and metadata go.",
+    )
+    auth_token_env: str = Field(
+        "DAGUERRE_API_TOKEN",
+        description="Environment variable holding the bearer token; auth is off when it is unset.",
+    )
+    auth_token_file: str | None = Field(
+        None, description="File holding the bearer token (takes precedence over the variable)."
+    )
+    ingress_replicas: int = Field(1, ge=1, description="Replicas of the HTTP ingress (CPU).")
+    ingress_num_cpus: float = Field(0.1, ge=0, description="CPUs reserved per ingress replica.")
+    ingress_max_ongoing_requests: int = Field(
+        256, ge=1, description="HTTP requests one ingress replica holds at once."
+    )
+    request_timeout_s: float | None = Field(
+        None, gt=0, description="End-to-end HTTP timeout (408 after it); none by default."
+    )
+
+    @model_validator(mode="after")
+    def _check_names(self) -> ServeConfig:
+        names = [m.served_name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(
+                f"models: the name {duplicates[0]!r} is used twice; give each model a distinct name"
+            )
+        return self
+
+
 def load_yaml(path: str | Path, model: type[M], overrides: dict[str, Any] | None = None) -> M:
     """`model` validated from a YAML file, with `overrides` applied on top."""
     import yaml

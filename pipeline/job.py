@@ -18,16 +18,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from daguerre.pipeline.config import EngineConfig, JobConfig
+from daguerre.pipeline.records import Provenance, encode_png, image_record
 from daguerre.pipeline.schema import (
     ErrorRecord,
     FieldError,
-    ImageRecord,
     ImageRequest,
     RequestLimits,
     StageTimings,
@@ -210,15 +209,12 @@ class EngineWorker:
 
     def __init__(self, engine_config: dict[str, Any]):
         import ray
-        from daguerre.pipeline.engine import DiffusionEngine
+        from daguerre.pipeline.engine import EngineThread
 
-        config = EngineConfig(**engine_config)
-        # Ray Data calls the UDF from a thread other than the constructor's. Two threads
-        # driving OpenMP make two thread teams fighting for the cores (~20% slower on a
-        # 2-core CPU, measured here), so all torch work runs on one thread of ours, where
-        # the engine also sets its thread count (Ray caps OMP_NUM_THREADS at the actor's share).
-        self._torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daguerre-engine")
-        self.engine = self._torch_thread.submit(DiffusionEngine, config).result()
+        # The engine runs on a thread of its own (see EngineThread), where it also sets its
+        # thread count (Ray caps OMP_NUM_THREADS at the actor's CPU share).
+        self._engine_thread = EngineThread(EngineConfig(**engine_config))
+        self.engine = self._engine_thread.engine
         context = ray.get_runtime_context()
         self.node_id = context.get_node_id()
         self.actor_id = context.get_actor_id() or ""
@@ -230,7 +226,14 @@ class EngineWorker:
         requests = [
             ImageRequest.model_validate_json(r["request"]) for r in rows if r["request"] is not None
         ]
-        images, failures = self._torch_thread.submit(self._generate, requests).result()
+        images, failures = {}, {}
+        for request, result in zip(
+            requests, self._engine_thread.generate_each(requests), strict=True
+        ):
+            if isinstance(result, Exception):  # recorded in the errors table; the job goes on
+                failures[request.id] = f"{type(result).__name__}: {_first_line(result)}"
+            else:
+                images[request.id] = result
         out: dict[str, list[Any]] = {c: [] for c in ENGINE_COLUMNS}
         for r in rows:
             generated = images.get(r["id"]) if r["request"] is not None else None
@@ -282,24 +285,6 @@ class EngineWorker:
             table = table.append_column(name, pa.array([value] * len(table), type=pa.string()))
         return table
 
-    def _generate(self, requests: list[ImageRequest]) -> tuple[dict[str, Any], dict[str, str]]:
-        """Images by id, and failure reasons by id; a failing batch is retried one request at a time
-        so a single bad request cannot take its batch-mates down with it."""
-        if not requests:
-            return {}, {}
-        try:
-            return {g.request.id: g for g in self.engine.generate(requests)}, {}
-        except Exception:
-            if len(requests) == 1:
-                raise
-        images, failures = {}, {}
-        for request in requests:
-            try:
-                images[request.id] = self.engine.generate([request])[0]
-            except Exception as exc:  # recorded in the errors table; the job goes on
-                failures[request.id] = f"{type(exc).__name__}: {_first_line(exc)}"
-        return images, failures
-
 
 ENGINE_COLUMNS = (
     "id", "request", "row", "error_stage", "error_field", "error_reason",
@@ -329,12 +314,8 @@ SUMMARY_COLUMNS = ("id", "status", "stage", *StageTimings.model_fields)
 def write_batch(batch: Any, output: Storage, version: str) -> Any:
     """Encode PNGs and write images, then their metadata fragment, then errors; return one
     summary row per input row. Images go first: metadata is the proof an image is finished."""
-    import hashlib
-    import io
-
     import numpy as np
     import pyarrow as pa
-    from PIL import Image
 
     now = dt.datetime.now(dt.timezone.utc)
     records, errors, summary = [], [], {c: [] for c in SUMMARY_COLUMNS}
@@ -346,33 +327,32 @@ def write_batch(batch: Any, output: Storage, version: str) -> Any:
             pixels = np.frombuffer(row["image"], dtype=np.uint8).reshape(
                 row["height"], row["width"], 3
             )
-            png = io.BytesIO()
-            Image.fromarray(pixels).save(png, format="PNG", compress_level=1)
-            data = png.getvalue()
+            data = encode_png(pixels)
             t1 = time.perf_counter()
             uri = output.write_bytes(image_key(request.id), data)
             t2 = time.perf_counter()
             timings = StageTimings.model_validate_json(row["timings"])
             timings.encode_png_s, timings.write_s = t1 - t0, t2 - t1
-            fields = request.model_dump(exclude={"seed", "width", "height", "scheduler", "model"})
+            provenance = Provenance(
+                model=row["model"],
+                weights_hash=row["weights_hash"],
+                backend=json.loads(row["backend"]),
+                node_id=row["node_id"],
+                actor_id=row["actor_id"],
+            )
             records.append(
-                ImageRecord(
-                    **fields,
+                image_record(
+                    request,
+                    png=data,
+                    uri=uri,
                     seed=row["seed"],
                     width=row["width"],
                     height=row["height"],
-                    scheduler=request.scheduler.value,
-                    model=row["model"],
-                    uri=uri,
-                    sha256=hashlib.sha256(data).hexdigest(),
-                    weights_hash=row["weights_hash"],
-                    scheduler_config=row["scheduler_config"],
-                    backend=json.loads(row["backend"]),
                     batch_size=row["batch_size"],
-                    daguerre_version=version,
+                    scheduler_config=row["scheduler_config"],
                     timings=timings,
-                    node_id=row["node_id"],
-                    actor_id=row["actor_id"],
+                    provenance=provenance,
+                    version=version,
                     created_at=now,
                 ).model_dump()
             )
