@@ -18,9 +18,11 @@ is a JSON body in OpenAI's error shape.
 
 `build_app(args)` is the entry point for `serve run`/`serve deploy`/KubeRay:
 `import_path: daguerre.cluster.serve:build_app` with `args:` a `ServeConfig` mapping.
+
+No `from __future__ import annotations` here: Serve pickles the ingress class by value,
+and FastAPI must resolve the route annotations from the objects themselves.
 """
 
-from __future__ import annotations
 
 import asyncio
 import base64
@@ -63,6 +65,30 @@ logger = logging.getLogger("ray.serve")
 APP_NAME = "daguerre"
 
 
+# Serve pickles deployment classes when they are decorated: everything their methods
+# use must already be defined above them.
+
+
+def _online_ids(n: int) -> list[str]:
+    day = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
+    stem = uuid.uuid4().hex
+    return [f"online/{day}/{stem}-{i}" for i in range(n)]
+
+
+def _read_token(config: ServeConfig) -> str | None:
+    if config.auth_token_file:
+        token = Path(config.auth_token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"auth_token_file: {config.auth_token_file} is empty")
+        return token
+    return os.environ.get(config.auth_token_env) or None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 # -- engine replicas ----------------------------------------------------------------------
 
 
@@ -103,19 +129,22 @@ class EngineDeployment:
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.images = 0
 
-    async def generate(self, request: ImageRequest) -> ReplicaImage:
-        """One image for one request (concurrent calls are batched)."""
-        result = await self.collect(request)
-        if isinstance(result, Exception):
-            raise result
-        return ReplicaImage(image=result, provenance=self.provenance)
+    async def generate(self, requests: list[ImageRequest]) -> list[ReplicaImage]:
+        """One image per request; concurrent calls are batched together."""
+        results = await self.collect(requests)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return [ReplicaImage(image=r, provenance=self.provenance) for r in results]
 
-    # Serve's queue is only the collector; max_concurrent_batches is high so collected
-    # requests reach the runner at once instead of waiting behind a running batch.
+    # Serve's batch queue collects concurrent calls (each the images of one HTTP request);
+    # all their images go to the runner in one step, so one request's n images share a
+    # batch. max_concurrent_batches is high so collected calls reach the runner at once
+    # instead of waiting behind a running batch.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.0, max_concurrent_batches=1024)
-    async def collect(self, requests: list[ImageRequest]) -> list[Any]:
-        futures = [self._submit(r) for r in requests]
-        return list(await asyncio.gather(*futures, return_exceptions=True))
+    async def collect(self, calls: list[list[ImageRequest]]) -> list[list[Any]]:
+        futures = [[self._submit(r) for r in call] for call in calls]
+        return [list(await asyncio.gather(*f, return_exceptions=True)) for f in futures]
 
     def _submit(self, request: ImageRequest) -> asyncio.Future:
         loop = asyncio.get_running_loop()
@@ -211,7 +240,11 @@ def _request_field_error(err: dict[str, Any]) -> FieldError:
         loc = loc[1:]
     if err.get("type") == "json_invalid":
         return FieldError(field="body", reason=f"is not valid JSON ({err.get('msg', '')})")
-    if not loc and err.get("type") in ("model_attributes_type", "dict_type", "missing"):
+    if not loc and err.get("type") == "missing":
+        return FieldError(
+            field="body", reason="is required: send a JSON object (Content-Type: application/json)"
+        )
+    if not loc and err.get("type") in ("model_attributes_type", "dict_type"):
         return FieldError(field="body", reason="must be a JSON object")
     return field_error({**err, "loc": tuple(loc)})
 
@@ -354,14 +387,11 @@ class ApiIngress:
         return name
 
     async def _generate(self, model: str, requests: list[ImageRequest]) -> list[ReplicaImage]:
-        """One engine call per image, all at once (the replicas batch them)."""
-        handle = self.engines[model]
-        calls = [handle.generate.remote(r) for r in requests]
+        """The images of one HTTP request, from one engine call (replicas batch calls)."""
+        call = self.engines[model].generate.remote(requests)
         try:
-            return list(await asyncio.gather(*calls))
+            return await call
         except BackPressureError as exc:
-            for call in calls:
-                call.cancel()
             retry = exc.retry_after_s
             raise ApiError(
                 503,
@@ -375,8 +405,7 @@ class ApiIngress:
                 503, f"model {model!r} is not available", type="server_error", code="unavailable"
             ) from None
         except asyncio.CancelledError:  # the client went away: drop what is still queued
-            for call in calls:
-                call.cancel()
+            call.cancel()
             raise
         except Exception as exc:
             logger.exception("generation failed")
@@ -437,26 +466,6 @@ class ApiIngress:
             return self.storage.fs.sign(self.storage.path(key), expiration=3600)
         except (NotImplementedError, AttributeError):
             return self.storage.url(key)
-
-
-def _online_ids(n: int) -> list[str]:
-    day = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
-    stem = uuid.uuid4().hex
-    return [f"online/{day}/{stem}-{i}" for i in range(n)]
-
-
-def _read_token(config: ServeConfig) -> str | None:
-    if config.auth_token_file:
-        token = Path(config.auth_token_file).read_text().strip()
-        if not token:
-            raise ValueError(f"auth_token_file: {config.auth_token_file} is empty")
-        return token
-    return os.environ.get(config.auth_token_env) or None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # -- building the application --------------------------------------------------------------
