@@ -23,7 +23,6 @@ No `from __future__ import annotations` here: Serve pickles the ingress class by
 and FastAPI must resolve the route annotations from the objects themselves.
 """
 
-
 import asyncio
 import base64
 import collections

@@ -243,8 +243,9 @@ def _reason(err: Any) -> str:
     shown = repr(err.get("input"))
     if len(shown) > 80:
         shown = shown[:77] + "..."
-    if kind == "enum":
-        return f"{shown} is not valid; use one of {', '.join(SCHEDULERS)}"
+    if kind in ("enum", "literal_error"):
+        expected = (err.get("ctx") or {}).get("expected", "")
+        return f"{shown} is not valid; use one of {expected.replace(' or ', ', ')}".rstrip("; ")
     if kind == "value_error":
         if not err["loc"] or msg[:1].isdigit() or msg[:1] == "-":
             return msg

@@ -19,7 +19,7 @@ def _run(code: str, cwd: Path = REPO) -> str:
 def test_light_modules_import_no_heavy_packages():
     code = (
         "import sys\n"
-        "import daguerre.pipeline.schema, daguerre.pipeline.config, daguerre.pipeline.manifest, daguerre.pipeline.cli\n"
+        "import daguerre.pipeline.schema, daguerre.pipeline.config, daguerre.pipeline.manifest, daguerre.pipeline.cli, daguerre.cluster.api\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     assert _run(code).strip() == "[]"

@@ -53,7 +53,7 @@ def test_nulls_count_as_missing():
         (
             {"id": "a", "prompt": "x", "scheduler": "plms"},
             "scheduler",
-            "use one of ddim, euler, euler_a, dpmpp_2m",
+            "use one of 'ddim', 'euler', 'euler_a', 'dpmpp_2m'",
         ),
         (
             {"id": "a", "prompt": "x", "guidance_scale": float("nan")},
