@@ -1,0 +1,102 @@
+"""`daguerre serve` as a user runs it, and the serve configs it reads."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+import yaml
+from daguerre.pipeline.config import ConfigError, ServeConfig, load_yaml, validate_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "serve").glob("*.yaml")), ids=str)
+def test_shipped_serve_configs_validate(path):
+    config = load_yaml(path, ServeConfig)
+    assert config.models and config.models[0].served_name
+
+
+def test_deploy_manifests_carry_valid_serve_configs():
+    """The Serve/KubeRay manifests pass `args` that build_app accepts."""
+    found = 0
+    for path in sorted((REPO / "cluster" / "deploy").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            spec = (doc or {}).get("spec", doc) or {}
+            serve_config = spec.get("serveConfigV2", spec if "applications" in spec else None)
+            if isinstance(serve_config, str):
+                serve_config = yaml.safe_load(serve_config)
+            for app in (serve_config or {}).get("applications", []):
+                assert app["import_path"] == "daguerre.cluster.serve:build_app"
+                validate_config(ServeConfig, app.get("args", {}), source=str(path))
+                found += 1
+    assert found >= 2
+
+
+def test_serve_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("port: 8000\nmodels:\n  - engine: {model: tiny}\n    max_replica: 2\n")
+    with pytest.raises(ConfigError, match=r"models\.0\.max_replica: is not a known key"):
+        load_yaml(bad, ServeConfig)
+    with pytest.raises(ConfigError, match="the name 'tiny' is used twice"):
+        validate_config(ServeConfig, {"models": [{"engine": {"model": "tiny"}}] * 2})
+    with pytest.raises(ConfigError, match="max_replicas: 1 is below min_replicas"):
+        validate_config(ServeConfig, {"models": [{"min_replicas": 2}]})
+
+
+@pytest.mark.timeout(300)
+def test_cli_serve_starts_answers_and_stops_on_ctrl_c(tmp_path):
+    port = free_port()
+    exe = Path(sys.executable).with_name("daguerre")
+    env = {**os.environ, "DAGUERRE_API_TOKEN": "cli-token"}
+    proc = subprocess.Popen(
+        [str(exe), "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines = []
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "daguerre serving" in line:
+                break
+        url = f"http://127.0.0.1:{port}"
+        assert any(f"serving tiny at {url}" in line for line in lines), "".join(lines)[-3000:]
+        assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
+        body = {"prompt": "a lamp", "size": "64x64", "steps": 2}
+        assert httpx.post(f"{url}/v1/images/generations", json=body).status_code == 401
+        resp = httpx.post(
+            f"{url}/v1/images/generations",
+            json=body,
+            headers={"Authorization": "Bearer cli-token"},
+            timeout=120,
+        )
+        assert resp.status_code == 200 and resp.json()["data"][0]["b64_json"]
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0, rest[-3000:]
+        assert "stopping" in rest
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
