@@ -9,7 +9,7 @@ EXTRAS ?= dev
 STAMP := $(VENV)/.daguerre-installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo serve test lint bench clean
 
 install: $(STAMP)
 
@@ -25,6 +25,9 @@ $(STAMP): pyproject.toml
 demo: install
 	$(VENV)/bin/daguerre demo
 
+serve: install
+	$(VENV)/bin/daguerre serve
+
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
@@ -33,6 +36,7 @@ lint: install
 
 bench: install
 	$(PY) benchmarks/pipeline_efficiency.py --images 256 --json benchmarks/results/pipeline_efficiency.json
+	$(PY) benchmarks/serve_load.py --clients 1,2,4,8,16 --seconds 30 --json benchmarks/results/serve_load.json
 
 clean:
 	rm -rf $(VENV) output .pytest_cache

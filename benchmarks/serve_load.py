@@ -111,8 +111,15 @@ def serve_overhead(url: str, args: argparse.Namespace) -> dict:
             latencies.append(latency)
             engine_s.append(engine)
             overheads.append(latency - engine)
+        # The floor of any request: HTTP -> proxy -> ingress and back, no engine call.
+        health = []
+        for _ in range(args.lone_requests):
+            t0 = time.perf_counter()
+            client.get(f"{url}/healthz").raise_for_status()
+            health.append(time.perf_counter() - t0)
     return {
         "requests": len(latencies),
+        "healthz_ms_p50": statistics.median(health) * 1000,
         "latency_s_p50": statistics.median(latencies),
         "engine_s_p50": statistics.median(engine_s),
         "overhead_ms_p50": statistics.median(overheads) * 1000,
@@ -285,7 +292,8 @@ def main() -> int:
             overhead = serve_overhead(url, args)
             print(f"lone request: {overhead['latency_s_p50'] * 1000:.1f} ms, engine "
                   f"{overhead['engine_s_p50'] * 1000:.1f} ms, Serve overhead "
-                  f"{overhead['overhead_ms_p50']:.1f} ms (p50)")  # fmt: skip
+                  f"{overhead['overhead_ms_p50']:.1f} ms (p50); GET /healthz "
+                  f"{overhead['healthz_ms_p50']:.1f} ms")  # fmt: skip
             levels = []
             for n in client_counts:
                 level = load_level(url, n, args)

@@ -100,3 +100,37 @@ def test_cli_serve_starts_answers_and_stops_on_ctrl_c(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_build_app_is_a_serve_app_builder():
+    """What `serve run`/`serve deploy`/KubeRay do with import_path + args."""
+    from daguerre.cluster.serve import build_app
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    app = call_user_app_builder_with_args_if_necessary(
+        build_app, {"models": [{"engine": {"model": "tiny"}}]}
+    )
+    assert isinstance(app, Application)
+    with pytest.raises(ConfigError, match="models.0.engine.modle: is not a known key"):
+        build_app({"models": [{"engine": {"modle": "tiny"}}]})
+
+
+def test_deployment_options_autoscale_and_bound_the_queue():
+    from daguerre.cluster.serve import deployment_options
+    from daguerre.pipeline.config import ModelDeploymentConfig
+
+    fixed = deployment_options(ModelDeploymentConfig(), has_gpus=False)
+    assert fixed["num_replicas"] == 1 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    assert fixed["max_ongoing_requests"] == 16 and fixed["max_queued_requests"] == 64
+    scaled = deployment_options(
+        ModelDeploymentConfig(min_replicas=1, max_replicas=4, retry_after_s=3), has_gpus=True
+    )
+    assert scaled["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 4,
+        "target_ongoing_requests": 8,
+    }
+    assert scaled["ray_actor_options"]["num_gpus"] == 1.0
+    assert scaled["backpressure_config"].retry_after_s == 3
