@@ -47,10 +47,22 @@ from daguerre.cluster.api import (
     ResponseFormat,
     error_body,
 )
-from daguerre.pipeline.config import EngineConfig, ModelDeploymentConfig, ServeConfig
+from daguerre.pipeline.config import (
+    EngineConfig,
+    ModelDeploymentConfig,
+    ServeConfig,
+    StorageConfig,
+)
 from daguerre.pipeline.records import Provenance, encode_png, image_record
 from daguerre.pipeline.schema import FieldError, ImageRequest
-from daguerre.pipeline.storage import IMAGES, METADATA, Storage, fragment_key, image_key
+from daguerre.pipeline.storage import (
+    IMAGES,
+    METADATA,
+    Storage,
+    fragment_key,
+    image_key,
+    is_remote,
+)
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -104,12 +116,16 @@ class EngineDeployment:
     """One DiffusionEngine per replica, fed by a runner that batches whatever is waiting."""
 
     def __init__(
-        self, engine_config: dict[str, Any], served_name: str, batch_wait_timeout_s: float
+        self,
+        engine_config: dict[str, Any],
+        served_name: str,
+        batch_wait_timeout_s: float,
+        storage_config: StorageConfig | None = None,
     ):
         import ray
         from daguerre.pipeline.engine import EngineThread
 
-        self._thread = EngineThread(EngineConfig(**engine_config))
+        self._thread = EngineThread(EngineConfig(**engine_config), storage_config)
         engine = self._thread.engine
         self.max_batch_size = engine.config.max_batch_size
         self.collect.set_max_batch_size(self.max_batch_size)
@@ -253,11 +269,11 @@ def _request_field_error(err: dict[str, Any]) -> FieldError:
 class ApiIngress:
     """Validates, authorises and fans requests out to the engine deployments."""
 
-    def __init__(self, config: dict[str, Any], engines: dict[str, Any]):
+    def __init__(self, config: ServeConfig | dict[str, Any], engines: dict[str, Any]):
         self.config = ServeConfig.model_validate(config)
         self.engines = engines  # served name -> DeploymentHandle
         self.default_model = self.config.models[0].served_name
-        self.storage = Storage(self.config.output)
+        self.storage = Storage(self.config.output, self.config.storage)
         self.token = _read_token(self.config)
         self.created = int(time.time())
 
@@ -511,17 +527,21 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
         engine = model.engine.model_copy()
         if Path(engine.model).is_dir():  # replicas resolve paths on their own nodes
             engine.model = str(Path(engine.model).resolve())
-        describe_model(engine.model)  # an unknown preset or bad folder fails here, not in a replica
+        # an unknown preset, a bad folder or unusable storage fails here, not in a replica
+        describe_model(engine.model, config.storage)
         deployment = EngineDeployment.options(**deployment_options(model, has_gpus))
         engines[model.served_name] = deployment.bind(
-            engine.model_dump(), model.served_name, model.batch_wait_timeout_s
+            engine.model_dump(), model.served_name, model.batch_wait_timeout_s, config.storage
         )
     ingress = ApiIngress.options(
         num_replicas=config.ingress_replicas,
         ray_actor_options={"num_cpus": config.ingress_num_cpus},
         max_ongoing_requests=config.ingress_max_ongoing_requests,
     )
-    return ingress.bind(config.model_dump(mode="json"), engines)
+    if is_remote(config.output):  # credentials and bucket checked before any replica starts
+        Storage(config.output, config.storage).check_writable()
+    # The config object itself travels (not a JSON dump, which would mask its secrets).
+    return ingress.bind(config, engines)
 
 
 def start(

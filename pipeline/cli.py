@@ -240,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from daguerre.pipeline.job import ManifestError
     from daguerre.pipeline.manifest import ManifestBuildError
+    from daguerre.pipeline.storage import StorageError
 
     handlers = {
         "generate": cmd_generate,
@@ -249,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         return handlers[args.command](args)
-    except (ConfigError, ManifestError, ManifestBuildError) as exc:
+    except (ConfigError, ManifestError, ManifestBuildError, StorageError) as exc:
         print(f"daguerre: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -10,13 +10,34 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from daguerre.pipeline.schema import RequestLimits, field_error
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
     """A configuration file or value that cannot be used; the message says where and why."""
+
+
+class StorageConfig(BaseModel):
+    """How to reach object storage (s3://). Anything left unset comes the standard AWS ways:
+    AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ~/.aws/config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint_url: str | None = Field(
+        None,
+        description="S3 endpoint, e.g. http://127.0.0.1:8333 (default: AWS or AWS_ENDPOINT_URL).",
+    )
+    region: str | None = Field(None, description="S3 region (default: AWS_REGION / profile).")
+    profile: str | None = Field(None, description="A profile of ~/.aws/credentials and config.")
+    access_key_id: SecretStr | None = Field(
+        None, description="Prefer the environment or a profile."
+    )
+    secret_access_key: SecretStr | None = Field(None, description="Never logged or echoed.")
+    anon: bool = Field(False, description="Unsigned requests (public buckets).")
+    connect_timeout_s: float = Field(10, gt=0, description="Seconds to wait for a connection.")
+    max_attempts: int = Field(5, ge=1, description="Tries per request (botocore retries).")
 
 
 class EngineConfig(BaseModel):
@@ -57,6 +78,7 @@ class JobConfig(BaseModel):
 
     engine: EngineConfig = Field(default_factory=EngineConfig)
     limits: RequestLimits = Field(default_factory=RequestLimits)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     batch_size: int = Field(4, ge=1, description="Rows per engine call (Ray Data batch).")
     min_actors: int = Field(1, ge=1, description="Engine actors kept alive.")
     max_actors: int = Field(1, ge=1, description="Engine actors Ray Data may scale up to.")
@@ -146,6 +168,7 @@ class ServeConfig(BaseModel):
         description="Models served; the first is the default when a request names none.",
     )
     limits: RequestLimits = Field(default_factory=RequestLimits)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     max_images_per_request: int = Field(
         10, ge=1, le=100, description="Most images one native request may ask for (OpenAI n <= 10)."
     )

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from daguerre.pipeline.config import EngineConfig
+from daguerre.pipeline.config import EngineConfig, StorageConfig
 from daguerre.pipeline.models import TEXT_MAX_LENGTH, ModelComponents, load_model
 from daguerre.pipeline.schema import ImageRequest, Scheduler, StageTimings
 
@@ -82,7 +82,10 @@ class DiffusionEngine:
     """Generates images for lists of requests with one model on one device."""
 
     def __init__(
-        self, config: EngineConfig | None = None, components: ModelComponents | None = None
+        self,
+        config: EngineConfig | None = None,
+        components: ModelComponents | None = None,
+        storage_config: StorageConfig | None = None,
     ):
         self.config = config or EngineConfig()
         self.device = resolve_device(self.config.device)
@@ -90,7 +93,7 @@ class DiffusionEngine:
         if self.device.type == "cpu":
             torch.set_num_threads(self.config.torch_threads or os.cpu_count() or 1)
         self.model = components or load_model(
-            self.config.model, device=self.device, dtype=self.dtype
+            self.config.model, device=self.device, dtype=self.dtype, storage_config=storage_config
         )
         self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
             OrderedDict()
@@ -292,11 +295,13 @@ class EngineThread:
     fight for the cores (~20% slower on a 2-core CPU, measured), and a Serve replica's
     event loop must stay free to accept requests while the engine computes."""
 
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, storage_config: StorageConfig | None = None):
         from concurrent.futures import ThreadPoolExecutor
 
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daguerre-engine")
-        self.engine: DiffusionEngine = self.executor.submit(DiffusionEngine, config).result()
+        self.engine: DiffusionEngine = self.executor.submit(
+            DiffusionEngine, config, None, storage_config
+        ).result()
 
     def generate_each(self, requests: list[ImageRequest]) -> list[GeneratedImage | Exception]:
         """`generate_each` on the engine's thread (blocking the caller)."""

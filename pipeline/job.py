@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daguerre.pipeline.config import EngineConfig, JobConfig
+from daguerre.pipeline.config import EngineConfig, JobConfig, StorageConfig
 from daguerre.pipeline.records import Provenance, encode_png, image_record
 from daguerre.pipeline.schema import (
     ErrorRecord,
@@ -79,14 +79,15 @@ class JobSummary:
 # -- driver-side checks --------------------------------------------------------------
 
 
-def inspect_manifest(uri: str) -> ManifestInfo:
+def inspect_manifest(uri: str, storage_config: StorageConfig | None = None) -> ManifestInfo:
     """Check that `uri` is a readable Parquet manifest with the required columns; read its ids."""
     import pyarrow as pa
     import pyarrow.dataset as pads
 
-    storage = Storage(uri)
-    if not storage.fs.exists(storage.root):
+    storage = Storage(uri, storage_config)
+    if storage.is_local and not storage.fs.exists(storage.root):
         raise ManifestError(f"{uri}: no such file or folder")
+    storage.check_readable()  # credentials, bucket, endpoint: one line naming the cause
     try:
         dataset = pads.dataset(
             storage.root, format="parquet", filesystem=storage.fs, ignore_prefixes=[".", "_"]
@@ -207,13 +208,13 @@ def prepare_batch(
 class EngineWorker:
     """A Ray Data actor holding one DiffusionEngine; turns request rows into raw images."""
 
-    def __init__(self, engine_config: dict[str, Any]):
+    def __init__(self, engine_config: dict[str, Any], storage_config: StorageConfig | None = None):
         import ray
         from daguerre.pipeline.engine import EngineThread
 
         # The engine runs on a thread of its own (see EngineThread), where it also sets its
         # thread count (Ray caps OMP_NUM_THREADS at the actor's CPU share).
-        self._engine_thread = EngineThread(EngineConfig(**engine_config))
+        self._engine_thread = EngineThread(EngineConfig(**engine_config), storage_config)
         self.engine = self._engine_thread.engine
         context = ray.get_runtime_context()
         self.node_id = context.get_node_id()
@@ -406,13 +407,13 @@ def run_job(
     t_start = time.perf_counter()
 
     # 1. Check the inputs before anything starts: manifest, model, output prefix.
-    info = inspect_manifest(manifest)
+    info = inspect_manifest(manifest, config.storage)
     engine_config = config.engine.model_copy()
     if Path(engine_config.model).is_dir():  # actors resolve paths on their own nodes
         engine_config.model = str(Path(engine_config.model).resolve())
-    describe_model(engine_config.model)
-    storage = Storage(output)
-    storage.fs.makedirs(storage.root, exist_ok=True)
+    describe_model(engine_config.model, config.storage)
+    storage = Storage(output, config.storage)
+    storage.check_writable()
     summary = JobSummary(
         manifest=manifest,
         output=storage.url(""),
@@ -449,7 +450,7 @@ def run_job(
     )
     model_names = [engine_config.model, Path(engine_config.model).name]
 
-    ds = ray.data.read_parquet(manifest, filesystem=storage_fs_for(manifest))
+    ds = ray.data.read_parquet(manifest, filesystem=storage_fs_for(manifest, config.storage))
     ds = ds.map_batches(
         prepare_batch,
         fn_kwargs={
@@ -464,7 +465,10 @@ def run_job(
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     ds = ds.map_batches(
         EngineWorker,
-        fn_constructor_kwargs={"engine_config": engine_config.model_dump()},
+        fn_constructor_kwargs={
+            "engine_config": engine_config.model_dump(),
+            "storage_config": config.storage,
+        },
         batch_size=config.batch_size,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
@@ -497,9 +501,9 @@ def run_job(
     return summary
 
 
-def storage_fs_for(uri: str) -> Any:
-    """The pyarrow-compatible filesystem for a URI (None lets Ray infer local paths)."""
-    storage = Storage(uri)
+def storage_fs_for(uri: str, storage_config: StorageConfig | None = None) -> Any:
+    """The filesystem for a URI, for Ray Data (None lets Ray infer local paths)."""
+    storage = Storage(uri, storage_config)
     return None if storage.is_local else storage.fs
 
 

@@ -4,8 +4,9 @@ Presets (`configs/models/<name>.yaml`) are built from architecture configs, neve
 downloaded: `tiny` for tests and the demo, `small` for CPU benchmarks, `sd15` and
 `sdxl` with the real architectures' shapes. Every process building a preset gets the
 same weights (seeded init), so engine actors on different nodes agree on every image.
-A local folder in diffusers format (`model_index.json`, `unet/`, `vae/`, ...) loads real
-weights. Nothing here touches the network.
+A folder in diffusers format (`model_index.json`, `unet/`, `vae/`, ...) loads real
+weights: a local path, or an object-store prefix (s3://...) copied once into a per-node
+cache keyed by the listing (names, sizes, ETags), so a changed model is fetched again.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daguerre.pipeline.config import ConfigError, validate_config
+
+if TYPE_CHECKING:
+    from daguerre.pipeline.config import StorageConfig
 from pydantic import BaseModel, ConfigDict, Field
 
 TEXT_MAX_LENGTH = 77  # CLIP's context length
@@ -87,8 +91,22 @@ def get_preset(name: str) -> ModelPreset:
     )
 
 
-def describe_model(spec: str) -> str:
+def describe_model(spec: str, storage_config: StorageConfig | None = None) -> str:
     """A one-line check that `spec` names a loadable model; raises ConfigError otherwise (cheap)."""
+    from daguerre.pipeline.storage import Storage, StorageError, explain, is_remote
+
+    if is_remote(spec):
+        storage = Storage(spec, storage_config)
+        storage.check_readable()
+        try:
+            storage.fs.info(storage.path("model_index.json"))
+        except FileNotFoundError:
+            raise ConfigError(
+                f"model: {spec} has no model_index.json (not a diffusers model folder)"
+            ) from None
+        except Exception as exc:
+            raise StorageError(f"{spec}: {explain(exc, storage)}") from None
+        return f"diffusers folder {spec}"
     path = Path(spec)
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -100,17 +118,26 @@ def describe_model(spec: str) -> str:
 
 
 def load_model(
-    spec: str, device: Any = "cpu", dtype: Any = None, meta: bool = False
+    spec: str,
+    device: Any = "cpu",
+    dtype: Any = None,
+    meta: bool = False,
+    storage_config: StorageConfig | None = None,
 ) -> ModelComponents:
-    """The model named by `spec` (a preset name or a diffusers folder), on `device` in `dtype`.
+    """The model named by `spec` (a preset, a diffusers folder or an s3:// prefix holding
+    one), on `device` in `dtype`.
 
     With `meta=True` a preset is built on the meta device: shapes only, no memory, no
     weights (for FLOP counting)."""
     import torch
+    from daguerre.pipeline.storage import is_remote
 
     dtype = dtype or torch.float32
     path = Path(spec)
-    if path.is_dir():
+    if is_remote(spec):
+        components = _load_folder(fetch_model(spec, storage_config))
+        components.name = spec.rstrip("/").rsplit("/", 1)[-1]
+    elif path.is_dir():
         components = _load_folder(path)
     else:
         components = build_preset(get_preset(spec), meta=meta)
@@ -211,6 +238,59 @@ def _load_folder(path: Path) -> ModelComponents:
         weights_hash=folder_weights_hash(path),
         default_size=unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1),
     )
+
+
+def model_cache_dir() -> Path:
+    """Where fetched models live on this node: $DAGUERRE_CACHE/models or ~/.cache/daguerre/models."""
+    root = os.environ.get("DAGUERRE_CACHE") or Path.home() / ".cache" / "daguerre"
+    return Path(root) / "models"
+
+
+def fetch_model(uri: str, storage_config: StorageConfig | None = None) -> Path:
+    """A local copy of the diffusers folder at `uri`, fetched once per node and content listing.
+
+    The copy is made in a temporary sibling and renamed into place, so concurrent actors on
+    one node never load a half-copied folder (the loser of the race drops its copy)."""
+    import shutil
+    import uuid
+
+    from daguerre.pipeline.storage import Storage, StorageError, explain
+
+    storage = Storage(uri, storage_config)
+    try:
+        listing = storage.fs.find(storage.root, detail=True)
+    except Exception as exc:
+        raise StorageError(f"{uri}: {explain(exc, storage)}") from None
+    if not listing:
+        raise StorageError(f"{uri}: no such file or prefix")
+    digest = hashlib.sha256(uri.encode())
+    for key in sorted(listing):
+        info = listing[key]
+        etag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or "")
+        digest.update(f"{key}\t{info.get('size')}\t{etag}\n".encode())
+    name = storage.root.rsplit("/", 1)[-1]
+    target = model_cache_dir() / f"{name}-{digest.hexdigest()[:16]}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        for key in listing:
+            rel = key[len(storage.root) :].lstrip("/")
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            storage.fs.get_file(key, str(tmp / rel))
+        try:
+            tmp.rename(target)
+        except OSError:  # another actor on this node finished first
+            if not (target / "model_index.json").is_file():
+                raise
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise StorageError(f"{uri}: {explain(exc, storage)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _to(components: ModelComponents, device: Any, dtype: Any) -> None:
