@@ -1,4 +1,4 @@
-"""The `daguerre` command: generate, manifest, serve, demo.
+"""The `daguerre` command: generate, manifest, serve, inspect, demo.
 
 Heavy imports (torch, ray, diffusers) happen inside the commands that need them, so
 `daguerre --help` and input errors answer at once.
@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     man.add_argument("--height", type=int)
     man.add_argument("--scheduler", choices=SCHEDULERS)
     man.add_argument("--negative-prompt")
+
+    ins = sub.add_parser(
+        "inspect", help="summarise an output prefix from its metadata: counts, errors, speed"
+    )
+    ins.add_argument("output", help="output prefix (folder or s3://...)")
+    ins.add_argument("--config", type=Path, help="job YAML whose storage: settings to use")
+    ins.add_argument("--json", action="store_true", help="print the report as JSON")
 
     srv = sub.add_parser(
         "serve", help="serve the OpenAI-compatible images API and the native API over HTTP"
@@ -170,6 +177,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from daguerre.pipeline.report import inspect_output, print_report
+
+    storage = load_yaml(args.config, JobConfig).storage if args.config else None
+    report = inspect_output(args.output, storage)
+    if args.json:
+        print(report.to_json())
+    else:
+        print_report(report)
+    return 0
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     from daguerre.pipeline.manifest import build_manifest, write_manifest
 
@@ -246,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         "generate": cmd_generate,
         "manifest": cmd_manifest,
         "serve": cmd_serve,
+        "inspect": cmd_inspect,
         "demo": cmd_demo,
     }
     try:

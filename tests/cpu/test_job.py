@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -228,3 +229,17 @@ def test_cli_demo(tmp_path):
     assert sorted(errors.column("id").to_pylist()) == ["demo-bad-prompt", "demo-bad-size"]
     assert (tmp_path / "demo-manifest.parquet").is_file()
     assert "generated" in result.stdout and "images:" in result.stdout
+
+
+def test_cli_inspect_reads_the_metadata(job, tmp_path):
+    result = cli("inspect", str(job["out"]), "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["images"] == len(VALID) and report["duplicate_rows"] == 0
+    assert report["errors"] == len(BAD) + 1  # "dup" twice with one reason: one distinct error
+    assert report["errors_by_stage"] == {"validate": len(BAD) + 1}
+    assert len(report["models"]) == 1 and next(iter(report["models"])).startswith("tiny (sha256:")
+    table = cli("inspect", str(job["out"]), cwd=tmp_path)
+    assert "images" in table.stdout and "errors by reason" in table.stdout
+    missing = cli("inspect", str(tmp_path / "nope"), cwd=tmp_path)
+    assert missing.returncode == 2 and "no such file or prefix" in missing.stderr

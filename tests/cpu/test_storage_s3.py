@@ -81,6 +81,13 @@ def test_job_reads_and_writes_s3(s3_server, ray_session):
     again = run_job(manifest, out, config, progress=False)
     assert again.generated == 0 and again.skipped_done == 5
 
+    from daguerre.pipeline.report import inspect_output
+
+    report = inspect_output(out, config.storage)
+    assert (report.images, report.duplicate_rows, report.errors) == (5, 0, 1)
+    assert list(report.models) == [f"tiny ({table.column('weights_hash')[0].as_py()[:19]})"]
+    assert report.nodes == 1 and report.stage_s["denoise_s"] > 0
+
 
 def test_wrong_credentials_fail_before_any_actor_without_the_secret(s3_server, ray_session):
     from daguerre.pipeline.job import run_job
