@@ -2,7 +2,7 @@
 
 Run as a script by tests/cpu/test_faults.py (a process of its own, so its cluster never
 meets the test session's Ray). S3 comes from the standard AWS environment variables.
-Prints one JSON line: what was killed and the job summary.
+Prints one line `RESULT <json>`: what was killed and the job summary.
 
     python tests/cpu/cluster_job.py MANIFEST OUT
 """
@@ -28,7 +28,7 @@ def main(manifest: str, out: str) -> int:
 
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "_temp_dir": tempfile.mkdtemp(prefix="rc", dir="/tmp")},
+        head_node_args={"num_cpus": 1, "temp_dir": tempfile.mkdtemp(prefix="rc", dir="/tmp")},
     )
     workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
     cluster.wait_for_nodes()
@@ -65,13 +65,13 @@ def main(manifest: str, out: str) -> int:
             killed = {"node_id": victim.node_id, "images_before_kill": done_before}
     thread.join(timeout=600)
     summary = result.get("summary")
-    print(json.dumps({
+    print("RESULT " + json.dumps({
         "killed": killed,
         "nodes_with_images": sorted(set(
             storage.read_table(METADATA, columns=["node_id"]).column("node_id").to_pylist()
         )),
         "summary": None if summary is None else json.loads(summary.to_json()),
-    }))  # fmt: skip
+    }), flush=True)  # fmt: skip
     ray.shutdown()
     cluster.shutdown()
     return 0 if summary is not None else 1

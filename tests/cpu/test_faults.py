@@ -70,9 +70,12 @@ def test_worker_node_killed_mid_job(s3_server):
         env=env, capture_output=True, text=True, timeout=540,
     )  # fmt: skip
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, (result.stdout + result.stderr)[-4000:]
+    report = json.loads(lines[-1].removeprefix("RESULT "))
     assert report["killed"] is not None, "no worker node was killed mid-job"
     assert report["killed"]["images_before_kill"] < 40
+    assert len(report["nodes_with_images"]) >= 2  # the actor pool spanned both worker nodes
     summary = report["summary"]
     assert summary["generated"] + report["killed"]["images_before_kill"] >= 40
     assert summary["errors"] == 2
