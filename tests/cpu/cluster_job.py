@@ -1,4 +1,5 @@
-"""A job on a 3-node `ray.cluster_utils.Cluster` with one worker node killed mid-job.
+"""`daguerre generate --address` on a 3-node `ray.cluster_utils.Cluster`, one worker node
+killed mid-job.
 
 Run as a script by tests/cpu/test_faults.py (a process of its own, so its cluster never
 meets the test session's Ray). S3 comes from the standard AWS environment variables.
@@ -11,18 +12,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
-import threading
 import time
+from pathlib import Path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def main(manifest: str, out: str) -> int:
     import ray
-    from daguerre.pipeline.config import EngineConfig, JobConfig
-    from daguerre.pipeline.job import run_job
     from daguerre.pipeline.storage import METADATA, Storage
     from ray.cluster_utils import Cluster
 
@@ -34,25 +34,26 @@ def main(manifest: str, out: str) -> int:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
 
-    config = JobConfig(
-        engine=EngineConfig(model="tiny", device="cpu", torch_threads=1),
-        batch_size=2,
-        min_actors=2,
-        max_actors=2,
-        actor_num_cpus=1.5,  # at most one engine actor per worker node: the pool spans both
-        wait_for_min_actors_s=120,
+    # The job as a user runs it against an existing cluster: `daguerre generate --address`.
+    job_yaml = Path(tempfile.mkdtemp(prefix="job")) / "job.yaml"
+    job_yaml.write_text(
+        "batch_size: 2\nmin_actors: 2\nmax_actors: 2\n"
+        "actor_num_cpus: 1.5  # at most one engine actor per worker node: the pool spans both\n"
+        "wait_for_min_actors_s: 120\n"
+        "engine: {model: tiny, device: cpu, torch_threads: 1}\n"
     )
-    result: dict = {}
-    thread = threading.Thread(
-        target=lambda: result.update(summary=run_job(manifest, out, config, progress=False))
-    )
-    thread.start()
+    exe = Path(sys.executable).with_name("daguerre")
+    driver = subprocess.Popen(
+        [str(exe), "generate", manifest, "--out", out, "--config", str(job_yaml),
+         "--address", cluster.address, "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
 
     # Kill a worker node that has written images, as soon as some have been written.
     storage = Storage(out)
     killed = None
     deadline = time.time() + 240
-    while killed is None and thread.is_alive() and time.time() < deadline:
+    while killed is None and driver.poll() is None and time.time() < deadline:
         time.sleep(0.5)
         table = storage.read_table(METADATA, columns=["node_id"])
         if table is None or table.num_rows < 4:
@@ -63,14 +64,16 @@ def main(manifest: str, out: str) -> int:
             done_before = table.num_rows
             cluster.remove_node(victim, allow_graceful=False)
             killed = {"node_id": victim.node_id, "images_before_kill": done_before}
-    thread.join(timeout=600)
-    summary = result.get("summary")
+    output, _ = driver.communicate(timeout=600)
+    runs = sorted(storage.fs.find(storage.path("runs")))
+    summary = json.loads(storage.fs.cat_file(runs[-1])) if driver.returncode == 0 else None
     print("RESULT " + json.dumps({
         "killed": killed,
         "nodes_with_images": sorted(set(
             storage.read_table(METADATA, columns=["node_id"]).column("node_id").to_pylist()
         )),
-        "summary": None if summary is None else json.loads(summary.to_json()),
+        "summary": summary,
+        "driver_output_tail": output[-3000:],
     }), flush=True)  # fmt: skip
     ray.shutdown()
     cluster.shutdown()
