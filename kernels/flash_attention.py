@@ -58,7 +58,7 @@ def unsupported(q: Any, k: Any, v: Any) -> str | None:
 
 @triton.jit
 def _attention_fwd(
-    Q, K, V, O, sm_scale,
+    Q, K, V, Out, sm_scale,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -79,10 +79,12 @@ def _attention_fwd(
     q_ptr = Q + b * stride_qb + h * stride_qh
     k_ptr = K + b * stride_kb + h * stride_kh
     v_ptr = V + b * stride_vb + h * stride_vh
-    o_ptr = O + b * stride_ob + h * stride_oh
+    o_ptr = Out + b * stride_ob + h * stride_oh
 
     # The query block stays in registers: [BM, DA] (+ [BM, DB]).
-    q_a = tl.load(q_ptr + rows[:, None] * stride_qm + da[None, :] * stride_qd, mask=row_ok, other=0.0)
+    q_a = tl.load(
+        q_ptr + rows[:, None] * stride_qm + da[None, :] * stride_qd, mask=row_ok, other=0.0
+    )
     acc_a = tl.zeros([BLOCK_M, DA], dtype=tl.float32)
     if DB > 0:
         db = DA + tl.arange(0, DB)
@@ -125,11 +127,11 @@ def _attention_fwd(
 
     out_a = acc_a / l_i[:, None]
     tl.store(o_ptr + rows[:, None] * stride_om + da[None, :] * stride_od,
-             out_a.to(O.dtype.element_ty), mask=row_ok)  # fmt: skip
+             out_a.to(Out.dtype.element_ty), mask=row_ok)  # fmt: skip
     if DB > 0:
         out_b = acc_b / l_i[:, None]
         tl.store(o_ptr + rows[:, None] * stride_om + db[None, :] * stride_od,
-                 out_b.to(O.dtype.element_ty), mask=row_ok & db_ok[None, :])  # fmt: skip
+                 out_b.to(Out.dtype.element_ty), mask=row_ok & db_ok[None, :])  # fmt: skip
 
 
 def flash_attention(q: Any, k: Any, v: Any, sm_scale: float | None = None) -> Any:
