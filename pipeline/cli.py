@@ -36,6 +36,11 @@ def _job_args(p: argparse.ArgumentParser) -> None:
         "--actors", type=_actors, metavar="MIN:MAX", help="engine actor pool size, e.g. 1:4"
     )
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument(
+        "--attention-backend",
+        choices=("sdpa", "xformers", "triton", "auto"),
+        help="attention inside the UNet (default sdpa)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
 
 
@@ -91,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="HTTP port (default 8000)")
     srv.add_argument("--host", help="address to bind (default 127.0.0.1)")
     srv.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    srv.add_argument(
+        "--attention-backend",
+        choices=("sdpa", "xformers", "triton", "auto"),
+        help="attention inside every model's UNet",
+    )
 
     demo = sub.add_parser(
         "demo", help="generate the demo manifest with the tiny model on a local Ray"
@@ -107,6 +117,8 @@ def job_config(args: argparse.Namespace) -> JobConfig:
     overrides: dict[str, Any] = {}
     if args.model:
         overrides.setdefault("engine", {})["model"] = args.model
+    if args.attention_backend:
+        overrides.setdefault("engine", {})["attention_backend"] = args.attention_backend
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     if args.actors:
@@ -140,6 +152,10 @@ def serve_config(args: argparse.Namespace) -> Any:
         config = load_yaml(args.config, ServeConfig, overrides)
     else:
         config = validate_config(ServeConfig, overrides, source="flags")
+    if args.attention_backend:
+        for i, m in enumerate(config.models):
+            engine = m.engine.model_copy(update={"attention_backend": args.attention_backend})
+            config.models[i] = m.model_copy(update={"engine": engine})
     if args.model:  # replaces the first model's weights, keeping its serving settings
         first = config.models[0]
         engine = first.engine.model_copy(update={"model": args.model})

@@ -54,8 +54,10 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="'auto' is float16 on CUDA and float32 on CPU."
     )
-    attention_backend: Literal["sdpa"] = Field(
-        "sdpa", description="Attention implementation inside the UNet (more arrive with kernels/)."
+    attention_backend: Literal["sdpa", "xformers", "triton", "auto"] = Field(
+        "sdpa",
+        description="Attention inside the UNet (kernels/attention.py); an unavailable one falls "
+        "back to sdpa with a warning. DAGUERRE_ATTENTION_BACKEND overrides it.",
     )
     unet_backend: Literal["eager"] = Field(
         "eager", description="How the UNet runs (compiled backends arrive with kernels/)."

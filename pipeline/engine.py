@@ -95,6 +95,9 @@ class DiffusionEngine:
         self.model = components or load_model(
             self.config.model, device=self.device, dtype=self.dtype, storage_config=storage_config
         )
+        from daguerre.kernels.attention import install
+
+        self.attention = install(self.model.unet, self.config.attention_backend, self.device.type)
         self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
             OrderedDict()
         )
@@ -107,7 +110,7 @@ class DiffusionEngine:
         return {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "attention": self.config.attention_backend,
+            "attention": self.attention.backend.value,
             "unet": self.config.unet_backend,
         }
 
