@@ -41,6 +41,11 @@ def _job_args(p: argparse.ArgumentParser) -> None:
         choices=("sdpa", "xformers", "triton", "auto"),
         help="attention inside the UNet (default sdpa)",
     )
+    p.add_argument(
+        "--unet-backend",
+        choices=("eager", "compile", "onnxruntime", "tensorrt"),
+        help="how the UNet runs (default eager)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
 
 
@@ -101,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("sdpa", "xformers", "triton", "auto"),
         help="attention inside every model's UNet",
     )
+    srv.add_argument(
+        "--unet-backend",
+        choices=("eager", "compile", "onnxruntime", "tensorrt"),
+        help="how every model's UNet runs",
+    )
 
     demo = sub.add_parser(
         "demo", help="generate the demo manifest with the tiny model on a local Ray"
@@ -119,6 +129,8 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         overrides.setdefault("engine", {})["model"] = args.model
     if args.attention_backend:
         overrides.setdefault("engine", {})["attention_backend"] = args.attention_backend
+    if args.unet_backend:
+        overrides.setdefault("engine", {})["unet_backend"] = args.unet_backend
     if args.batch_size is not None:
         overrides["batch_size"] = args.batch_size
     if args.actors:
@@ -152,9 +164,11 @@ def serve_config(args: argparse.Namespace) -> Any:
         config = load_yaml(args.config, ServeConfig, overrides)
     else:
         config = validate_config(ServeConfig, overrides, source="flags")
-    if args.attention_backend:
+    backends = {"attention_backend": args.attention_backend, "unet_backend": args.unet_backend}
+    backends = {k: v for k, v in backends.items() if v}
+    if backends:
         for i, m in enumerate(config.models):
-            engine = m.engine.model_copy(update={"attention_backend": args.attention_backend})
+            engine = m.engine.model_copy(update=backends)
             config.models[i] = m.model_copy(update={"engine": engine})
     if args.model:  # replaces the first model's weights, keeping its serving settings
         first = config.models[0]

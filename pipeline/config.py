@@ -59,8 +59,10 @@ class EngineConfig(BaseModel):
         description="Attention inside the UNet (kernels/attention.py); an unavailable one falls "
         "back to sdpa with a warning. DAGUERRE_ATTENTION_BACKEND overrides it.",
     )
-    unet_backend: Literal["eager"] = Field(
-        "eager", description="How the UNet runs (compiled backends arrive with kernels/)."
+    unet_backend: Literal["eager", "compile", "onnxruntime", "tensorrt"] = Field(
+        "eager",
+        description="How the UNet runs (kernels/compile.py): eager torch, torch.compile, ONNX "
+        "Runtime or TensorRT; compiled graphs are cached under $DAGUERRE_CACHE.",
     )
     max_batch_size: int = Field(
         8, ge=1, description="Most images denoised together in one UNet call (before CFG doubling)."

@@ -96,8 +96,15 @@ class DiffusionEngine:
             self.config.model, device=self.device, dtype=self.dtype, storage_config=storage_config
         )
         from daguerre.kernels.attention import install
+        from daguerre.kernels.compile import make_runner
 
         self.attention = install(self.model.unet, self.config.attention_backend, self.device.type)
+        self.unet = make_runner(
+            self.model.unet,
+            self.config.unet_backend,
+            self.model.weights_hash,
+            batch_sizes=(1, self.config.max_batch_size),
+        )
         self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
             OrderedDict()
         )
@@ -111,7 +118,7 @@ class DiffusionEngine:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.attention.backend.value,
-            "unet": self.config.unet_backend,
+            "unet": self.unet.backend.value,
         }
 
     def resolve_size(self, request: ImageRequest) -> tuple[int, int]:
@@ -182,9 +189,7 @@ class DiffusionEngine:
             latent_in = scheduler.scale_model_input(
                 torch.cat([latents, latents]), t
             )  # [2B, 4, h, w]
-            noise = model.unet(
-                latent_in, t, encoder_hidden_states=text_embeds, added_cond_kwargs=added_cond
-            ).sample
+            noise = self.unet(latent_in, t, text_embeds, added_cond)
             noise_uncond, noise_cond = noise.chunk(2)
             noise = noise_uncond + guidance * (noise_cond - noise_uncond)
             # Ancestral samplers draw fresh noise per step: each request from its own generator.

@@ -1,0 +1,434 @@
+"""How the UNet runs: one interface over eager torch, torch.compile, ONNX Runtime and TensorRT.
+
+    eager        the diffusers module as is
+    compile      torch.compile (max-autotune with CUDA graphs on GPU; default mode on CPU)
+    onnxruntime  exported once per model and latent shape (dynamo exporter, opset 18, dynamic
+                 batch), cached on disk by weights hash + shapes, run by ONNX Runtime (CUDA
+                 execution provider on GPU, CPU otherwise)
+    tensorrt     the same ONNX built into a TensorRT engine: fp16, one optimisation profile
+                 over the configured batch sizes (x2 for classifier-free guidance), a timing
+                 cache, engines cached by weights hash + shapes + profile + TensorRT version +
+                 GPU arch. Lifecycle as in TensorRT's demo: export -> build -> load ->
+                 allocate -> infer.
+
+Every runner is called like the engine calls the UNet and returns the noise prediction:
+`runner(sample, timestep, encoder_hidden_states, added_cond_kwargs) -> Tensor`. Graphs are
+specialised to a latent size (a request bucket), made on first use or ahead of time with
+`daguerre compile`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import uuid
+from dataclasses import asdict, dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+ONNX_OPSET = 18  # opset 17 from the dynamo exporter gives graphs onnxruntime rejects
+
+
+class UNetBackend(str, Enum):
+    eager = "eager"
+    compile = "compile"
+    onnxruntime = "onnxruntime"
+    tensorrt = "tensorrt"
+
+
+UNET_BACKENDS = tuple(b.value for b in UNetBackend)
+
+
+@dataclass(frozen=True)
+class UNetSignature:
+    """What an exported graph is specialised to (batch stays dynamic)."""
+
+    in_channels: int
+    latent_height: int
+    latent_width: int
+    text_len: int
+    text_dim: int
+    pooled_dim: int | None  # SDXL: pooled text embedding width
+    time_ids: int | None  # SDXL: micro-conditioning values
+    dtype: str
+
+    @property
+    def input_names(self) -> list[str]:
+        names = ["sample", "timestep", "encoder_hidden_states"]
+        return names + (["text_embeds", "time_ids"] if self.pooled_dim else [])
+
+
+def signature_for(unet: Any, latent_height: int, latent_width: int, dtype: Any) -> UNetSignature:
+    """The signature of `unet` at one latent size."""
+    config = unet.config
+    sdxl = config.get("addition_embed_type") == "text_time"
+    pooled = None
+    if sdxl:
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    return UNetSignature(
+        in_channels=config.in_channels,
+        latent_height=latent_height,
+        latent_width=latent_width,
+        text_len=77,
+        text_dim=config.cross_attention_dim,
+        pooled_dim=pooled,
+        time_ids=6 if sdxl else None,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+
+
+def cache_key(weights_hash: str, signature: UNetSignature, **extra: Any) -> str:
+    """A digest naming one compiled artefact: the same inputs always give the same key."""
+    import torch
+
+    fields = {"weights": weights_hash, "signature": asdict(signature), "torch": torch.__version__,
+              "opset": ONNX_OPSET, **extra}  # fmt: skip
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def cache_root() -> Path:
+    """$DAGUERRE_CACHE (default ~/.cache/daguerre): compiled artefacts live under it."""
+    return Path(os.environ.get("DAGUERRE_CACHE") or Path.home() / ".cache" / "daguerre")
+
+
+# -- runners ---------------------------------------------------------------------------------
+
+
+class UNetRunner:
+    """Runs one UNet; subclasses change how."""
+
+    backend = UNetBackend.eager
+
+    def __init__(self, unet: Any, weights_hash: str = "", batch_sizes: tuple[int, ...] = (1,)):
+        self.unet = unet
+        self.weights_hash = weights_hash
+        self.batch_sizes = batch_sizes
+
+    def __call__(self, sample: Any, timestep: Any, encoder_hidden_states: Any,
+                 added_cond_kwargs: dict | None = None) -> Any:  # fmt: skip
+        return self.unet(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs=added_cond_kwargs,
+        ).sample  # fmt: skip
+
+    def prepare(self, latent_height: int, latent_width: int) -> list[Path]:
+        """Build (or find in the cache) what this latent size needs; return the files."""
+        return []
+
+
+class TorchCompileUNet(UNetRunner):
+    backend = UNetBackend.compile
+
+    def __init__(self, unet: Any, weights_hash: str = "", batch_sizes: tuple[int, ...] = (1,)):
+        import torch
+
+        super().__init__(unet, weights_hash, batch_sizes)
+        cuda = next(unet.parameters()).is_cuda
+        # max-autotune on GPU includes CUDA graphs, recorded once per input shape (batch
+        # bucket); on CPU the default mode (autotuning there costs minutes for little).
+        self.compiled = torch.compile(unet, mode="max-autotune" if cuda else None, dynamic=False)
+
+    def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+        return self.compiled(
+            sample, timestep, encoder_hidden_states=encoder_hidden_states,
+            added_cond_kwargs=added_cond_kwargs,
+        ).sample  # fmt: skip
+
+
+def _export_module(unet: Any, sdxl: bool) -> Any:
+    """A plain-tensor forward for export: (sample, timestep, text[, pooled, time_ids]) -> noise."""
+    import torch
+
+    class SD(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.unet = unet
+
+        def forward(self, sample, timestep, encoder_hidden_states):
+            return self.unet(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
+
+    class SDXL(SD):
+        def forward(self, sample, timestep, encoder_hidden_states, text_embeds, time_ids):
+            added = {"text_embeds": text_embeds, "time_ids": time_ids}
+            return self.unet(
+                sample, timestep, encoder_hidden_states=encoder_hidden_states,
+                added_cond_kwargs=added,
+            ).sample  # fmt: skip
+
+    return (SDXL if sdxl else SD)().eval()
+
+
+def export_onnx(unet: Any, signature: UNetSignature, path: Path) -> Path:
+    """Export `unet` at `signature` to ONNX (dynamic batch) at `path`, atomically."""
+    import torch
+
+    param = next(unet.parameters())
+    device, dtype = param.device, param.dtype
+    sdxl = signature.pooled_dim is not None
+    b = 2
+    inputs = [
+        torch.randn(b, signature.in_channels, signature.latent_height, signature.latent_width,
+                    device=device, dtype=dtype),
+        torch.tensor(999.0, device=device),
+        torch.randn(b, signature.text_len, signature.text_dim, device=device, dtype=dtype),
+    ]  # fmt: skip
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    dynamic: dict[str, Any] = {"sample": {0: batch}, "timestep": None,
+                               "encoder_hidden_states": {0: batch}}  # fmt: skip
+    if sdxl:
+        inputs += [torch.randn(b, signature.pooled_dim, device=device, dtype=dtype),
+                   torch.randn(b, signature.time_ids, device=device, dtype=dtype)]  # fmt: skip
+        dynamic.update(text_embeds={0: batch}, time_ids={0: batch})
+    tmp = path.parent.with_name(f".{path.parent.name}.{uuid.uuid4().hex}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                _export_module(unet, sdxl), tuple(inputs), dynamo=True, opset_version=ONNX_OPSET,
+                input_names=signature.input_names, output_names=["noise"],
+                dynamic_shapes=dynamic,
+            )  # fmt: skip
+        program.save(str(tmp / path.name), external_data=True)  # > 2 GB models need it
+        path.parent.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(path.parent)
+        except OSError:  # another process exported the same graph first
+            if not path.is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def onnx_path(unet: Any, weights_hash: str, signature: UNetSignature) -> Path:
+    """The cached ONNX file for this model and signature (exported when missing)."""
+    path = cache_root() / "onnx" / cache_key(weights_hash, signature) / "unet.onnx"
+    if not path.is_file():
+        export_onnx(unet, signature, path)
+    return path
+
+
+class OnnxRuntimeUNet(UNetRunner):
+    backend = UNetBackend.onnxruntime
+
+    def __init__(self, unet: Any, weights_hash: str = "", batch_sizes: tuple[int, ...] = (1,)):
+        super().__init__(unet, weights_hash, batch_sizes)
+        param = next(unet.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.sessions: dict[UNetSignature, Any] = {}
+
+    def prepare(self, latent_height: int, latent_width: int) -> list[Path]:
+        signature = signature_for(self.unet, latent_height, latent_width, self.dtype)
+        self._session(signature)
+        return [onnx_path(self.unet, self.weights_hash, signature)]
+
+    def _session(self, signature: UNetSignature) -> Any:
+        if signature not in self.sessions:
+            import onnxruntime as ort
+            import torch
+
+            path = onnx_path(self.unet, self.weights_hash, signature)
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.intra_op_num_threads = torch.get_num_threads()
+            providers = ["CPUExecutionProvider"]
+            if self.device.type == "cuda":
+                providers.insert(
+                    0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0})
+                )
+            self.sessions[signature] = ort.InferenceSession(str(path), options, providers=providers)
+        return self.sessions[signature]
+
+    def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+        import torch
+
+        signature = signature_for(self.unet, sample.shape[2], sample.shape[3], self.dtype)
+        session = self._session(signature)
+        inputs = [sample, timestep.float().reshape(()), encoder_hidden_states]
+        if signature.pooled_dim is not None:
+            inputs += [added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]]
+        if self.device.type != "cuda":
+            feeds = {
+                n: t.detach().cpu().numpy()
+                for n, t in zip(signature.input_names, inputs, strict=True)
+            }
+            return torch.from_numpy(session.run(["noise"], feeds)[0])
+        # On the GPU: bind torch's buffers directly, no copies through the host.
+        binding = session.io_binding()
+        for name, tensor in zip(signature.input_names, inputs, strict=True):
+            tensor = tensor.contiguous()
+            binding.bind_input(name, "cuda", self.device.index or 0, _np_dtype(tensor.dtype),
+                               tuple(tensor.shape), tensor.data_ptr())  # fmt: skip
+        out = torch.empty_like(sample)
+        binding.bind_output("noise", "cuda", self.device.index or 0, _np_dtype(out.dtype),
+                            tuple(out.shape), out.data_ptr())  # fmt: skip
+        session.run_with_iobinding(binding)
+        return out
+
+
+def _np_dtype(dtype: Any) -> Any:
+    import numpy as np
+    import torch
+
+    return {torch.float16: np.float16, torch.float32: np.float32}[dtype]
+
+
+# -- TensorRT ---------------------------------------------------------------------------------
+
+
+def trt_profile(signature: UNetSignature, batch_sizes: tuple[int, ...]) -> dict[str, tuple]:
+    """Optimisation profile per input: (min, opt, max) shapes, batch doubled for CFG."""
+    low, high = 2 * min(batch_sizes), 2 * max(batch_sizes)
+    h, w = signature.latent_height, signature.latent_width
+
+    def shapes(*rest: int) -> tuple:
+        return ((low, *rest), (high, *rest), (high, *rest))
+
+    profile = {
+        "sample": shapes(signature.in_channels, h, w),
+        "timestep": ((), (), ()),
+        "encoder_hidden_states": shapes(signature.text_len, signature.text_dim),
+    }
+    if signature.pooled_dim is not None:
+        profile["text_embeds"] = shapes(signature.pooled_dim)
+        profile["time_ids"] = shapes(signature.time_ids)
+    return profile
+
+
+def trt_engine_key(weights_hash: str, signature: UNetSignature, batch_sizes: tuple[int, ...],
+                   trt_version: str, gpu_arch: str) -> str:  # fmt: skip
+    """The cache key of a TensorRT engine: model, shapes, profile, TensorRT version, GPU arch."""
+    profile = {k: [list(s) for s in v] for k, v in trt_profile(signature, batch_sizes).items()}
+    return cache_key(weights_hash, signature, profile=profile, tensorrt=trt_version, arch=gpu_arch)
+
+
+class TensorRTUNet(UNetRunner):
+    """ONNX -> TensorRT engine (fp16, one profile) -> execution context per latent size."""
+
+    backend = UNetBackend.tensorrt
+
+    def __init__(self, unet: Any, weights_hash: str = "", batch_sizes: tuple[int, ...] = (1,)):
+        reason = tensorrt_unavailable()
+        if reason:
+            raise RuntimeError(f"unet_backend tensorrt: {reason}")
+        import tensorrt as trt
+        import torch
+
+        super().__init__(unet, weights_hash, batch_sizes)
+        param = next(unet.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self.logger)
+        major, minor = torch.cuda.get_device_capability(self.device)
+        self.arch = f"sm_{major}{minor}"
+        self.engines: dict[UNetSignature, tuple[Any, Any]] = {}  # engine, context
+
+    def engine_path(self, signature: UNetSignature) -> Path:
+        import tensorrt as trt
+
+        key = trt_engine_key(
+            self.weights_hash, signature, self.batch_sizes, trt.__version__, self.arch
+        )
+        return cache_root() / "tensorrt" / key / "unet.plan"
+
+    def prepare(self, latent_height: int, latent_width: int) -> list[Path]:
+        signature = signature_for(self.unet, latent_height, latent_width, self.dtype)
+        self._context(signature)
+        return [self.engine_path(signature)]
+
+    def build(self, signature: UNetSignature, onnx_file: Path, plan: Path) -> None:
+        """Build the engine for `signature` from ONNX into `plan` (with a shared timing cache)."""
+        import tensorrt as trt
+
+        builder = trt.Builder(self.logger)
+        network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+        parser = trt.OnnxParser(network, self.logger)
+        if not parser.parse_from_file(str(onnx_file)):
+            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT could not parse {onnx_file}: {errors}")
+        config = builder.create_builder_config()
+        config.set_flag(trt.BuilderFlag.FP16)
+        timing_file = cache_root() / "tensorrt" / f"timing-{self.arch}.cache"
+        timing = config.create_timing_cache(
+            timing_file.read_bytes() if timing_file.is_file() else b""
+        )
+        config.set_timing_cache(timing, ignore_mismatch=False)
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in trt_profile(signature, self.batch_sizes).items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+        serialized = builder.build_serialized_network(network, config)
+        if serialized is None:
+            raise RuntimeError(f"TensorRT failed to build an engine for {signature}")
+        plan.parent.mkdir(parents=True, exist_ok=True)
+        tmp = plan.with_name(f".{plan.name}.{uuid.uuid4().hex}.tmp")
+        tmp.write_bytes(bytes(serialized))
+        tmp.replace(plan)
+        timing_file.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+    def _context(self, signature: UNetSignature) -> tuple[Any, Any]:
+        if signature not in self.engines:
+            plan = self.engine_path(signature)
+            if not plan.is_file():
+                self.build(signature, onnx_path(self.unet, self.weights_hash, signature), plan)
+            engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
+            self.engines[signature] = (engine, engine.create_execution_context())
+        return self.engines[signature]
+
+    def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
+        import torch
+
+        signature = signature_for(self.unet, sample.shape[2], sample.shape[3], self.dtype)
+        _, context = self._context(signature)
+        inputs = [sample, timestep.float().reshape(()), encoder_hidden_states]
+        if signature.pooled_dim is not None:
+            inputs += [added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]]
+        inputs = [t.contiguous() for t in inputs]  # kept alive until the stream is done
+        for name, tensor in zip(signature.input_names, inputs, strict=True):
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+        out = torch.empty_like(sample)
+        context.set_tensor_address("noise", out.data_ptr())
+        stream = torch.cuda.current_stream(self.device)
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise RuntimeError("TensorRT execution failed")
+        return out
+
+
+def tensorrt_unavailable() -> str | None:
+    """Why the TensorRT backend cannot run here (None when it can)."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return "tensorrt is not installed (pip install 'daguerre[gpu]' on a CUDA machine)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "TensorRT needs a CUDA GPU"
+    return None
+
+
+RUNNERS: dict[UNetBackend, type[UNetRunner]] = {
+    UNetBackend.eager: UNetRunner,
+    UNetBackend.compile: TorchCompileUNet,
+    UNetBackend.onnxruntime: OnnxRuntimeUNet,
+    UNetBackend.tensorrt: TensorRTUNet,
+}
+
+
+def make_runner(unet: Any, backend: str, weights_hash: str,
+                batch_sizes: tuple[int, ...] = (1,)) -> UNetRunner:  # fmt: skip
+    """The runner for `backend` (a UNetBackend value); errors name the backend and the reason."""
+    try:
+        kind = UNetBackend(backend)
+    except ValueError:
+        raise ValueError(
+            f"unet_backend: {backend!r} is not valid; use one of {', '.join(UNET_BACKENDS)}"
+        ) from None
+    if kind is UNetBackend.onnxruntime and importlib.util.find_spec("onnxruntime") is None:
+        raise RuntimeError(
+            "unet_backend onnxruntime: install the onnx extra (pip install 'daguerre[onnx]')"
+        )
+    return RUNNERS[kind](unet, weights_hash, batch_sizes)
