@@ -33,6 +33,10 @@ from typing import Any
 ONNX_OPSET = 18  # opset 17 from the dynamo exporter gives graphs onnxruntime rejects
 
 
+class BackendUnavailable(RuntimeError):
+    """A UNet backend that cannot run in this process; the message says why."""
+
+
 class UNetBackend(str, Enum):
     eager = "eager"
     compile = "compile"
@@ -314,7 +318,7 @@ class TensorRTUNet(UNetRunner):
     def __init__(self, unet: Any, weights_hash: str = "", batch_sizes: tuple[int, ...] = (1,)):
         reason = tensorrt_unavailable()
         if reason:
-            raise RuntimeError(f"unet_backend tensorrt: {reason}")
+            raise BackendUnavailable(f"unet_backend tensorrt: {reason}")
         import tensorrt as trt
         import torch
 

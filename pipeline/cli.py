@@ -1,4 +1,4 @@
-"""The `daguerre` command: generate, manifest, serve, inspect, demo.
+"""The `daguerre` command: generate, manifest, serve, inspect, compile, demo.
 
 Heavy imports (torch, ray, diffusers) happen inside the commands that need them, so
 `daguerre --help` and input errors answer at once.
@@ -88,6 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("output", help="output prefix (folder or s3://...)")
     ins.add_argument("--config", type=Path, help="job YAML whose storage: settings to use")
     ins.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    comp = sub.add_parser(
+        "compile", help="prebuild and cache a compiled UNet (ONNX / TensorRT) for sizes and batches"
+    )
+    comp.add_argument("--model", default="tiny", help="preset or diffusers folder (or s3://)")
+    comp.add_argument("--backend", required=True, choices=("onnxruntime", "tensorrt"))
+    comp.add_argument(
+        "--batch-sizes", default="1,2,4,8", help="engine batch sizes to cover, e.g. 1,2,4,8"
+    )
+    comp.add_argument("--sizes", help="image sizes WxH,... (default: the model's native size)")
+    comp.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    comp.add_argument("--dtype", default="auto", choices=("auto", "float16", "float32"))
 
     srv = sub.add_parser(
         "serve", help="serve the OpenAI-compatible images API and the native API over HTTP"
@@ -207,6 +219,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from daguerre.pipeline.config import EngineConfig
+
+    try:
+        batches = sorted({int(b) for b in args.batch_sizes.split(",")})
+        sizes = [
+            tuple(int(x) for x in size.lower().split("x"))
+            for size in (args.sizes or "").split(",")
+            if size
+        ]
+    except ValueError:
+        raise ConfigError("--batch-sizes takes N,N,... and --sizes WxH,WxH,...") from None
+    if (
+        not batches
+        or batches[0] < 1
+        or any(len(s) != 2 or min(s) < 8 or s[0] % 8 or s[1] % 8 for s in sizes)
+    ):
+        raise ConfigError("--batch-sizes must be >= 1; --sizes multiples of 8 such as 512x512")
+    config = validate_config(
+        EngineConfig,
+        {
+            "model": args.model,
+            "device": args.device,
+            "dtype": args.dtype,
+            "unet_backend": args.backend,
+            "max_batch_size": batches[-1],
+        },  # fmt: skip
+        source="flags",
+    )
+    from daguerre.pipeline.engine import DiffusionEngine
+
+    engine = DiffusionEngine(config)
+    engine.unet.batch_sizes = (batches[0], batches[-1])
+    factor = engine.model.vae_scale_factor
+    for width, height in sizes or [(engine.model.default_size,) * 2]:
+        for path in engine.unet.prepare(height // factor, width // factor):
+            print(f"{width}x{height} batches {batches[0]}..{batches[-1]}: {path}")
+    return 0
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     from daguerre.pipeline.report import inspect_output, print_report
 
@@ -287,6 +339,7 @@ def print_summary(summary: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from daguerre.kernels.compile import BackendUnavailable
     from daguerre.pipeline.job import ManifestError
     from daguerre.pipeline.manifest import ManifestBuildError
     from daguerre.pipeline.storage import StorageError
@@ -296,11 +349,18 @@ def main(argv: list[str] | None = None) -> int:
         "manifest": cmd_manifest,
         "serve": cmd_serve,
         "inspect": cmd_inspect,
+        "compile": cmd_compile,
         "demo": cmd_demo,
     }
     try:
         return handlers[args.command](args)
-    except (ConfigError, ManifestError, ManifestBuildError, StorageError) as exc:
+    except (
+        ConfigError,
+        ManifestError,
+        ManifestBuildError,
+        StorageError,
+        BackendUnavailable,
+    ) as exc:
         print(f"daguerre: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -194,3 +194,31 @@ def test_torch_compile_matches_eager():
         expected = unet(sample, t, encoder_hidden_states=text).sample
         got = runner(sample, t, text)
     assert rel_l2(got, expected) < 1e-4
+
+
+@needs_ort
+@pytest.mark.timeout(600)
+def test_cli_compile_prebuilds_into_the_cache(cache, tmp_path):
+    import os
+
+    exe = Path(sys.executable).with_name("daguerre")
+    env = {**os.environ, "DAGUERRE_CACHE": str(cache)}
+    args = [str(exe), "compile", "--model", "tiny", "--backend", "onnxruntime",
+            "--batch-sizes", "1,2,4", "--sizes", "64x64,96x64", "--device", "cpu"]  # fmt: skip
+    result = subprocess.run(
+        args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=540
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if "unet.onnx" in line]
+    assert [line.split(":")[0] for line in lines] == ["64x64 batches 1..4", "96x64 batches 1..4"]
+    for line in lines:
+        assert Path(line.split(": ", 1)[1]).is_file()
+    if tensorrt_unavailable() is not None:
+        trt = subprocess.run([*args[:5], "tensorrt"], env=env, cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+        assert trt.returncode == 2
+        assert (
+            trt.stderr.strip()
+            .splitlines()[-1]
+            .startswith("daguerre: error: unet_backend tensorrt:")
+        )
