@@ -1,4 +1,4 @@
-"""The `daguerre` command: generate, manifest, serve, inspect, compile, demo.
+"""The `daguerre` command: generate, manifest, serve, inspect, compile, bench, demo.
 
 Heavy imports (torch, ray, diffusers) happen inside the commands that need them, so
 `daguerre --help` and input errors answer at once.
@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--sizes", help="image sizes WxH,... (default: the model's native size)")
     comp.add_argument("--device", default="auto", help="auto, cpu or cuda")
     comp.add_argument("--dtype", default="auto", choices=("auto", "float16", "float32"))
+
+    sub.add_parser(
+        "bench",
+        add_help=False,
+        help="images/s, MFU and memory of the engine per backend and batch size (--help for more)",
+    )
 
     srv = sub.add_parser(
         "serve", help="serve the OpenAI-compatible images API and the native API over HTTP"
@@ -337,6 +343,15 @@ def print_summary(summary: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: pipeline/bench.py (also benchmarks/throughput.py)
+        from daguerre.pipeline.bench import main as bench_main
+
+        try:
+            return bench_main(argv[1:])
+        except (ConfigError, ValueError) as exc:
+            print(f"daguerre: error: {exc}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     from daguerre.kernels.compile import BackendUnavailable
