@@ -63,3 +63,16 @@ def time_call(
             torch.cuda.synchronize()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples)
+
+
+def write_result(
+    result: dict, json_path: Any, plot: Callable[[dict, Any], None], plot_path: Any = None
+) -> None:
+    """Write `result` as JSON and its plot (default: the JSON's name with .png)."""
+    import json
+
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    plot_path = plot_path or json_path.with_suffix(".png")
+    plot(result, plot_path)
+    print(f"wrote {json_path} and {plot_path}")

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 
-from _common import environment, time_call
+from _common import environment, time_call, write_result
 
 GOAL = 1.3  # Triton vs the best SDPA kernel, head dim 40 at 4096 tokens (GPU)
 
@@ -150,11 +149,7 @@ def main() -> int:
             "repeats": args.repeats,
         },  # fmt: skip
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    plot_path = args.plot or args.json.with_suffix(".png")
-    plot(result, plot_path)
-    print(f"wrote {args.json} and {plot_path}")
+    write_result(result, args.json, plot, args.plot)
     return 0
 
 

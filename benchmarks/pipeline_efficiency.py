@@ -10,11 +10,7 @@ encoding and storage cost. Writes JSON (every condition and number) and a PNG pl
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -109,16 +105,10 @@ def job_run(rows: list[dict], model: str, batch: int, threads: int, workdir: Pat
 
 
 def conditions(args: argparse.Namespace) -> dict:
-    import diffusers
-    import ray
-    import torch
+    from _common import environment
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        **environment(),
         "model": args.model,
         "images": args.images,
         "batch_size": args.batch_size,
@@ -126,13 +116,6 @@ def conditions(args: argparse.Namespace) -> dict:
         "steps": args.steps,
         "torch_threads": args.threads,
         "dtype": "float32",
-        "versions": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "ray": ray.__version__,
-        },
-        "git_commit": commit,
     }
 
 
@@ -201,9 +184,9 @@ def main() -> int:
     print(
         f"ratio:       {result['ratio']:.3f} (steady state {result['ratio_steady'] or 0:.3f}; goal >= 0.90)"
     )
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2))
-    plot(result, args.plot or args.json.with_suffix(".png"))
+    from _common import write_result
+
+    write_result(result, args.json, plot, args.plot)
     return 0
 
 

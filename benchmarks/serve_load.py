@@ -16,13 +16,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-import datetime as dt
-import json
 import os
-import platform
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -177,20 +173,10 @@ def load_level(url: str, clients: int, args: argparse.Namespace) -> dict:
 
 
 def conditions(args: argparse.Namespace) -> dict:
-    import diffusers
-    import ray
-    import torch
+    from _common import environment
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    if torch.cuda.is_available():
-        device = f"cuda: {torch.cuda.get_device_name()}"
-    else:
-        device = f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
+        **environment(),
         "model": args.model,
         "size": f"{args.size}x{args.size}",
         "steps": args.steps,
@@ -199,13 +185,6 @@ def conditions(args: argparse.Namespace) -> dict:
         "torch_threads": args.threads,
         "seconds_per_level": args.seconds,
         "client": "openai python client, closed loop, one thread per client, same machine",
-        "versions": {
-            "python": sys.version.split()[0],
-            "torch": torch.__version__,
-            "diffusers": diffusers.__version__,
-            "ray": ray.__version__,
-        },
-        "git_commit": commit,
     }
 
 
@@ -321,11 +300,9 @@ def main() -> int:
         "levels": levels,
         "conditions": conditions(args),
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    plot_path = args.plot or args.json.with_suffix(".png")
-    plot(result, plot_path)
-    print(f"wrote {args.json} and {plot_path}")
+    from _common import write_result
+
+    write_result(result, args.json, plot, args.plot)
     return 0
 
 

@@ -10,14 +10,13 @@ On a GPU: fp16 on `sd15` at 512x512 by default; on a CPU: fp32 on `small` at 128
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _common import environment, time_call
+from _common import environment, time_call, write_result
 
 
 def measure(args: argparse.Namespace) -> list[dict]:
@@ -130,11 +129,7 @@ def main() -> int:
             "repeats": args.repeats,
         },  # fmt: skip
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=2) + "\n")
-    plot_path = args.plot or args.json.with_suffix(".png")
-    plot(result, plot_path)
-    print(f"wrote {args.json} and {plot_path}")
+    write_result(result, args.json, plot, args.plot)
     return 0
 
 
