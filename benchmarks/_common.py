@@ -2,45 +2,16 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import os
-import platform
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 
 def environment() -> dict[str, Any]:
-    """Date, device, library versions and git commit of this run."""
-    import diffusers
-    import torch
+    """Date, device, versions and git commit of this run (the same as `daguerre bench`'s)."""
+    from daguerre.pipeline.bench import environment
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
-    if torch.cuda.is_available():
-        device = f"cuda: {torch.cuda.get_device_name()}"
-        driver = torch.version.cuda
-    else:
-        device = f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-        driver = None
-    versions = {"python": sys.version.split()[0], "torch": torch.__version__,
-                "diffusers": diffusers.__version__}  # fmt: skip
-    for name in ("ray", "onnxruntime", "triton", "xformers", "tensorrt"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # not installed here
-            pass
-    return {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device,
-        "cuda": driver,
-        "torch_threads": torch.get_num_threads(),
-        "versions": versions,
-        "git_commit": commit,
-    }
+    return environment()
 
 
 def time_call(

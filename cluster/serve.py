@@ -53,6 +53,7 @@ from daguerre.pipeline.config import (
     ServeConfig,
     StorageConfig,
 )
+from daguerre.pipeline.job import first_line
 from daguerre.pipeline.records import Provenance, encode_png, image_record
 from daguerre.pipeline.schema import FieldError, ImageRequest
 from daguerre.pipeline.storage import (
@@ -93,11 +94,6 @@ def _read_token(config: ServeConfig) -> str | None:
             raise ValueError(f"auth_token_file: {config.auth_token_file} is empty")
         return token
     return os.environ.get(config.auth_token_env) or None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # -- engine replicas ----------------------------------------------------------------------
@@ -426,7 +422,7 @@ class ApiIngress:
             logger.exception("generation failed")
             raise ApiError(
                 500,
-                f"generation failed: {type(exc).__name__}: {_first_line(exc)}",
+                f"generation failed: {type(exc).__name__}: {first_line(exc)}",
                 type="server_error",
                 code="generation_failed",
             ) from None

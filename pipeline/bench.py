@@ -32,6 +32,29 @@ def parse_size(text: str) -> tuple[int, int]:
     return width, height
 
 
+def _unet_flops(
+    model: Any, latent_h: int, latent_w: int, batch: int, device: Any, dtype: Any
+) -> float:
+    """FLOPs of one UNet forward of `model` at a latent size and batch."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet = model.unet
+    sample = torch.zeros(
+        batch, unet.config.in_channels, latent_h, latent_w, device=device, dtype=dtype
+    )
+    text = torch.zeros(batch, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
+    added = None
+    if model.is_sdxl:
+        pooled = model.text_encoder_2.config.projection_dim
+        added = {"text_embeds": torch.zeros(batch, pooled, device=device, dtype=dtype),
+                 "time_ids": torch.zeros(batch, 6, device=device, dtype=dtype)}  # fmt: skip
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        unet(sample, torch.tensor(10, device=device), encoder_hidden_states=text,
+             added_cond_kwargs=added)  # fmt: skip
+    return float(counter.get_total_flops())
+
+
 def count_flops(spec: str, model: Any, width: int, height: int, steps: int) -> dict[str, float]:
     """FLOPs of one image: `steps` CFG-doubled UNet forwards plus one VAE decode.
 
@@ -47,30 +70,17 @@ def count_flops(spec: str, model: Any, width: int, height: int, steps: int) -> d
     else:
         param = next(model.unet.parameters())
         device, dtype = param.device, param.dtype
-    unet = model.unet
-    factor = model.vae_scale_factor
-    h, w = height // factor, width // factor
-    sample = torch.zeros(2, unet.config.in_channels, h, w, device=device, dtype=dtype)
-    text = torch.zeros(2, 77, unet.config.cross_attention_dim, device=device, dtype=dtype)
-    added = None
-    if model.is_sdxl:
-        pooled = model.text_encoder_2.config.projection_dim
-        added = {"text_embeds": torch.zeros(2, pooled, device=device, dtype=dtype),
-                 "time_ids": torch.zeros(2, 6, device=device, dtype=dtype)}  # fmt: skip
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as unet_counter:
-            unet(sample, torch.tensor(10, device=device), encoder_hidden_states=text,
-                 added_cond_kwargs=added)  # fmt: skip
-        latents = torch.zeros(1, model.vae.config.latent_channels, h, w, device=device,
-                              dtype=next(model.vae.parameters()).dtype)  # fmt: skip
-        with FlopCounterMode(display=False) as vae_counter:
-            model.vae.decode(latents)
-    unet_flops = unet_counter.get_total_flops()  # one CFG-doubled forward (2 latents)
-    vae_flops = vae_counter.get_total_flops()
+    h, w = height // model.vae_scale_factor, width // model.vae_scale_factor
+    unet_flops = _unet_flops(model, h, w, 2, device, dtype)  # one CFG-doubled forward
+    latents = torch.zeros(1, model.vae.config.latent_channels, h, w, device=device,
+                          dtype=next(model.vae.parameters()).dtype)  # fmt: skip
+    with torch.no_grad(), FlopCounterMode(display=False) as vae_counter:
+        model.vae.decode(latents)
+    vae_flops = float(vae_counter.get_total_flops())
     return {
-        "unet_forward_cfg": float(unet_flops),
-        "vae_decode": float(vae_flops),
-        "per_image": float(steps * unet_flops + vae_flops),
+        "unet_forward_cfg": unet_flops,
+        "vae_decode": vae_flops,
+        "per_image": steps * unet_flops + vae_flops,
     }
 
 
@@ -78,21 +88,9 @@ def unet_forward_flops(spec: str, latent: int, batch: int = 1) -> float:
     """FLOPs of one UNet forward of a preset at a square latent size (meta device)."""
     import torch
     from daguerre.pipeline.models import build_preset, get_preset
-    from torch.utils.flop_counter import FlopCounterMode
 
     model = build_preset(get_preset(spec), meta=True)
-    unet = model.unet
-    sample = torch.zeros(batch, unet.config.in_channels, latent, latent, device="meta")
-    text = torch.zeros(batch, 77, unet.config.cross_attention_dim, device="meta")
-    added = None
-    if model.is_sdxl:
-        pooled = model.text_encoder_2.config.projection_dim
-        added = {"text_embeds": torch.zeros(batch, pooled, device="meta"),
-                 "time_ids": torch.zeros(batch, 6, device="meta")}  # fmt: skip
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        unet(sample, torch.tensor(10, device="meta"), encoder_hidden_states=text,
-             added_cond_kwargs=added)  # fmt: skip
-    return float(counter.get_total_flops())
+    return _unet_flops(model, latent, latent, batch, torch.device("meta"), torch.float32)
 
 
 def peak_flops(device: Any, dtype: Any, seconds: float = 1.0) -> float:
@@ -247,31 +245,40 @@ def _through_serve(engine: Any, rows: list[dict], batch: int, output: str) -> fl
 
 
 def environment() -> dict[str, Any]:
+    """Date, device, driver, library versions and git commit of this run (every benchmark's)."""
+    import datetime as dt
+    import platform
     import subprocess
 
-    import diffusers
-    import ray
     import torch
 
     import daguerre
 
-    info: dict[str, Any] = {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                            "ray": ray.__version__, "daguerre": daguerre.__version__,
-                            "python": sys.version.split()[0]}  # fmt: skip
     if torch.cuda.is_available():
-        info["device_name"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
+        device, cuda = f"cuda: {torch.cuda.get_device_name()}", torch.version.cuda
     else:
-        import platform
-
-        info["device_name"] = (
-            f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+        device, cuda = (
+            f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+            None,
         )
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__,
+                "daguerre": daguerre.__version__}  # fmt: skip
+    for name in ("diffusers", "ray", "onnxruntime", "triton", "xformers", "tensorrt"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # not installed here
+            pass
     # The checkout daguerre runs from (empty for an installed wheel).
-    info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                        cwd=Path(__file__).parent, capture_output=True,
-                                        text=True).stdout.strip()  # fmt: skip
-    return info
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                            capture_output=True, text=True).stdout.strip()  # fmt: skip
+    return {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "cuda": cuda,
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions,
+        "git_commit": commit,
+    }
 
 
 def plot(report: dict, path: Path) -> None:
@@ -296,7 +303,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=8)
     c = report["conditions"]
-    fig.suptitle(f"{c['model']} {c['size']} x{c['steps']} steps, {c['dtype']}, {c['device_name']} "
+    fig.suptitle(f"{c['model']} {c['size']} x{c['steps']} steps, {c['dtype']}, {c['device']} "
                  f"(peak {report['peak_tflops']:.2f} TFLOP/s measured)", fontsize=9)  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -357,13 +364,10 @@ def main(argv: list[str] | None = None) -> int:
             "attention_backends": args.attention_backends,
             "batch_sizes": args.batch_sizes,
             "repeats": args.repeats,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **environment(),
         },  # fmt: skip
     }
-    report["versions"] = {
-        k: report["conditions"][k] for k in ("torch", "diffusers", "ray", "daguerre")
-    }
+    report["versions"] = report["conditions"]["versions"]
     top = next((r for r in measured if r["batch_size"] == max(args.batch_sizes)), None)
     for kind in args.through:
         if top is not None:
@@ -386,7 +390,7 @@ def _print_table(report: dict) -> None:
 
     c = report["conditions"]
     table = Table(title=f"daguerre bench: {c['model']} {c['size']} x{c['steps']} steps, {c['dtype']}, "
-                        f"{c['device_name']}; peak {report['peak_tflops']:.2f} TFLOP/s (measured), "
+                        f"{c['device']}; peak {report['peak_tflops']:.2f} TFLOP/s (measured), "
                         f"{report['flops_per_image_tflop']:.3f} TFLOP/image")  # fmt: skip
     for col in (
         "unet",

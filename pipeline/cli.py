@@ -28,6 +28,20 @@ def _actors(value: str) -> tuple[int, int]:
     return pair
 
 
+def _backend_args(p: argparse.ArgumentParser) -> None:
+    from daguerre.kernels.attention import ATTENTION_BACKENDS
+    from daguerre.kernels.compile import UNET_BACKENDS
+
+    p.add_argument(
+        "--attention-backend",
+        choices=ATTENTION_BACKENDS,
+        help="attention inside the UNet (default sdpa)",
+    )
+    p.add_argument(
+        "--unet-backend", choices=UNET_BACKENDS, help="how the UNet runs (default eager)"
+    )
+
+
 def _job_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="preset (tiny, small, sd15, sdxl) or a diffusers model folder")
     p.add_argument("--config", type=Path, help="job YAML (see configs/jobs/); flags override it")
@@ -36,16 +50,7 @@ def _job_args(p: argparse.ArgumentParser) -> None:
         "--actors", type=_actors, metavar="MIN:MAX", help="engine actor pool size, e.g. 1:4"
     )
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument(
-        "--attention-backend",
-        choices=("sdpa", "xformers", "triton", "auto"),
-        help="attention inside the UNet (default sdpa)",
-    )
-    p.add_argument(
-        "--unet-backend",
-        choices=("eager", "compile", "onnxruntime", "tensorrt"),
-        help="how the UNet runs (default eager)",
-    )
+    _backend_args(p)
     p.add_argument("--no-progress", action="store_true", help="hide Ray Data's progress bars")
 
 
@@ -93,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
         "compile", help="prebuild and cache a compiled UNet (ONNX / TensorRT) for sizes and batches"
     )
     comp.add_argument("--model", default="tiny", help="preset or diffusers folder (or s3://)")
-    comp.add_argument("--backend", required=True, choices=("onnxruntime", "tensorrt"))
+    comp.add_argument(
+        "--backend", required=True, choices=("onnxruntime", "tensorrt")
+    )  # the cached ones
     comp.add_argument(
         "--batch-sizes", default="1,2,4,8", help="engine batch sizes to cover, e.g. 1,2,4,8"
     )
@@ -119,16 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, help="HTTP port (default 8000)")
     srv.add_argument("--host", help="address to bind (default 127.0.0.1)")
     srv.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    srv.add_argument(
-        "--attention-backend",
-        choices=("sdpa", "xformers", "triton", "auto"),
-        help="attention inside every model's UNet",
-    )
-    srv.add_argument(
-        "--unet-backend",
-        choices=("eager", "compile", "onnxruntime", "tensorrt"),
-        help="how every model's UNet runs",
-    )
+    _backend_args(srv)
 
     demo = sub.add_parser(
         "demo", help="generate the demo manifest with the tiny model on a local Ray"

@@ -98,7 +98,7 @@ def inspect_manifest(uri: str, storage_config: StorageConfig | None = None) -> M
     except ManifestError:
         raise
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ManifestError(f"{uri}: not a Parquet manifest ({_first_line(exc)})") from None
+        raise ManifestError(f"{uri}: not a Parquet manifest ({first_line(exc)})") from None
     columns = list(schema.names)
     known = manifest_schema().names
     missing = [c for c in ("id", "prompt") if c not in columns]
@@ -232,7 +232,7 @@ class EngineWorker:
             requests, self._engine_thread.generate_each(requests), strict=True
         ):
             if isinstance(result, Exception):  # recorded in the errors table; the job goes on
-                failures[request.id] = f"{type(result).__name__}: {_first_line(result)}"
+                failures[request.id] = f"{type(result).__name__}: {first_line(result)}"
             else:
                 images[request.id] = result
         out: dict[str, list[Any]] = {c: [] for c in ENGINE_COLUMNS}
@@ -512,6 +512,7 @@ def _write_run(storage: Storage, summary: JobSummary, started: dt.datetime) -> N
     storage.write_bytes(key, summary.to_json().encode())
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__

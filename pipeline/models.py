@@ -242,8 +242,9 @@ def _load_folder(path: Path) -> ModelComponents:
 
 def model_cache_dir() -> Path:
     """Where fetched models live on this node: $DAGUERRE_CACHE/models or ~/.cache/daguerre/models."""
-    root = os.environ.get("DAGUERRE_CACHE") or Path.home() / ".cache" / "daguerre"
-    return Path(root) / "models"
+    from daguerre.kernels.compile import cache_root
+
+    return cache_root() / "models"
 
 
 def fetch_model(uri: str, storage_config: StorageConfig | None = None) -> Path:
