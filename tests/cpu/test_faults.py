@@ -103,7 +103,14 @@ def test_driver_killed_mid_job_then_rerun(s3_server, tmp_path):
     assert driver.poll() is None, "the job ended before it could be killed"
     os.kill(driver.pid, signal.SIGKILL)  # the driver only: no clean-up, no atexit
     driver.wait()
-    time.sleep(2)  # let its orphaned workers notice and exit
+    # Workers orphaned by the driver may finish a batch or two before Ray notices: take the
+    # snapshot once the metadata has stopped changing for a few seconds.
+    listing, stable_since = None, time.time()
+    while time.time() - stable_since < 5 and time.time() < deadline + 60:
+        now = sorted(fs.ls(meta))
+        if now != listing:
+            listing, stable_since = now, time.time()
+        time.sleep(0.5)
     done_before = set(
         pads.dataset(meta, format="parquet", filesystem=fs).to_table().column("id").to_pylist()
     )
