@@ -6,7 +6,7 @@
 
 import sys
 
-from daguerre.pipeline.bench import main
+from daguerre.cluster.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

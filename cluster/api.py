@@ -4,15 +4,25 @@ Both turn into `ImageRequest`s validated with the deployment's `RequestLimits`, 
 request is accepted or refused online exactly as a manifest row would be, with the
 same messages. Only what is HTTP-specific (`n`, `size`, `response_format`) is checked
 here. Light to import: pydantic and the standard library.
+
+Online ids never collide: every request's images are stored under a namespace of
+their own, `online/<day>/<request>/`, followed by the id the client sent (kept as
+`client_id`) or the image's index.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import re
+import uuid
 from enum import Enum
 from typing import Any, Literal
 
-from daguerre.pipeline.schema import (
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..pipeline.schema import (
+    MAX_ID_CHARS,
+    SEED_LIMIT,
     FieldError,
     ImageRecord,
     ImageRequest,
@@ -20,11 +30,14 @@ from daguerre.pipeline.schema import (
     Scheduler,
     validate_request,
 )
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_N = 10  # OpenAI's limit on `n`
 _SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
-SEED_LIMIT = 2**63
+
+
+def online_namespace() -> str:
+    """The key prefix of one online request's images: `online/<day>/<random>`."""
+    return f"online/{dt.datetime.now(dt.timezone.utc):%Y%m%d}/{uuid.uuid4().hex[:16]}"
 
 
 class ResponseFormat(str, Enum):
@@ -70,9 +83,10 @@ class ImagesGenerationRequest(BaseModel):
         return (int(match[1]), int(match[2])) if match else (None, None)
 
     def image_requests(
-        self, ids: list[str], base_seed: int, limits: RequestLimits
+        self, namespace: str, base_seed: int, limits: RequestLimits
     ) -> list[ImageRequest] | list[FieldError]:
-        """One `ImageRequest` per image (image i gets `base_seed + i`), or what is wrong."""
+        """One `ImageRequest` per image (image i: id `<namespace>/<i>`, seed `base_seed + i`),
+        or what is wrong."""
         width, height = self.dimensions()
         row: dict[str, Any] = {
             "prompt": self.prompt,
@@ -85,8 +99,9 @@ class ImagesGenerationRequest(BaseModel):
             "metadata": {"user": self.user} if self.user else {},
         }
         requests: list[ImageRequest] = []
-        for i, image_id in enumerate(ids):
-            result = validate_request({**row, "id": image_id, "seed": base_seed + i}, limits)
+        for i in range(self.n):
+            result = validate_request({**row, "id": f"{namespace}/{i}", "seed": base_seed + i},
+                                      limits)  # fmt: skip
             if isinstance(result, list):
                 return [_openai_field(e) for e in result]
             requests.append(result)
@@ -109,7 +124,7 @@ class ImageData(BaseModel):
     url: str | None = None
     revised_prompt: str | None = None
     seed: int
-    id: str
+    id: str  # the stored id (unique: online/<day>/<request>/<i>)
 
 
 class ImagesResponse(BaseModel):
@@ -129,13 +144,17 @@ class GenerateRequest(BaseModel):
     response_format: ResponseFormat = ResponseFormat.b64_json
 
     def image_requests(
-        self, default_ids: list[str], limits: RequestLimits
-    ) -> list[ImageRequest] | list[FieldError]:
-        """Validated requests (a missing id gets `default_ids[i]`), or every field error."""
+        self, namespace: str, limits: RequestLimits
+    ) -> tuple[list[ImageRequest], dict[str, str]] | list[FieldError]:
+        """Validated requests stored under `namespace` (`<namespace>/<the client's id>`, or
+        `<namespace>/<i>` without one) and {stored id: client id}, or every field error."""
         requests: list[ImageRequest] = []
+        client_ids: dict[str, str] = {}
         errors: list[FieldError] = []
+        room = MAX_ID_CHARS - len(namespace) - 1
         for i, row in enumerate(self.requests):
-            row = {"id": default_ids[i], **row} if row.get("id") is None else row
+            given = row.get("id")
+            row = {**row, "id": str(i)} if given is None else row
             if self.model is not None and row.get("model") not in (None, self.model):
                 errors.append(
                     FieldError(
@@ -145,20 +164,27 @@ class GenerateRequest(BaseModel):
                 )
                 continue
             result = validate_request(row, limits)
+            if not isinstance(result, list) and len(result.id) > room:
+                result = [FieldError(field="id", reason=f"is {len(result.id)} characters long; "
+                                     f"at most {room} allowed online (stored under {namespace}/)")]  # fmt: skip
             if isinstance(result, list):
                 errors += [
                     FieldError(field=f"requests.{i}.{e.field}", reason=e.reason) for e in result
                 ]
-            else:
-                requests.append(result)
+                continue
+            stored = result.model_copy(update={"id": f"{namespace}/{result.id}"})
+            if given is not None:
+                client_ids[stored.id] = result.id
+            requests.append(stored)
         ids = [r.id for r in requests]
         if len(set(ids)) < len(ids):
             errors.append(FieldError(field="requests", reason="ids must be unique in one call"))
-        return errors or requests
+        return errors or (requests, client_ids)
 
 
 class GeneratedImageOut(BaseModel):
-    id: str
+    id: str  # the stored id: online/<day>/<request>/<client id or index>
+    client_id: str | None = None  # the id the client sent, when it sent one
     b64_json: str | None = None
     url: str | None = None
     record: ImageRecord

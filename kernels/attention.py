@@ -85,13 +85,13 @@ def _triton_unavailable(device_type: str) -> str | None:
 
 
 def _triton_unsupported(q: Any, k: Any, v: Any) -> str | None:
-    from daguerre.kernels.flash_attention import unsupported
+    from .flash_attention import unsupported
 
     return unsupported(q, k, v)
 
 
 def _triton(q: Any, k: Any, v: Any) -> Any:
-    from daguerre.kernels.flash_attention import flash_attention
+    from .flash_attention import flash_attention
 
     return flash_attention(q, k, v)
 

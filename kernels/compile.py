@@ -14,7 +14,9 @@
 Every runner is called like the engine calls the UNet and returns the noise prediction:
 `runner(sample, timestep, encoder_hidden_states, added_cond_kwargs) -> Tensor`. Graphs are
 specialised to a latent size (a request bucket), made on first use or ahead of time with
-`daguerre compile`.
+`daguerre compile`. The batch sizes a runner must take follow from the engine's
+`max_batch_size` alone (`batch_buckets`, `batch_profile`), so a graph built ahead of time
+is the one the engine asks for.
 """
 
 from __future__ import annotations
@@ -66,23 +68,51 @@ class UNetSignature:
         return names + (["text_embeds", "time_ids"] if self.pooled_dim else [])
 
 
-def signature_for(unet: Any, latent_height: int, latent_width: int, dtype: Any) -> UNetSignature:
-    """The signature of `unet` at one latent size."""
+def signature_for(
+    unet: Any, latent_height: int, latent_width: int, dtype: Any, text_len: int,
+    time_ids: int | None = None,
+) -> UNetSignature:  # fmt: skip
+    """The signature of `unet` at one latent size, for `text_len` tokens (and, for SDXL-style
+    text+time conditioning, `time_ids` micro-conditioning values)."""
     config = unet.config
-    sdxl = config.get("addition_embed_type") == "text_time"
     pooled = None
-    if sdxl:
-        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    if config.get("addition_embed_type") == "text_time":
+        pooled = (
+            config.projection_class_embeddings_input_dim - time_ids * config.addition_time_embed_dim
+        )
     return UNetSignature(
         in_channels=config.in_channels,
         latent_height=latent_height,
         latent_width=latent_width,
-        text_len=77,
+        text_len=text_len,
         text_dim=config.cross_attention_dim,
         pooled_dim=pooled,
-        time_ids=6 if sdxl else None,
+        time_ids=time_ids if pooled is not None else None,
         dtype=str(dtype).removeprefix("torch."),
     )
+
+
+def call_signature(unet: Any, sample: Any, encoder_hidden_states: Any, added: dict | None,
+                   dtype: Any) -> UNetSignature:  # fmt: skip
+    """The signature of one call, read off its tensors."""
+    time_ids = added["time_ids"].shape[1] if added else None
+    return signature_for(unet, sample.shape[2], sample.shape[3], dtype,
+                         encoder_hidden_states.shape[1], time_ids)  # fmt: skip
+
+
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """Engine batch sizes a fixed-shape backend is built for: powers of two, then the max.
+    A batch runs padded to the next bucket (x2 in the UNet for classifier-free guidance)."""
+    buckets, size = [], 1
+    while size < max_batch_size:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, max_batch_size)
+
+
+def batch_profile(max_batch_size: int) -> tuple[int, int]:
+    """(smallest, largest) engine batch a dynamic-shape engine (TensorRT profile) must take."""
+    return 1, max_batch_size
 
 
 def cache_key(weights_hash: str, signature: UNetSignature, **extra: Any) -> str:
@@ -107,10 +137,10 @@ class UNetRunner:
 
     backend = UNetBackend.eager
 
-    def __init__(self, unet: Any, weights_hash: str = "", batch_sizes: tuple[int, ...] = (1,)):
+    def __init__(self, unet: Any, weights_hash: str = "", max_batch_size: int = 1):
         self.unet = unet
         self.weights_hash = weights_hash
-        self.batch_sizes = batch_sizes
+        self.max_batch_size = max_batch_size
 
     def __call__(self, sample: Any, timestep: Any, encoder_hidden_states: Any,
                  added_cond_kwargs: dict | None = None) -> Any:  # fmt: skip
@@ -119,28 +149,49 @@ class UNetRunner:
             added_cond_kwargs=added_cond_kwargs,
         ).sample  # fmt: skip
 
-    def prepare(self, latent_height: int, latent_width: int) -> list[Path]:
+    def prepare(self, latent_height: int, latent_width: int, text_len: int,
+                time_ids: int | None = None) -> list[Path]:  # fmt: skip
         """Build (or find in the cache) what this latent size needs; return the files."""
         return []
 
 
 class TorchCompileUNet(UNetRunner):
+    """torch.compile with fixed shapes: each call is padded to the next batch bucket, so a
+    replica forming every batch size from 1 to max compiles once per bucket, not per size."""
+
     backend = UNetBackend.compile
 
-    def __init__(self, unet: Any, weights_hash: str = "", batch_sizes: tuple[int, ...] = (1,)):
+    def __init__(self, unet: Any, weights_hash: str = "", max_batch_size: int = 1):
         import torch
 
-        super().__init__(unet, weights_hash, batch_sizes)
+        super().__init__(unet, weights_hash, max_batch_size)
+        self.buckets = tuple(2 * b for b in batch_buckets(max_batch_size))  # CFG-doubled
         cuda = next(unet.parameters()).is_cuda
         # max-autotune on GPU includes CUDA graphs, recorded once per input shape (batch
         # bucket); on CPU the default mode (autotuning there costs minutes for little).
         self.compiled = torch.compile(unet, mode="max-autotune" if cuda else None, dynamic=False)
 
     def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
-        return self.compiled(
-            sample, timestep, encoder_hidden_states=encoder_hidden_states,
-            added_cond_kwargs=added_cond_kwargs,
+        batch = sample.shape[0]
+        bucket = next((b for b in self.buckets if b >= batch), batch)
+        pad = lambda t: _pad_batch(t, bucket)  # noqa: E731
+        added = {k: pad(v) for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+        noise = self.compiled(
+            pad(sample), timestep, encoder_hidden_states=pad(encoder_hidden_states),
+            added_cond_kwargs=added,
         ).sample  # fmt: skip
+        return noise[:batch]
+
+
+def _pad_batch(tensor: Any, size: int) -> Any:
+    """`tensor` with its batch dim grown to `size` by repeating its last row (rows are
+    independent in the UNet, so padding never changes the real ones)."""
+    import torch
+
+    missing = size - tensor.shape[0]
+    if missing <= 0:
+        return tensor
+    return torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
 
 
 def _export_module(unet: Any, sdxl: bool) -> Any:
@@ -219,14 +270,16 @@ def onnx_path(unet: Any, weights_hash: str, signature: UNetSignature) -> Path:
 class OnnxRuntimeUNet(UNetRunner):
     backend = UNetBackend.onnxruntime
 
-    def __init__(self, unet: Any, weights_hash: str = "", batch_sizes: tuple[int, ...] = (1,)):
-        super().__init__(unet, weights_hash, batch_sizes)
+    def __init__(self, unet: Any, weights_hash: str = "", max_batch_size: int = 1):
+        super().__init__(unet, weights_hash, max_batch_size)
         param = next(unet.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.sessions: dict[UNetSignature, Any] = {}
 
-    def prepare(self, latent_height: int, latent_width: int) -> list[Path]:
-        signature = signature_for(self.unet, latent_height, latent_width, self.dtype)
+    def prepare(self, latent_height, latent_width, text_len, time_ids=None) -> list[Path]:
+        signature = signature_for(
+            self.unet, latent_height, latent_width, self.dtype, text_len, time_ids
+        )
         self._session(signature)
         return [onnx_path(self.unet, self.weights_hash, signature)]
 
@@ -250,7 +303,9 @@ class OnnxRuntimeUNet(UNetRunner):
     def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
         import torch
 
-        signature = signature_for(self.unet, sample.shape[2], sample.shape[3], self.dtype)
+        signature = call_signature(
+            self.unet, sample, encoder_hidden_states, added_cond_kwargs, self.dtype
+        )
         session = self._session(signature)
         inputs = [sample, timestep.float().reshape(()), encoder_hidden_states]
         if signature.pooled_dim is not None:
@@ -284,9 +339,9 @@ def _np_dtype(dtype: Any) -> Any:
 # -- TensorRT ---------------------------------------------------------------------------------
 
 
-def trt_profile(signature: UNetSignature, batch_sizes: tuple[int, ...]) -> dict[str, tuple]:
+def trt_profile(signature: UNetSignature, max_batch_size: int) -> dict[str, tuple]:
     """Optimisation profile per input: (min, opt, max) shapes, batch doubled for CFG."""
-    low, high = 2 * min(batch_sizes), 2 * max(batch_sizes)
+    low, high = (2 * b for b in batch_profile(max_batch_size))
     h, w = signature.latent_height, signature.latent_width
 
     def shapes(*rest: int) -> tuple:
@@ -303,10 +358,10 @@ def trt_profile(signature: UNetSignature, batch_sizes: tuple[int, ...]) -> dict[
     return profile
 
 
-def trt_engine_key(weights_hash: str, signature: UNetSignature, batch_sizes: tuple[int, ...],
+def trt_engine_key(weights_hash: str, signature: UNetSignature, max_batch_size: int,
                    trt_version: str, gpu_arch: str) -> str:  # fmt: skip
     """The cache key of a TensorRT engine: model, shapes, profile, TensorRT version, GPU arch."""
-    profile = {k: [list(s) for s in v] for k, v in trt_profile(signature, batch_sizes).items()}
+    profile = {k: [list(s) for s in v] for k, v in trt_profile(signature, max_batch_size).items()}
     return cache_key(weights_hash, signature, profile=profile, tensorrt=trt_version, arch=gpu_arch)
 
 
@@ -315,14 +370,14 @@ class TensorRTUNet(UNetRunner):
 
     backend = UNetBackend.tensorrt
 
-    def __init__(self, unet: Any, weights_hash: str = "", batch_sizes: tuple[int, ...] = (1,)):
+    def __init__(self, unet: Any, weights_hash: str = "", max_batch_size: int = 1):
         reason = tensorrt_unavailable()
         if reason:
             raise BackendUnavailable(f"unet_backend tensorrt: {reason}")
         import tensorrt as trt
         import torch
 
-        super().__init__(unet, weights_hash, batch_sizes)
+        super().__init__(unet, weights_hash, max_batch_size)
         param = next(unet.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.logger = trt.Logger(trt.Logger.WARNING)
@@ -335,12 +390,14 @@ class TensorRTUNet(UNetRunner):
         import tensorrt as trt
 
         key = trt_engine_key(
-            self.weights_hash, signature, self.batch_sizes, trt.__version__, self.arch
+            self.weights_hash, signature, self.max_batch_size, trt.__version__, self.arch
         )
         return cache_root() / "tensorrt" / key / "unet.plan"
 
-    def prepare(self, latent_height: int, latent_width: int) -> list[Path]:
-        signature = signature_for(self.unet, latent_height, latent_width, self.dtype)
+    def prepare(self, latent_height, latent_width, text_len, time_ids=None) -> list[Path]:
+        signature = signature_for(
+            self.unet, latent_height, latent_width, self.dtype, text_len, time_ids
+        )
         self._context(signature)
         return [self.engine_path(signature)]
 
@@ -362,7 +419,7 @@ class TensorRTUNet(UNetRunner):
         )
         config.set_timing_cache(timing, ignore_mismatch=False)
         profile = builder.create_optimization_profile()
-        for name, (low, opt, high) in trt_profile(signature, self.batch_sizes).items():
+        for name, (low, opt, high) in trt_profile(signature, self.max_batch_size).items():
             profile.set_shape(name, low, opt, high)
         config.add_optimization_profile(profile)
         serialized = builder.build_serialized_network(network, config)
@@ -386,7 +443,9 @@ class TensorRTUNet(UNetRunner):
     def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
         import torch
 
-        signature = signature_for(self.unet, sample.shape[2], sample.shape[3], self.dtype)
+        signature = call_signature(
+            self.unet, sample, encoder_hidden_states, added_cond_kwargs, self.dtype
+        )
         _, context = self._context(signature)
         inputs = [sample, timestep.float().reshape(()), encoder_hidden_states]
         if signature.pooled_dim is not None:
@@ -422,8 +481,7 @@ RUNNERS: dict[UNetBackend, type[UNetRunner]] = {
 }
 
 
-def make_runner(unet: Any, backend: str, weights_hash: str,
-                batch_sizes: tuple[int, ...] = (1,)) -> UNetRunner:  # fmt: skip
+def make_runner(unet: Any, backend: str, weights_hash: str, max_batch_size: int = 1) -> UNetRunner:
     """The runner for `backend` (a UNetBackend value); errors name the backend and the reason."""
     try:
         kind = UNetBackend(backend)
@@ -435,4 +493,4 @@ def make_runner(unet: Any, backend: str, weights_hash: str,
         raise RuntimeError(
             "unet_backend onnxruntime: install the onnx extra (pip install 'daguerre[onnx]')"
         )
-    return RUNNERS[kind](unet, weights_hash, batch_sizes)
+    return RUNNERS[kind](unet, weights_hash, max_batch_size)

@@ -9,14 +9,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from daguerre.pipeline.schema import RequestLimits, field_error
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from ..kernels.attention import AttentionBackend
+from ..kernels.compile import UNetBackend
+from .schema import RequestLimits, field_error
 
 M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigError(ValueError):
     """A configuration file or value that cannot be used; the message says where and why."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class StorageConfig(BaseModel):
@@ -54,13 +63,13 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
         "auto", description="'auto' is float16 on CUDA and float32 on CPU."
     )
-    attention_backend: Literal["sdpa", "xformers", "triton", "auto"] = Field(
-        "sdpa",
+    attention_backend: AttentionBackend = Field(
+        AttentionBackend.sdpa,
         description="Attention inside the UNet (kernels/attention.py); an unavailable one falls "
         "back to sdpa with a warning. DAGUERRE_ATTENTION_BACKEND overrides it.",
     )
-    unet_backend: Literal["eager", "compile", "onnxruntime", "tensorrt"] = Field(
-        "eager",
+    unet_backend: UNetBackend = Field(
+        UNetBackend.eager,
         description="How the UNet runs (kernels/compile.py): eager torch, torch.compile, ONNX "
         "Runtime or TensorRT; compiled graphs are cached under $DAGUERRE_CACHE.",
     )
@@ -193,7 +202,15 @@ class ServeConfig(BaseModel):
         256, ge=1, description="HTTP requests one ingress replica holds at once."
     )
     request_timeout_s: float | None = Field(
-        None, gt=0, description="End-to-end HTTP timeout (408 after it); none by default."
+        300, gt=0, description="End-to-end HTTP timeout in seconds (408 after it); null: none."
+    )
+    url_ttl_s: float = Field(
+        3600, gt=0, description="How long a response_format=url link stays valid (signed)."
+    )
+    url_secret_env: str = Field(
+        "DAGUERRE_URL_SECRET",
+        description="Environment variable holding the secret that signs image URLs; unset: a "
+        "random secret per deployment (links then end with it).",
     )
 
     @model_validator(mode="after")

@@ -17,29 +17,13 @@ import json
 import os
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
-from daguerre.pipeline.config import EngineConfig, StorageConfig
-from daguerre.pipeline.models import TEXT_MAX_LENGTH, ModelComponents, load_model
-from daguerre.pipeline.schema import ImageRequest, Scheduler, StageTimings
 
-
-@dataclass
-class GeneratedImage:
-    """One finished image and how it was made."""
-
-    request: ImageRequest
-    image: np.ndarray  # [H, W, 3] uint8
-    seed: int
-    width: int
-    height: int
-    batch_size: int  # images denoised together with this one
-    scheduler_config: str  # JSON
-    timings: StageTimings  # this image's share of its chunk's time
-
+from .config import EngineConfig, StorageConfig
+from .models import SDXL_TIME_IDS, TEXT_MAX_LENGTH, ModelComponents, load_model
+from .schema import GeneratedImage, ImageRequest, Scheduler, StageTimings
 
 BucketKey = tuple[int, int, int, str]  # width, height, steps, scheduler
 
@@ -95,16 +79,14 @@ class DiffusionEngine:
         self.model = components or load_model(
             self.config.model, device=self.device, dtype=self.dtype, storage_config=storage_config
         )
-        from daguerre.kernels.attention import install
-        from daguerre.kernels.compile import make_runner
+        from ..kernels.attention import install
+        from ..kernels.compile import make_runner
 
         self.attention = install(self.model.unet, self.config.attention_backend, self.device.type)
         self.unet = make_runner(
-            self.model.unet,
-            self.config.unet_backend,
-            self.model.weights_hash,
-            batch_sizes=(1, self.config.max_batch_size),
-        )
+            self.model.unet, self.config.unet_backend, self.model.weights_hash,
+            max_batch_size=self.config.max_batch_size,
+        )  # fmt: skip
         self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
             OrderedDict()
         )
@@ -121,15 +103,17 @@ class DiffusionEngine:
             "unet": self.unet.backend.value,
         }
 
-    def resolve_size(self, request: ImageRequest) -> tuple[int, int]:
-        """(width, height) of a request, the model's native size filling what is missing."""
-        side = self.model.default_size
-        return request.width or side, request.height or side
-
     def bucket_key(self, request: ImageRequest) -> BucketKey:
         """Requests with equal keys can share one denoising loop."""
-        width, height = self.resolve_size(request)
-        return width, height, request.steps, request.scheduler.value
+        return bucket_key(request, self.model.default_size)
+
+    def prepare(self, width: int, height: int) -> list[Any]:
+        """Build (or find cached) what the UNet backend needs for one image size."""
+        factor = self.model.vae_scale_factor
+        return self.unet.prepare(
+            height // factor, width // factor, TEXT_MAX_LENGTH,
+            SDXL_TIME_IDS if self.model.is_sdxl else None,
+        )  # fmt: skip
 
     # -- the hot path ---------------------------------------------------------------
 
@@ -160,6 +144,10 @@ class DiffusionEngine:
         t0 = self._clock()
         prompts = [r.negative_prompt for r in requests] + [r.prompt for r in requests]
         text_embeds, pooled = self.encode_prompts(prompts)
+        if model.force_zeros_for_empty_prompt:  # as diffusers' SDXL: no negative -> zeros
+            empty = torch.tensor([not r.negative_prompt for r in requests] + [False] * batch)
+            text_embeds[empty.to(self.device)] = 0
+            pooled[empty.to(self.device)] = 0
         added_cond = None
         if model.is_sdxl:
             # SDXL's micro-conditioning: original size, crop top-left, target size.
@@ -272,6 +260,12 @@ class DiffusionEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def bucket_key(request: ImageRequest, default_side: int) -> BucketKey:
+    """Requests with equal keys can share one denoising loop (size, steps, scheduler)."""
+    width, height = request.resolved_size(default_side)
+    return width, height, request.steps, request.scheduler.value
 
 
 def generate_each(

@@ -1,4 +1,5 @@
-"""Building manifests: prompts (a .txt or .csv) x seeds -> one Parquet row per image.
+"""Manifests: reading one (Parquet, or CSV / JSON Lines with the manifest's columns) and
+building one from prompts (a .txt or a templated .csv) x seeds.
 
 Light to import: pyarrow and the schema only.
 """
@@ -8,14 +9,145 @@ from __future__ import annotations
 import csv
 import re
 import string
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from daguerre.pipeline.schema import manifest_schema, validate_request
+from .config import first_line
+from .schema import manifest_schema, validate_request
+from .storage import Storage
+
+if TYPE_CHECKING:
+    from .config import StorageConfig
 
 
 class ManifestBuildError(ValueError):
     """Prompts that cannot become a manifest; the message names the line and the problem."""
+
+
+class ManifestError(ValueError):
+    """A manifest the job cannot read at all (not Parquet, required columns missing, ...)."""
+
+
+@dataclass
+class ManifestInfo:
+    """What the driver learns of a manifest before starting any actor."""
+
+    uri: str
+    rows: int
+    columns: list[str]
+    ids: list[str]
+    duplicate_ids: set[str]
+    table: Any = None  # a CSV / JSON Lines manifest, parsed (it is written as Parquet to run)
+
+
+TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".json")
+PROMPT_SUFFIXES = (".txt",)
+
+
+def inspect_manifest(uri: str, storage_config: StorageConfig | None = None) -> ManifestInfo:
+    """Check that `uri` is a readable manifest with the required columns; read its ids.
+
+    Parquet (a file or a folder of them) is read where it lies; a .csv or .jsonl file with
+    the manifest's columns is parsed here."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    storage = Storage(uri, storage_config)
+    if storage.is_local and not storage.fs.exists(storage.root):
+        raise ManifestError(f"{uri}: no such file or folder")
+    storage.check_readable()  # credentials, bucket, endpoint: one line naming the cause
+    suffix = Path(uri).suffix.lower()
+    if suffix in PROMPT_SUFFIXES:
+        raise ManifestError(
+            f"{uri}: a prompt list, not a manifest; build one first: "
+            f"daguerre manifest {uri} -o manifest.parquet"
+        )
+    table = _read_table_manifest(uri, storage) if suffix in TABLE_SUFFIXES else None
+    try:
+        if table is not None:
+            schema = table.schema
+        else:
+            dataset = pads.dataset(
+                storage.root, format="parquet", filesystem=storage.fs, ignore_prefixes=[".", "_"]
+            )
+            if not dataset.files:
+                raise ManifestError(f"{uri}: no Parquet files in this folder")
+            schema = dataset.schema
+    except ManifestError:
+        raise
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ManifestError(f"{uri}: not a Parquet manifest ({first_line(exc)})") from None
+    columns = list(schema.names)
+    _check_columns(uri, columns)
+    ids_table = table.select(["id"]) if table is not None else dataset.to_table(columns=["id"])
+    ids = ["" if i is None else str(i) for i in ids_table.column("id").to_pylist()]
+    seen: set[str] = set()
+    duplicates = {i for i in ids if i in seen or seen.add(i)}
+    return ManifestInfo(uri=uri, rows=len(ids), columns=columns, ids=ids,
+                        duplicate_ids=duplicates, table=table)  # fmt: skip
+
+
+def _check_columns(uri: str, columns: list[str]) -> None:
+    known = manifest_schema().names
+    missing = [c for c in ("id", "prompt") if c not in columns]
+    if missing:
+        hint = ""
+        if Path(uri).suffix.lower() == ".csv":
+            hint = "; for a CSV of template fields use daguerre manifest --template"
+        raise ManifestError(
+            f"{uri}: missing required column{'s' if len(missing) > 1 else ''} "
+            f"{', '.join(missing)} (has: {', '.join(columns) or 'no columns'}){hint}"
+        )
+    unknown = [c for c in columns if c not in known]
+    if unknown:
+        raise ManifestError(
+            f"{uri}: unknown column{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+            f"(known: {', '.join(known)}; put free fields in the 'metadata' map column)"
+        )
+
+
+def _read_table_manifest(uri: str, storage: Storage) -> Any:
+    """A .csv or .jsonl manifest as an Arrow table typed like the manifest schema."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.json as pajson
+
+    data = storage.fs.cat_file(storage.root)
+    types = {f.name: f.type for f in manifest_schema()}
+    try:
+        if uri.lower().endswith(".csv"):
+            scalar = {k: v for k, v in types.items() if not pa.types.is_map(v)}
+            options = pacsv.ConvertOptions(column_types=scalar, strings_can_be_null=True)
+            return pacsv.read_csv(io.BytesIO(data), convert_options=options)
+        lines = data.strip()
+        if uri.lower().endswith(".json") and lines.startswith(b"["):
+            raise ManifestError(f"{uri}: a JSON array; write one JSON object per line (.jsonl)")
+        schema = pa.schema([pa.field(n, t) for n, t in types.items() if not pa.types.is_map(t)])
+        options = pajson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer")
+        table = pajson.read_json(io.BytesIO(data), parse_options=options)
+        if "metadata" in table.column_names:  # a JSON object becomes a struct: make it a map
+            table = _struct_to_map(table)
+        return table
+    except ManifestError:
+        raise
+    except (pa.ArrowInvalid, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{uri}: cannot be read as a manifest ({first_line(exc)})") from None
+
+
+def _struct_to_map(table: Any) -> Any:
+    import pyarrow as pa
+
+    values = [
+        None if v is None else [(str(k), None if x is None else str(x)) for k, x in v.items()]
+        for v in table.column("metadata").to_pylist()
+    ]
+    index = table.schema.get_field_index("metadata")
+    return table.set_column(
+        index, "metadata", pa.array(values, type=pa.map_(pa.string(), pa.string()))
+    )
 
 
 def read_prompt_rows(source: Path) -> list[dict[str, str]]:
@@ -40,7 +172,8 @@ def build_manifest(
     seed_base: int = 0,
     defaults: dict[str, Any] | None = None,
 ) -> Any:
-    """A manifest table: one row per (prompt row, seed), ids `<stem>-<row>-s<seed>`.
+    """A manifest table: one row per (prompt row, seed), ids `<stem>-<row>-s<seed>` (seeds
+    zero-padded to one width, so ids sort by seed).
 
     With a template (`"a photo of {product}, {style}"`) each prompt is filled from the
     row's fields; the row's fields are also kept in the image's `metadata`."""
@@ -51,6 +184,7 @@ def build_manifest(
         raise ManifestBuildError(f"{source}: no prompts found")
     fields = [f for _, f, _, _ in string.Formatter().parse(template or "") if f]
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", source.stem).strip("-.") or "prompt"
+    digits = max(3, len(str(seed_base + seeds - 1)))  # -s007 sorts before -s010
     out = []
     for line, row in enumerate(rows, start=1):
         if template:
@@ -69,7 +203,7 @@ def build_manifest(
         for seed in range(seed_base, seed_base + seeds):
             request = {
                 **(defaults or {}),
-                "id": f"{stem}-{line:05d}-s{seed}",
+                "id": f"{stem}-{line:05d}-s{seed:0{digits}d}",
                 "prompt": prompt,
                 "seed": seed,
                 "metadata": {k: v for k, v in row.items() if k != "prompt" and v is not None},

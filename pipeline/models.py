@@ -7,27 +7,39 @@ same weights (seeded init), so engine actors on different nodes agree on every i
 A folder in diffusers format (`model_index.json`, `unet/`, `vae/`, ...) loads real
 weights: a local path, or an object-store prefix (s3://...) copied once into a per-node
 cache keyed by the listing (names, sizes, ETags), so a changed model is fetched again.
+
+`describe_model` checks a model spec cheaply (no weights loaded) and says what it is:
+the job and `serve` call it before any actor starts, so a wrong spec is one line.
+`weights_hash` names the weights: for a folder the sha256 of its weight files, for a
+preset the sha256 of its recipe (architecture, init seed, library versions), which is
+what decides its seeded weights.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.metadata
 import importlib.resources
 import importlib.util
+import json
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from daguerre.pipeline.config import ConfigError, validate_config
-
-if TYPE_CHECKING:
-    from daguerre.pipeline.config import StorageConfig
 from pydantic import BaseModel, ConfigDict, Field
 
+from .config import ConfigError, validate_config
+
+if TYPE_CHECKING:
+    from .config import StorageConfig
+
 TEXT_MAX_LENGTH = 77  # CLIP's context length
+SDXL_TIME_IDS = 6  # SDXL's micro-conditioning: original size, crop top-left, target size
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ModelPreset(BaseModel):
@@ -43,6 +55,17 @@ class ModelPreset(BaseModel):
     text_encoder: dict[str, Any]
     text_encoder_2: dict[str, Any] | None = None
     scheduler: dict[str, Any]
+    force_zeros_for_empty_prompt: bool | None = Field(
+        None,
+        description="Zero the unconditional embedding when a request has no negative prompt "
+        "(diffusers' SDXL pipelines do); default: true for SDXL-shaped presets.",
+    )
+
+    def recipe_hash(self) -> str:
+        """sha256 of what decides this preset's weights: its config and the library versions."""
+        versions = {p: _version(p) for p in ("torch", "diffusers", "transformers")}
+        text = json.dumps({"preset": self.model_dump(), "versions": versions}, sort_keys=True)
+        return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass
@@ -59,6 +82,7 @@ class ModelComponents:
     default_size: int
     text_encoder_2: Any = None  # SDXL: CLIPTextModelWithProjection
     tokenizer_2: Any = None
+    force_zeros_for_empty_prompt: bool = False  # no negative prompt -> zero uncond embedding
 
     @property
     def vae_scale_factor(self) -> int:
@@ -91,30 +115,136 @@ def get_preset(name: str) -> ModelPreset:
     )
 
 
-def describe_model(spec: str, storage_config: StorageConfig | None = None) -> str:
-    """A one-line check that `spec` names a loadable model; raises ConfigError otherwise (cheap)."""
-    from daguerre.pipeline.storage import Storage, StorageError, explain, is_remote
+@dataclass
+class ModelInfo:
+    """What a model spec names, found without loading weights."""
+
+    spec: str
+    name: str
+    kind: Literal["preset", "folder", "remote"]
+    default_size: int  # native image side in pixels
+    storage_config: StorageConfig | None = None
+    _weights_hash: str | None = field(default=None, repr=False)
+
+    @property
+    def random_weights(self) -> bool:
+        return self.kind == "preset"
+
+    def describe(self) -> str:
+        if self.kind == "preset":
+            return (
+                f"model {self.name}: a preset with seeded random weights, so its images are "
+                "noise (for tests, demos and benchmarks; --model FOLDER loads real weights)"
+            )
+        return f"model {self.name}: diffusers folder {self.spec}"
+
+    def weights_hash(self) -> str:
+        """The weights hash its images will record (a remote folder is fetched to hash it)."""
+        if self._weights_hash is None:
+            if self.kind == "preset":
+                self._weights_hash = get_preset(self.spec).recipe_hash()
+            elif self.kind == "folder":
+                self._weights_hash = folder_weights_hash(Path(self.spec))
+            else:
+                self._weights_hash = folder_weights_hash(
+                    fetch_model(self.spec, self.storage_config)
+                )
+        return self._weights_hash
+
+
+def describe_model(spec: str, storage_config: StorageConfig | None = None) -> ModelInfo:
+    """What `spec` names; raises ConfigError (or StorageError) with one line when it is not a
+    usable model: an unknown preset, a folder missing parts, a Hugging Face Hub id."""
+    from .storage import Storage, StorageError, explain, is_remote
 
     if is_remote(spec):
         storage = Storage(spec, storage_config)
         storage.check_readable()
         try:
-            storage.fs.info(storage.path("model_index.json"))
+            listing = [p[len(storage.root) :].lstrip("/") for p in storage.fs.find(storage.root)]
+            index = json.loads(storage.fs.cat_file(storage.path("model_index.json")))
         except FileNotFoundError:
             raise ConfigError(
                 f"model: {spec} has no model_index.json (not a diffusers model folder)"
             ) from None
+        except ValueError as exc:
+            raise ConfigError(f"model: {spec}/model_index.json is not valid JSON ({exc})") from None
         except Exception as exc:
             raise StorageError(f"{spec}: {explain(exc, storage)}") from None
-        return f"diffusers folder {spec}"
+        _check_folder(spec, index, set(listing))
+        read = lambda rel: json.loads(storage.fs.cat_file(storage.path(rel)))  # noqa: E731
+        name = spec.rstrip("/").rsplit("/", 1)[-1]
+        return ModelInfo(spec, name, "remote", _folder_side(read), storage_config)
     path = Path(spec)
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
+        index_file = path / "model_index.json"
+        if not index_file.is_file():
             raise ConfigError(
                 f"model: {spec} is a folder without model_index.json (not a diffusers model)"
             )
-        return f"diffusers folder {path.resolve()}"
-    return f"preset {get_preset(spec).name}"
+        try:
+            index = json.loads(index_file.read_text())
+        except ValueError as exc:
+            raise ConfigError(f"model: {index_file} is not valid JSON ({exc})") from None
+        files = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
+        _check_folder(spec, index, files)
+        read = lambda rel: json.loads((path / rel).read_text())  # noqa: E731
+        return ModelInfo(str(path.resolve()), path.resolve().name, "folder", _folder_side(read))
+    if spec not in preset_names() and _HUB_ID.match(spec) and not path.exists():
+        raise ConfigError(
+            f"model: {spec!r} looks like a Hugging Face Hub id; daguerre never downloads weights: "
+            f"fetch the folder elsewhere (huggingface-cli download {spec} --local-dir DIR) "
+            "and pass --model DIR"
+        )
+    preset = get_preset(spec)
+    return ModelInfo(spec, preset.name, "preset", preset.default_size)
+
+
+_WEIGHTS = (".safetensors", ".bin", ".ckpt", ".pt")
+_CONFIGS = ("config.json", "scheduler_config.json", "tokenizer_config.json", "vocab.json",
+            "preprocessor_config.json")  # fmt: skip
+
+
+def _check_folder(spec: str, index: Any, files: set[str]) -> None:
+    """A diffusers folder has a pipeline class and every component it lists, with its files."""
+    if not isinstance(index, dict) or not index.get("_class_name"):
+        raise ConfigError(
+            f"model: {spec}/model_index.json has no _class_name (not a diffusers pipeline index)"
+        )
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or value[:1] == [None]:
+            continue
+        inside = [f.split("/", 1)[1] for f in files if f.startswith(f"{name}/")]
+        if not inside:
+            raise ConfigError(
+                f"model: {spec} lists the component {name!r} but has no {name}/ folder"
+            )
+        if not any(f.rsplit("/", 1)[-1] in _CONFIGS for f in inside):
+            raise ConfigError(f"model: {spec}/{name}/ has no config file (config.json)")
+        if name in ("unet", "vae", "text_encoder", "text_encoder_2") and not any(
+            f.endswith(_WEIGHTS) for f in inside
+        ):
+            raise ConfigError(
+                f"model: {spec}/{name}/ has no weights (*.safetensors or *.bin): incomplete download?"
+            )
+
+
+def _folder_side(read: Any) -> int:
+    """Native image side of a diffusers folder, from its UNet and VAE configs."""
+    try:
+        unet, vae = read("unet/config.json"), read("vae/config.json")
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as exc:
+        raise ConfigError(
+            f"model: cannot read the native size from unet/ and vae/ configs ({exc})"
+        ) from None
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
 
 
 def load_model(
@@ -130,7 +260,8 @@ def load_model(
     With `meta=True` a preset is built on the meta device: shapes only, no memory, no
     weights (for FLOP counting)."""
     import torch
-    from daguerre.pipeline.storage import is_remote
+
+    from .storage import is_remote
 
     dtype = dtype or torch.float32
     path = Path(spec)
@@ -182,8 +313,13 @@ def build_preset(preset: ModelPreset, meta: bool = False) -> ModelComponents:
         text_encoder_2=text_encoder_2,
         tokenizer_2=tokenizer if text_encoder_2 is not None else None,
         scheduler_config=dict(preset.scheduler),
-        weights_hash="meta" if meta else _state_hash(modules),
+        weights_hash="meta" if meta else preset.recipe_hash(),
         default_size=preset.default_size,
+        force_zeros_for_empty_prompt=(
+            preset.force_zeros_for_empty_prompt
+            if preset.force_zeros_for_empty_prompt is not None
+            else preset.text_encoder_2 is not None
+        ),
     )
 
 
@@ -226,6 +362,7 @@ def _load_folder(path: Path) -> ModelComponents:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
     unet = pipe.unet
+    sdxl = getattr(pipe, "text_encoder_2", None) is not None
     return ModelComponents(
         name=path.name,
         unet=unet,
@@ -237,12 +374,14 @@ def _load_folder(path: Path) -> ModelComponents:
         scheduler_config=dict(pipe.scheduler.config),
         weights_hash=folder_weights_hash(path),
         default_size=unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1),
+        force_zeros_for_empty_prompt=sdxl
+        and bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
     )
 
 
 def model_cache_dir() -> Path:
     """Where fetched models live on this node: $DAGUERRE_CACHE/models or ~/.cache/daguerre/models."""
-    from daguerre.kernels.compile import cache_root
+    from ..kernels.compile import cache_root
 
     return cache_root() / "models"
 
@@ -255,7 +394,7 @@ def fetch_model(uri: str, storage_config: StorageConfig | None = None) -> Path:
     import shutil
     import uuid
 
-    from daguerre.pipeline.storage import Storage, StorageError, explain
+    from .storage import Storage, StorageError, explain
 
     storage = Storage(uri, storage_config)
     try:
@@ -308,25 +447,33 @@ def _to(components: ModelComponents, device: Any, dtype: Any) -> None:
     components.vae = components.vae.to(device=device, dtype=vae_dtype)
 
 
-def _state_hash(modules: list[Any]) -> str:
-    digest = hashlib.sha256()
-    for module in modules:
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
-    return "sha256:" + digest.hexdigest()
-
-
 def folder_weights_hash(path: Path) -> str:
-    """sha256 over a model folder's weight files (names and bytes), in a stable order."""
+    """sha256 over a model folder's weight files (names and bytes), in a stable order.
+
+    Hashed once per machine and listing (names, sizes, mtimes): the digest is kept under
+    $DAGUERRE_CACHE/weights, so the driver and every actor on a node pay for it once."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHTS)
+    listing = hashlib.sha256(str(path.resolve()).encode())
+    for file in files:
+        stat = file.stat()
+        listing.update(f"{file.relative_to(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
+    from ..kernels.compile import cache_root
+
+    memo = cache_root() / "weights" / listing.hexdigest()[:32]
+    if memo.is_file():
+        return memo.read_text().strip()
     digest = hashlib.sha256()
-    suffixes = (".safetensors", ".bin", ".ckpt", ".pt")
-    for file in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in suffixes):
+    for file in files:
         digest.update(str(file.relative_to(path)).encode())
         with file.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
-    return "sha256:" + digest.hexdigest()
+    value = "sha256:" + digest.hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
+    tmp.write_text(value)
+    tmp.replace(memo)
+    return value
 
 
 # -- Offline CLIP tokenizer ----------------------------------------------------------

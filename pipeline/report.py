@@ -1,92 +1,158 @@
-"""`daguerre inspect OUT`: what an output prefix holds, read from its metadata and errors alone.
+"""`daguerre inspect OUT`: what an output prefix holds, read from its metadata, errors and runs.
 
 Only the columns needed are read, so a prefix with millions of rows is summarised
-without loading images or prompts.
+without loading images or prompts. The speed figures of a run are computed by
+`speed_figures` from the same inputs wherever they are shown (the job's summary, its
+run record, inspect), so they agree:
+
+    startup_s                 run start -> first image written
+    steady_images_per_s       images after the first write / (last write - first write)
+    end_to_end_images_per_s   images / (run end - run start)
+    mean_engine_batch         images / engine calls (each image knows its call's size)
 """
 
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from daguerre.pipeline.config import StorageConfig
-from daguerre.pipeline.storage import ERRORS, METADATA, Storage
+from .catalog import read_errors, read_metadata
+from .config import StorageConfig
+from .storage import METADATA, RUNS, Storage, StorageError
 
 _COLUMNS = ["id", "model", "weights_hash", "backend", "node_id", "created_at", "timings",
-            "width", "height", "steps", "scheduler"]  # fmt: skip
+            "width", "height", "steps", "scheduler", "batch_size", "run_id"]  # fmt: skip
+
+
+def speed_figures(
+    written_at: list[dt.datetime], started_at: dt.datetime, ended_at: dt.datetime | None
+) -> dict[str, float | None]:
+    """startup_s, steady_images_per_s and end_to_end_images_per_s of one run's images."""
+    figures: dict[str, float | None] = dict.fromkeys(
+        ("startup_s", "steady_images_per_s", "end_to_end_images_per_s")
+    )
+    if ended_at is not None:
+        wall = (ended_at - started_at).total_seconds()
+        figures["end_to_end_images_per_s"] = len(written_at) / wall if wall > 0 else None
+    if not written_at:
+        return figures
+    first, last = min(written_at), max(written_at)
+    figures["startup_s"] = (first - started_at).total_seconds()
+    span = (last - first).total_seconds()
+    after_first = sum(1 for t in written_at if t > first)
+    figures["steady_images_per_s"] = after_first / span if span > 0 else None
+    return figures
+
+
+def mean_engine_batch(batch_sizes: list[int]) -> float | None:
+    """Images per engine call: each image of a call of size b is 1/b of that call."""
+    calls = sum(1 / b for b in batch_sizes if b)
+    return len(batch_sizes) / calls if calls else None
 
 
 @dataclass
 class OutputReport:
-    """Counts, errors, throughput and provenance of one output prefix."""
+    """Counts, errors, speed and provenance of one output prefix."""
 
     output: str
-    images: int = 0
-    distinct_ids: int = 0
-    duplicate_rows: int = 0
-    errors: int = 0  # distinct errors of ids that have no image
+    images: int = 0  # ids with an image (one row each, as every reader sees them)
+    metadata_rows: int = 0  # rows in the fragments, superseded ones included
+    errors: int = 0  # standing errors: latest run's, of ids that have no image
     errors_by_stage: dict[str, int] = field(default_factory=dict)
     errors_by_reason: dict[str, int] = field(default_factory=dict)  # "stage field: reason"
     first_image_at: str | None = None
     last_image_at: str | None = None
-    images_per_s: float | None = None  # first to last image written
     stage_s: dict[str, float] = field(default_factory=dict)  # summed over images
+    mean_engine_batch: float | None = None
     models: dict[str, int] = field(default_factory=dict)  # "model (weights hash)" -> images
     backends: dict[str, int] = field(default_factory=dict)
     nodes: int = 0
     shapes: dict[str, int] = field(default_factory=dict)  # "WxH, N steps, scheduler" -> images
+    runs: int = 0
+    last_run: dict[str, Any] | None = None  # the latest run record's figures
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        return json.dumps(asdict(self), indent=2, default=str)
 
 
 def inspect_output(
     uri: str, storage_config: StorageConfig | None = None, top: int = 10
 ) -> OutputReport:
-    """The report of the output prefix `uri` (raises StorageError when it cannot be read)."""
+    """The report of the output prefix `uri` (StorageError when it is not a readable output)."""
     storage = Storage(uri, storage_config)
     storage.check_readable()
+    if not storage.is_output():
+        raise StorageError(
+            f"{uri}: not a daguerre output (no _daguerre marker, metadata/ or runs/ in it)"
+        )
     report = OutputReport(output=storage.url(""))
-    table = storage.read_table(METADATA, columns=_COLUMNS)
-    if table is not None and table.num_rows:
-        rows = table.to_pylist()
-        report.images = len(rows)
-        report.distinct_ids = len({r["id"] for r in rows})
-        report.duplicate_rows = report.images - report.distinct_ids
-        stamps = sorted(r["created_at"] for r in rows)
-        report.first_image_at, report.last_image_at = stamps[0].isoformat(), stamps[-1].isoformat()
-        span = (stamps[-1] - stamps[0]).total_seconds()
-        report.images_per_s = report.images / span if span > 0 else None
-        stage_s: collections.Counter[str] = collections.Counter()
-        for r in rows:
-            stage_s.update(r["timings"])
-        report.stage_s = {k: round(v, 3) for k, v in stage_s.items()}
-        report.models = _count(f"{r['model']} ({r['weights_hash'][:19]})" for r in rows)
-        report.backends = _count(
-            ", ".join(f"{k}={v}" for k, v in sorted(dict(r["backend"]).items())) for r in rows
-        )
-        report.nodes = len({r["node_id"] for r in rows})
-        report.shapes = _count(
-            f"{r['width']}x{r['height']}, {r['steps']} steps, {r['scheduler']}" for r in rows
-        )
-    errors = storage.read_table(ERRORS, columns=["id", "stage", "field", "reason"])
+    table = read_metadata(storage, _COLUMNS)
+    raw = storage.read_table(METADATA, columns=["id"])
+    report.metadata_rows = 0 if raw is None else raw.num_rows
+    if table is not None:
+        _describe_images(report, table.to_pylist())
+    errors = read_errors(
+        storage, None if table is None else table["id"], ["id", "stage", "field", "reason"]
+    )
     if errors is not None and errors.num_rows:
-        # A rerun records a still-bad row again, and a row that failed once may have
-        # succeeded later: count each distinct error once, and only for ids without an image.
-        done = set() if table is None else set(table.column("id").to_pylist())
-        unique = {tuple(r.values()): r for r in errors.to_pylist() if r["id"] not in done}
-        rows = list(unique.values())
+        rows = errors.to_pylist()
         report.errors = len(rows)
         report.errors_by_stage = _count(r["stage"] for r in rows)
         reasons = _count(f"{r['stage']} {r['field']}: {r['reason']}" for r in rows)
         report.errors_by_reason = dict(list(reasons.items())[:top])
+    records = read_run_records(storage)
+    report.runs = len(records)
+    if records:
+        report.last_run = _last_run(records[-1], [] if table is None else table.to_pylist())
     return report
+
+
+def _describe_images(report: OutputReport, rows: list[dict]) -> None:
+    report.images = len(rows)
+    stamps = sorted(r["created_at"] for r in rows)
+    report.first_image_at, report.last_image_at = stamps[0].isoformat(), stamps[-1].isoformat()
+    stage_s: collections.Counter[str] = collections.Counter()
+    for r in rows:
+        stage_s.update(r["timings"])
+    report.stage_s = {k: round(v, 3) for k, v in stage_s.items()}
+    report.mean_engine_batch = mean_engine_batch([r["batch_size"] for r in rows])
+    report.models = _count(f"{r['model']} ({r['weights_hash'][:19]})" for r in rows)
+    report.backends = _count(
+        ", ".join(f"{k}={v}" for k, v in sorted(dict(r["backend"]).items())) for r in rows
+    )
+    report.nodes = len({r["node_id"] for r in rows})
+    report.shapes = _count(
+        f"{r['width']}x{r['height']}, {r['steps']} steps, {r['scheduler']}" for r in rows
+    )
+
+
+def read_run_records(storage: Storage) -> list[dict[str, Any]]:
+    """Every run record under runs/, oldest first (run ids sort by start time)."""
+    path = storage.path(RUNS)
+    if not storage.fs.exists(path):
+        return []
+    names = sorted(p for p in storage.fs.ls(path, detail=False) if p.endswith(".json"))
+    return [json.loads(storage.fs.cat_file(p)) for p in names]
+
+
+def _last_run(record: dict[str, Any], rows: list[dict]) -> dict[str, Any]:
+    """The figures of the latest run as its record states them (the summary it printed)."""
+    keys = ("run_id", "started_at", "ended_at", "generated", "skipped_done", "errors",
+            "startup_s", "steady_images_per_s", "end_to_end_images_per_s", "mean_engine_batch")  # fmt: skip
+    out = {k: record.get(k) for k in keys}
+    out["images_now"] = sum(1 for r in rows if r["run_id"] == record.get("run_id"))
+    return out
 
 
 def _count(values: Any) -> dict[str, int]:
     return dict(collections.Counter(values).most_common())
+
+
+def _rate(value: float | None, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:.2f}{unit}"
 
 
 def print_report(report: OutputReport) -> None:
@@ -96,14 +162,24 @@ def print_report(report: OutputReport) -> None:
 
     console = Console()
     summary = Table(title=f"daguerre output: {report.output}", show_header=False)
-    rate = f"{report.images_per_s:.2f}" if report.images_per_s else "n/a"
+    superseded = report.metadata_rows - report.images
     rows = [
-        ("images", f"{report.images} ({report.distinct_ids} ids, {report.duplicate_rows} duplicate rows)"),
+        ("images", f"{report.images} ({superseded} superseded rows in the fragments)"),
         ("errors", f"{report.errors} {report.errors_by_stage or ''}".strip()),
         ("written", f"{report.first_image_at} .. {report.last_image_at}"),
-        ("images/s", f"{rate} (first to last image written)"),
+        ("mean engine batch", _rate(report.mean_engine_batch)),
         ("nodes", str(report.nodes)),
-    ]  # fmt: skip
+        ("runs", str(report.runs)),
+    ]
+    run = report.last_run
+    if run:
+        rows += [
+            ("last run", f"{run['run_id']}: {run['generated']} generated, "
+                         f"{run['skipped_done']} skipped, {run['errors']} errors"),
+            ("  startup", _rate(run["startup_s"], " s")),
+            ("  steady images/s", _rate(run["steady_images_per_s"])),
+            ("  end-to-end images/s", _rate(run["end_to_end_images_per_s"])),
+        ]  # fmt: skip
     for name, seconds in report.stage_s.items():
         if seconds:
             rows.append((f"  {name.removesuffix('_s')}", f"{seconds:.2f} s (summed over images)"))

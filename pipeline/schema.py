@@ -9,8 +9,10 @@ the validation stage never pay for torch, ray or diffusers.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
+import json
 import re
 import types
 import typing
@@ -38,6 +40,7 @@ class Scheduler(str, Enum):
 
 
 SCHEDULERS = tuple(s.value for s in Scheduler)
+SEED_LIMIT = 2**63  # seeds are int64 in the manifest: 0 <= seed < SEED_LIMIT
 
 # An id becomes a storage key (`images/<id>.png`): path segments of these characters only.
 _ID_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
@@ -141,7 +144,7 @@ class ImageRequest(BaseModel):
     @field_validator("seed")
     @classmethod
     def _check_seed(cls, v: int | None) -> int | None:
-        if v is not None and not 0 <= v < 2**63:
+        if v is not None and not 0 <= v < SEED_LIMIT:
             raise ValueError(f"{v} is out of range; use 0 <= seed < 2**63")
         return v
 
@@ -189,6 +192,27 @@ class ImageRequest(BaseModel):
     def resolved_seed(self) -> int:
         """The seed used: the given one, or one derived from the id (stable across runs)."""
         return self.seed if self.seed is not None else seed_from_id(self.id)
+
+    def resolved_size(self, default_side: int) -> tuple[int, int]:
+        """(width, height) made: the request's, the model's native side filling what is missing."""
+        return self.width or default_side, self.height or default_side
+
+    def fingerprint(self, width: int, height: int) -> str:
+        """A digest of everything that decides this request's pixels at a resolved size.
+
+        `metadata` and `model` are left out: the first never changes an image, the second is
+        compared on its own (model name and weights hash)."""
+        fields = {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.resolved_seed,
+            "steps": self.steps,
+            "guidance_scale": float(self.guidance_scale),
+            "width": width,
+            "height": height,
+            "scheduler": self.scheduler.value,
+        }
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def seed_from_id(request_id: str) -> int:
@@ -263,6 +287,46 @@ class StageTimings(BaseModel):
     write_s: float = 0.0
 
 
+@dataclasses.dataclass
+class GeneratedImage:
+    """One image out of the engine and how it was made (raw pixels: nothing encoded yet)."""
+
+    request: ImageRequest
+    image: Any  # np.ndarray [H, W, 3] uint8
+    seed: int
+    width: int
+    height: int
+    batch_size: int  # images denoised together with this one
+    scheduler_config: str  # JSON
+    timings: StageTimings  # this image's share of its chunk's time
+
+
+class EngineRow(BaseModel):
+    """One row out of the batch job's engine stage: an image's raw pixels, or why there is none.
+
+    The Arrow schema between the engine actors and the write tasks derives from it."""
+
+    id: str
+    request: str | None  # ImageRequest JSON; None for a row that failed validation
+    row: str | None  # the manifest row as JSON (for the errors table)
+    error_stage: str | None = None
+    error_field: str | None = None
+    error_reason: str | None = None
+    pixels: bytes | None = None  # [height, width, 3] uint8, row-major
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    batch_size: int | None = None
+    scheduler_config: str | None = None
+    timings: StageTimings | None = None
+    # Provenance of the engine actor.
+    model: str
+    weights_hash: str
+    backend: dict[str, str]
+    node_id: str
+    actor_id: str
+
+
 class ImageRecord(BaseModel):
     """One metadata row per finished image: the request and its full provenance."""
 
@@ -281,6 +345,7 @@ class ImageRecord(BaseModel):
     # The output.
     uri: str
     sha256: str
+    request_fingerprint: str  # ImageRequest.fingerprint: a rerun compares it with the manifest's
     # Provenance.
     weights_hash: str
     scheduler_config: str  # JSON of the diffusers scheduler config
@@ -290,7 +355,9 @@ class ImageRecord(BaseModel):
     timings: StageTimings
     node_id: str
     actor_id: str
+    run_id: str  # the job run (or Serve deployment) that wrote this row; later runs supersede
     created_at: dt.datetime
+    client_id: str | None = None  # online: the id the client sent (the stored id is namespaced)
     status: Literal["ok"] = "ok"  # failures go to the errors table, never here
     error: str | None = None
 
@@ -303,6 +370,7 @@ class ErrorRecord(BaseModel):
     field: str
     reason: str
     row: str  # the offending row as JSON, truncated
+    run_id: str  # the run that recorded it; a later run's rows for the same id supersede it
     created_at: dt.datetime
 
 
@@ -336,6 +404,11 @@ def error_schema() -> Any:
     return arrow_schema(ErrorRecord)
 
 
+def engine_row_schema() -> Any:
+    """Arrow schema of the engine stage's output (`EngineRow`)."""
+    return arrow_schema(EngineRow, required={"id"})
+
+
 def _arrow_type(annotation: Any) -> tuple[Any, bool]:
     import pyarrow as pa
 
@@ -357,6 +430,7 @@ def _arrow_type(annotation: Any) -> tuple[Any, bool]:
         return pa.string(), False
     simple = {
         str: pa.string(),
+        bytes: pa.binary(),
         int: pa.int64(),
         float: pa.float64(),
         bool: pa.bool_(),

@@ -1,18 +1,21 @@
 """Object storage for job inputs and outputs, through fsspec: a local folder by default.
 
 An output prefix holds
-    images/<id>.png            one PNG per finished image (deterministic key: rewrites overwrite)
-    metadata/part-<d>.parquet  ImageRecord rows; one fragment per written batch
-    errors/part-<d>.parquet    ErrorRecord rows
-    runs/<utc>.json            one summary per job run
-where <d> is a digest of the fragment's content ids, so a retried batch rewrites the
-same object instead of adding a duplicate. Writes are atomic: a local file is written
+    images/<id>.png                    one PNG per finished image (deterministic key)
+    metadata/part-<run>-<d>.parquet    ImageRecord rows; one fragment per written batch
+    errors/part-<run>-<d>.parquet      ErrorRecord rows
+    runs/<run>.json                    one record per job run
+    _daguerre, _lease.json             the marker of an output, the lease of the run writing it
+where <run> is the run id and <d> a digest of the fragment's ids, so a retried batch
+rewrites the same object. Which row of an id counts is decided by its readers
+(pipeline/catalog.py), not by fragment names. Writes are atomic: a local file is written
 aside and renamed into place; object stores publish whole objects on PUT. Readers skip
-names starting with '.' or '_', which is where partial local writes live.
+names starting with '.' or '_', which is where partial local writes and leases live.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -22,7 +25,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from daguerre.pipeline.config import StorageConfig
+    from .config import StorageConfig
 
 IMAGES, METADATA, ERRORS, RUNS = "images", "metadata", "errors", "runs"
 MARKER = "_daguerre"  # written at the output root when a job starts: proves write access
@@ -30,6 +33,10 @@ MARKER = "_daguerre"  # written at the output root when a job starts: proves wri
 
 class StorageError(ValueError):
     """Storage that cannot be used; one line naming the URI and the cause, never a secret."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write found another version of the object than the one expected."""
 
 
 def is_remote(uri: str) -> bool:
@@ -43,7 +50,7 @@ def storage_options(uri: str, config: StorageConfig | None = None) -> dict[str, 
     `config`, the rest left to the standard AWS chain (environment, profiles, config files)."""
     if not uri.startswith(("s3://", "s3a://")):
         return {}
-    from daguerre.pipeline.config import StorageConfig
+    from .config import StorageConfig
 
     config = config or StorageConfig()
     endpoint = (
@@ -114,9 +121,11 @@ class Storage:
         return posixpath.join(self.root, key) if key else self.root
 
     def url(self, key: str) -> str:
-        """The full URI of a key (what metadata records as `uri`)."""
+        """The full URI of a key (what metadata records as `uri`): file://... or s3://..."""
         path = self.path(key)
-        return path if self.is_local else self.fs.unstrip_protocol(path)
+        if self.is_local:
+            return "file://" + os.path.abspath(path)
+        return self.fs.unstrip_protocol(path)
 
     def write_bytes(self, key: str, data: bytes) -> str:
         """Write `data` at `key` atomically; return its URI."""
@@ -139,19 +148,73 @@ class Storage:
         pq.write_table(table, buf, compression="zstd")
         return self.write_bytes(key, buf.getvalue())
 
-    def read_table(self, prefix: str, columns: list[str] | None = None) -> Any:
-        """All Parquet fragments under `prefix` as one Arrow table, or None when there are none."""
+    def read_table(self, prefix: str, columns: list[str] | None = None, schema: Any = None) -> Any:
+        """All Parquet fragments under `prefix` as one Arrow table, or None when there are none.
+
+        With `schema`, fragments written before a column existed read it as nulls; the
+        column `__filename` names each row's fragment."""
         import pyarrow.dataset as pads
 
         path = self.path(prefix)
         if not self.fs.exists(path):
             return None
         dataset = pads.dataset(
-            path, format="parquet", filesystem=self.fs, ignore_prefixes=[".", "_"]
+            path, format="parquet", filesystem=self.fs, ignore_prefixes=[".", "_"], schema=schema
         )
         if not dataset.files:
             return None
         return dataset.to_table(columns=columns)
+
+    def delete(self, key_or_path: str) -> None:
+        """Remove one object (a key under the prefix, or a path from `read_table`'s __filename)."""
+        path = key_or_path if key_or_path.startswith(self.root) else self.path(key_or_path)
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(path)
+
+    def read_versioned(self, key: str) -> tuple[bytes, str] | None:
+        """(content, version) of a small object, or None when it does not exist. The version
+        is what `swap_bytes` expects: the ETag on object stores, a content digest locally."""
+        path = self.path(key)
+        try:
+            if self.is_local:
+                data = self.fs.cat_file(path)
+                return data, hashlib.sha256(data).hexdigest()
+            # The version first, then the content: a swap expecting that version succeeds
+            # only if the object is still exactly what was read.
+            version = self.fs.info(path)["ETag"]
+            return self.fs.cat_file(path), version
+        except FileNotFoundError:
+            return None
+
+    def swap_bytes(self, key: str, data: bytes, expected: str | None) -> str:
+        """Write `data` at `key` only if its current version is `expected` (None: only if it
+        does not exist); return the new version. Raises PreconditionFailed otherwise.
+
+        Object stores do it with a conditional PUT (If-None-Match / If-Match); a local folder
+        under an exclusive lock of a sibling file (one host)."""
+        if self.is_local:
+            return self._swap_local(key, data, expected)
+        condition = {"mode": "create"} if expected is None else {"IfMatch": expected}
+        try:
+            out = self.fs.pipe_file(self.path(key), data, **condition)
+        except OSError as exc:
+            if "pre-condition" in str(exc).lower() or "precondition" in str(exc).lower():
+                raise PreconditionFailed(f"{self.url(key)}: changed by another writer") from None
+            raise
+        return (out or {}).get("ETag") or self.fs.info(self.path(key))["ETag"]
+
+    def _swap_local(self, key: str, data: bytes, expected: str | None) -> str:
+        import fcntl
+
+        path = self.path(key)
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        with open(path + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.read_versioned(key)
+            if (current[1] if current else None) != expected:
+                raise PreconditionFailed(f"{self.url(key)}: changed by another writer")
+            self.write_bytes(key, data)
+        return hashlib.sha256(data).hexdigest()
 
     def check_readable(self) -> None:
         """Raise StorageError unless the prefix exists and can be read (credentials, bucket)."""
@@ -176,16 +239,15 @@ class Storage:
         except Exception as exc:
             raise StorageError(f"{self.uri}: {explain(exc, self)}") from None
 
-    def read_ids(self, prefix: str = METADATA) -> set[str]:
-        """Ids recorded under `prefix` (finished images for `metadata`)."""
-        table = self.read_table(prefix, columns=["id"])
-        return set() if table is None else set(table.column("id").to_pylist())
+    def is_output(self) -> bool:
+        """True when the prefix holds a daguerre output (its marker, metadata or runs)."""
+        return any(self.fs.exists(self.path(k)) for k in (MARKER, METADATA, RUNS))
 
 
-def fragment_key(prefix: str, ids: list[str]) -> str:
-    """A deterministic fragment name for a batch: the same ids always give the same key."""
+def fragment_key(prefix: str, run_id: str, ids: list[str]) -> str:
+    """A fragment name for a batch of one run: the same run and ids always give the same key."""
     digest = hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:24]
-    return f"{prefix}/part-{digest}.parquet"
+    return f"{prefix}/part-{run_id}-{digest}.parquet"
 
 
 def image_key(image_id: str) -> str:

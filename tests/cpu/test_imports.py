@@ -19,7 +19,9 @@ def _run(code: str, cwd: Path = REPO) -> str:
 def test_light_modules_import_no_heavy_packages():
     code = (
         "import sys\n"
-        "import daguerre.pipeline.schema, daguerre.pipeline.config, daguerre.pipeline.manifest, daguerre.pipeline.cli, daguerre.cluster.api\n"
+        "import daguerre.pipeline.schema, daguerre.pipeline.config, daguerre.pipeline.manifest\n"
+        "import daguerre.pipeline.catalog, daguerre.pipeline.lease, daguerre.pipeline.report\n"
+        "import daguerre.cluster.cli, daguerre.cluster.api, daguerre.cluster.plan\n"
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     assert _run(code).strip() == "[]"
@@ -62,3 +64,27 @@ def test_subpackages_map_to_the_top_level_folders():
     assert Path(daguerre.pipeline.__file__).parent == REPO / "pipeline"
     assert Path(daguerre.kernels.__file__).parent == REPO / "kernels"
     assert Path(daguerre.cluster.__file__).parent == REPO / "cluster"
+
+
+LAYERS = {"cluster": 2, "pipeline": 1, "kernels": 0}
+
+
+def test_layers_only_import_downwards():
+    """cluster -> pipeline -> kernels, never back up (relative imports, as DESIGN.md asks)."""
+    import ast
+
+    wrong = []
+    for folder, level in LAYERS.items():
+        for path in (REPO / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ImportFrom):
+                    continue
+                if node.level == 0 and (node.module or "").startswith("daguerre."):
+                    target = node.module.split(".")[1]
+                elif node.level == 2:
+                    target = (node.module or "").split(".")[0]
+                else:
+                    continue
+                if LAYERS.get(target, -1) > level:
+                    wrong.append(f"{path.relative_to(REPO)}:{node.lineno} imports {target}")
+    assert not wrong, wrong

@@ -15,7 +15,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from daguerre.pipeline.config import EngineConfig, JobConfig
-from daguerre.pipeline.job import ManifestError, inspect_manifest, run_job
+from daguerre.cluster.job import run_job
+from daguerre.pipeline.manifest import ManifestError, inspect_manifest
 from daguerre.pipeline.schema import ImageRequest, manifest_schema
 from PIL import Image
 
@@ -92,7 +93,7 @@ def test_counts(job):
     assert s.errors == len(BAD) + 1  # both "dup" rows
     assert s.errors_by_stage == {"validate": len(BAD) + 1}
     assert s.skipped_done == 0
-    assert s.images_per_s > 0 and s.stage_s["denoise_s"] > 0
+    assert s.end_to_end_images_per_s > 0 and s.startup_s > 0 and s.stage_s["denoise_s"] > 0
 
 
 def test_images_decode_and_match_metadata(job):
@@ -102,7 +103,7 @@ def test_images_decode_and_match_metadata(job):
         path = job["out"] / "images" / f"{record['id']}.png"
         data = path.read_bytes()
         assert hashlib.sha256(data).hexdigest() == record["sha256"]
-        assert record["uri"] == str(path)
+        assert record["uri"] == path.as_uri()
         image = Image.open(io.BytesIO(data))
         assert image.size == (record["width"], record["height"]) and image.mode == "RGB"
         assert record["model"] == "tiny" and record["weights_hash"].startswith("sha256:")
@@ -140,8 +141,11 @@ def test_rerun_generates_nothing(job):
     assert metadata(job["out"]).num_rows == len(VALID)
 
 
-def test_deleted_metadata_rows_are_regenerated_exactly(job):
-    out = job["out"]
+def test_deleted_metadata_rows_are_regenerated_exactly(job, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"  # a copy: the module's output stays as other tests expect it
+    shutil.copytree(job["out"], out)
     gone = {"ok-0", "ok-4", "nested/ok-3"}
     for fragment in (out / "metadata").glob("*.parquet"):
         table = pq.read_table(fragment)
@@ -161,10 +165,30 @@ def test_deleted_metadata_rows_are_regenerated_exactly(job):
 
 
 def test_not_parquet_is_refused_before_ray(tmp_path):
-    bad = tmp_path / "prompts.csv"
-    bad.write_text("id,prompt\n1,a cat\n")
-    with pytest.raises(ManifestError, match=r"prompts.csv: not a Parquet manifest"):
+    bad = tmp_path / "rows.bin"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(ManifestError, match=r"rows.bin: not a Parquet manifest"):
         inspect_manifest(str(bad))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\n")
+    with pytest.raises(ManifestError, match=r"a prompt list, not a manifest.*daguerre manifest"):
+        inspect_manifest(str(prompts))
+
+
+def test_csv_and_jsonl_manifests_are_read_directly(tmp_path):
+    csv_file = tmp_path / "rows.csv"
+    csv_file.write_text("id,prompt,steps,width\na,a cat,3,64\nb,a dog,,\n")
+    info = inspect_manifest(str(csv_file))
+    assert info.rows == 2 and info.ids == ["a", "b"] and info.table["steps"].to_pylist() == [3, None]
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text('{"id": "a", "prompt": "a cat", "metadata": {"sku": "A-1"}}\n'
+                     '{"id": "b", "prompt": "a dog", "seed": 4}\n')  # fmt: skip
+    info = inspect_manifest(str(jsonl))
+    assert info.rows == 2 and info.table["metadata"].to_pylist()[0] == [("sku", "A-1")]
+    templated = tmp_path / "products.csv"
+    templated.write_text("product,style\na teapot,soft light\n")
+    with pytest.raises(ManifestError, match="missing required columns id, prompt.*--template"):
+        inspect_manifest(str(templated))
 
 
 def test_missing_columns_are_named(tmp_path):
@@ -203,12 +227,14 @@ def test_cli_bad_manifest_exits_2_with_one_line(tmp_path):
     result = cli("generate", str(bad), "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "prompts.txt: not a Parquet manifest" in lines[0]
+    assert len(lines) == 1 and "prompts.txt: a prompt list, not a manifest" in lines[0]
+    assert "daguerre manifest" in lines[0]
     assert not (tmp_path / "o").exists()
 
 
 def test_cli_generate_twice(tmp_path):
-    manifest = write(VALID[:2], tmp_path / "m.parquet")
+    manifest = str(tmp_path / "m.csv")  # a CSV with the manifest's columns runs as it is
+    Path(manifest).write_text("id,prompt,seed,steps\nok-0,a lighthouse,1,3\nok-1,a teapot,2,3\n")
     first = cli("generate", manifest, "--out", str(tmp_path / "o"), "--no-progress", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert len(list((tmp_path / "o" / "images").glob("*.png"))) == 2
@@ -231,18 +257,49 @@ def test_cli_demo(tmp_path):
     assert "generated" in result.stdout and "images:" in result.stdout
 
 
+def test_reruns_do_not_grow_the_errors_table(job):
+    """Bad rows are recorded again by every run that meets them; the older rows are
+    superseded, so errors/ holds one row per bad manifest row, not one per run."""
+    errors_dir = job["out"] / "errors"
+    for _ in range(2):
+        summary = run_job(job["manifest"], str(job["out"]), job["config"], progress=False)
+        assert summary.generated == 0 and summary.errors == len(BAD) + 1
+        rows = pads.dataset(errors_dir, format="parquet").to_table().to_pylist()
+        assert len(rows) == len(BAD) + 1  # both "dup" rows, every other bad row once
+        assert {r["run_id"] for r in rows} == {summary.run_id}
+
+
 def test_cli_inspect_reads_the_metadata(job, tmp_path):
     result = cli("inspect", str(job["out"]), "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["images"] == len(VALID) and report["duplicate_rows"] == 0
-    errors = pads.dataset(job["out"] / "errors", format="parquet").to_table().to_pylist()
-    distinct = {(e["id"], e["stage"], e["field"], e["reason"]) for e in errors}
-    assert len(errors) > len(distinct)  # reruns recorded the bad rows again...
-    assert report["errors"] == len(distinct)  # ...but each counts once
-    assert report["errors_by_stage"] == {"validate": len(distinct)}
+    assert report["images"] == len(VALID) and report["metadata_rows"] == len(VALID)
+    assert report["errors"] == len(BAD) + 1
+    assert report["errors_by_stage"] == {"validate": len(BAD) + 1}
     assert len(report["models"]) == 1 and next(iter(report["models"])).startswith("tiny (sha256:")
+    # the last run's figures are the ones its record (and its printed summary) states
+    records = sorted((job["out"] / "runs").glob("*.json"))
+    last = json.loads(records[-1].read_text())
+    assert report["runs"] == len(records)
+    for key in ("run_id", "generated", "startup_s", "steady_images_per_s", "end_to_end_images_per_s"):
+        assert report["last_run"][key] == last[key]
     table = cli("inspect", str(job["out"]), cwd=tmp_path)
     assert "images" in table.stdout and "errors by reason" in table.stdout
     missing = cli("inspect", str(tmp_path / "nope"), cwd=tmp_path)
     assert missing.returncode == 2 and "no such file or prefix" in missing.stderr
+    (tmp_path / "not-an-output").mkdir()
+    other = cli("inspect", str(tmp_path / "not-an-output"), cwd=tmp_path)
+    assert other.returncode == 2
+    assert other.stderr.strip() == (
+        f"daguerre: error: {tmp_path / 'not-an-output'}: not a daguerre output "
+        "(no _daguerre marker, metadata/ or runs/ in it)"
+    )
+
+
+def test_run_record_holds_config_command_versions_and_host(job):
+    record = json.loads(sorted((job["out"] / "runs").glob("*.json"))[0].read_text())
+    assert record["config"]["engine"]["model"] == "tiny" and record["config"]["batch_size"] == 3
+    assert record["command"] and {"daguerre", "torch", "ray", "diffusers"} <= set(record["versions"])
+    assert record["host"]["name"] and record["started_at"] < record["ended_at"]
+    assert "git_commit" in record
+    assert record["generated"] == len(VALID) and record["errors"] == len(BAD) + 1

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from daguerre.pipeline.cli import main
+from daguerre.cluster.cli import main
 from daguerre.pipeline.manifest import ManifestBuildError, build_manifest, demo_manifest
 from daguerre.pipeline.schema import ImageRequest, validate_request
 
@@ -32,9 +32,18 @@ def test_txt_times_seeds(tmp_path):
     )
     rows = pq.read_table(out).to_pylist()
     assert len(rows) == 3 * 2
-    assert rows[0]["id"] == "prompts-00001-s0" and rows[1]["id"] == "prompts-00001-s1"
+    assert rows[0]["id"] == "prompts-00001-s000" and rows[1]["id"] == "prompts-00001-s001"
     assert {r["steps"] for r in rows} == {5}
     assert all(isinstance(validate_request(r), ImageRequest) for r in rows)
+
+
+def test_seed_suffixes_sort_in_seed_order():
+    ids = build_manifest(EXAMPLES / "prompts.txt", seeds=12).column("id").to_pylist()
+    first_prompt = [i for i in ids if i.startswith("prompts-00001-")]
+    assert first_prompt == sorted(first_prompt)  # -s007 before -s010, not -s10 before -s7
+    assert first_prompt[7] == "prompts-00001-s007" and first_prompt[10] == "prompts-00001-s010"
+    wide = build_manifest(EXAMPLES / "prompts.txt", seeds=2, seed_base=9999).column("id")
+    assert wide.to_pylist()[:2] == ["prompts-00001-s09999", "prompts-00001-s10000"]  # one width
 
 
 def test_csv_template_fills_prompt_and_metadata(tmp_path):

@@ -133,7 +133,7 @@ def test_url_response_writes_image_and_metadata(server):
 
 
 def test_online_image_equals_batch_job_image(server, tmp_path):
-    from daguerre.pipeline.job import run_job
+    from daguerre.cluster.job import run_job
 
     row = {"id": "same", "prompt": "a green hill", "seed": 7, "steps": 5, "width": 64,
            "height": 64, "scheduler": "euler_a", "negative_prompt": "fog"}  # fmt: skip

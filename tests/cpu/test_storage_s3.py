@@ -47,7 +47,7 @@ def test_storage_round_trip_and_atomic_names(s3_server):
 
 
 def test_job_reads_and_writes_s3(s3_server, ray_session):
-    from daguerre.pipeline.job import run_job
+    from daguerre.cluster.job import run_job
 
     fs = s3_server.fs()
     manifest = put_manifest(fs, "s3://daguerre/jobs/manifest.parquet", ROWS)
@@ -90,7 +90,7 @@ def test_job_reads_and_writes_s3(s3_server, ray_session):
 
 
 def test_wrong_credentials_fail_before_any_actor_without_the_secret(s3_server, ray_session):
-    from daguerre.pipeline.job import run_job
+    from daguerre.cluster.job import run_job
 
     wrong = "wrong-secret-value-987654321"
     config = JobConfig(storage=s3_server.storage_config(secret_access_key=wrong))

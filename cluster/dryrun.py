@@ -1,0 +1,152 @@
+"""`daguerre generate --dry-run`: what a job would do, before spending GPU hours on it.
+
+Everything the job checks before Ray starts, plus every row validated here: rows valid
+and invalid (by reason), what is already finished, the engine batches by bucket (size,
+steps, scheduler), and an estimate of time and GPU-hours from the last `daguerre bench`
+result for the model on this machine (scaled by steps and pixels), or a note that there
+is none. Nothing is written and no Ray starts.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..pipeline.config import JobConfig
+from ..pipeline.schema import ImageRequest
+from ..pipeline.storage import Storage
+from .bench import last_bench
+from .plan import check_inputs, plan_resume
+from .stages import check_row
+
+
+@dataclass
+class DryRun:
+    """The counts and estimate of a job that was not run."""
+
+    manifest_rows: int
+    valid: int
+    invalid: int
+    invalid_by_field: dict[str, int]
+    finished: int
+    to_generate: int
+    buckets: dict[str, int]  # "WxH, N steps, scheduler" -> images to generate
+    engine_batches: int
+    batch_size: int
+    actors: str
+    notices: list[str] = field(default_factory=list)
+    estimate: dict[str, Any] | None = None
+    no_estimate: str | None = None
+
+
+def dry_run(manifest: str, output: str, config: JobConfig, *, address: str | None = None,
+            overwrite: bool = False, limit: int | None = None) -> DryRun:  # fmt: skip
+    """Check and count what `run_job` would do with these arguments."""
+    plan = check_inputs(manifest, config, local=address is None)
+    storage = Storage(output, plan.config.storage)
+    if storage.fs.exists(storage.root) and storage.is_output():
+        plan_resume(plan, storage, overwrite)
+    rows = _manifest_table(plan).to_pylist()[:limit]
+    duplicates, names = plan.manifest.duplicate_ids, [plan.config.engine.model, plan.model.name]
+    invalid: collections.Counter[str] = collections.Counter()
+    buckets: collections.Counter[tuple] = collections.Counter()
+    valid = finished = 0
+    for row in rows:
+        result = check_row(row, plan.config.limits, duplicates, names)
+        if not isinstance(result, ImageRequest):
+            invalid[result[0].field] += 1
+            continue
+        valid += 1
+        if result.id in plan.skip_ids:
+            finished += 1
+            continue
+        side = plan.model.default_size
+        buckets[(*result.resolved_size(side), result.steps, result.scheduler.value)] += 1
+    size = min(plan.config.batch_size, plan.config.engine.max_batch_size)
+    report = DryRun(
+        manifest_rows=len(rows), valid=valid, invalid=sum(invalid.values()),
+        invalid_by_field=dict(invalid), finished=finished, to_generate=sum(buckets.values()),
+        buckets={f"{w}x{h}, {s} steps, {k}": n for (w, h, s, k), n in sorted(buckets.items())},
+        engine_batches=sum(math.ceil(n / size) for n in buckets.values()), batch_size=size,
+        actors=f"{plan.config.min_actors}:{plan.config.max_actors}", notices=plan.notices,
+    )  # fmt: skip
+    _estimate(report, plan.model.name, buckets, size, plan.config.max_actors)
+    return report
+
+
+def _manifest_table(plan: Any) -> Any:
+    import pyarrow.dataset as pads
+
+    if plan.manifest.table is not None:
+        return plan.manifest.table
+    storage = Storage(plan.manifest.uri, plan.config.storage)
+    return pads.dataset(storage.root, format="parquet", filesystem=storage.fs,
+                        ignore_prefixes=[".", "_"]).to_table()  # fmt: skip
+
+
+def _estimate(report: DryRun, model: str, buckets: collections.Counter, batch: int,
+              actors: int) -> None:  # fmt: skip
+    bench = last_bench(model)
+    if bench is None:
+        report.no_estimate = (f"no daguerre bench result for {model} on this machine: run "
+                              f"`daguerre bench --model {model}` for an estimate")  # fmt: skip
+        return
+    rows = [r for r in bench["results"] if "s_per_image" in r]
+    if not rows:
+        report.no_estimate = f"the last daguerre bench of {model} measured nothing"
+        return
+    near = min(rows, key=lambda r: (abs(r["batch_size"] - batch), -r["batch_size"]))
+    width, height = (int(x) for x in bench["conditions"]["size"].split("x"))
+    steps = bench["conditions"]["steps"]
+    seconds = sum(
+        n * near["s_per_image"] * (s / steps) * (w * h) / (width * height)
+        for (w, h, s, _), n in buckets.items()
+    )
+    report.estimate = {
+        "engine_seconds": seconds, "gpu_hours": seconds / 3600,
+        "wall_seconds_at_max_actors": seconds / max(actors, 1),
+        "from": f"daguerre bench {bench['conditions']['date']}: {model} {width}x{height}, "
+        f"{steps} steps, batch {near['batch_size']}, {near['unet_backend']}, "
+        f"{bench['conditions']['device']}; scaled linearly by steps and pixels",
+    }  # fmt: skip
+
+
+def print_dry_run(report: DryRun) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for line in report.notices:
+        console.print(f"daguerre: {line}", soft_wrap=True)
+    table = Table(title="daguerre generate --dry-run (nothing generated)", show_header=False)
+    invalid = f"{report.invalid}" + (f" {report.invalid_by_field}" if report.invalid else "")
+    rows = [
+        ("manifest rows", str(report.manifest_rows)),
+        ("valid", str(report.valid)),
+        ("invalid", invalid + " (would go to errors/)"),
+        ("finished before", f"{report.finished} (would be skipped)"),
+        ("to generate", str(report.to_generate)),
+        ("engine batches", f"{report.engine_batches} of up to {report.batch_size} images"),
+        ("engine actors", report.actors),
+    ]
+    for bucket, count in report.buckets.items():
+        rows.append((f"  {bucket}", f"{count} images"))
+    if report.estimate:
+        e = report.estimate
+        rows += [("estimated engine time", f"{e['engine_seconds']:.0f} s = {e['gpu_hours']:.3f} "
+                  f"GPU-hours; ~{e['wall_seconds_at_max_actors']:.0f} s on the max actors"),
+                 ("  estimate from", e["from"])]  # fmt: skip
+    else:
+        rows.append(("estimate", report.no_estimate or "n/a"))
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+
+
+def to_json(report: DryRun) -> str:
+    import dataclasses
+
+    return json.dumps(dataclasses.asdict(report), indent=2)

@@ -1,0 +1,339 @@
+"""The HTTP ingress: FastAPI routes on Serve (OpenAI-compatible images API, native API, files).
+
+    HTTP -> Serve proxy -> ApiIngress (CPU): auth, validate into ImageRequests, one engine
+    call per HTTP request (its n images share a batch) -> the images through the one write
+    path (pipeline/outputs.py): inline PNG, or written with their metadata and linked
+
+Errors are JSON in OpenAI's error shape plus every field at fault; a client that goes
+away cancels its engine call, so its images that have not started are never made.
+Links (`response_format=url`) to a local output are signed and expire (HMAC over the
+key and the expiry), so a browser or an <img> tag fetches them without the token.
+
+No `from __future__ import annotations`: Serve pickles the ingress class by value, and
+FastAPI must resolve the route annotations from the objects themselves.
+"""
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import importlib.resources
+import logging
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+import daguerre
+
+from ..pipeline.config import ServeConfig, first_line
+from ..pipeline.outputs import StoredImage, new_run_id, write_outputs
+from ..pipeline.schema import _ID_SEGMENT, FieldError, ImageRequest, field_error
+from ..pipeline.storage import IMAGES, Storage, image_key
+from .api import (
+    GeneratedImageOut,
+    GenerateRequest,
+    GenerateResponse,
+    ImageData,
+    ImagesGenerationRequest,
+    ImagesResponse,
+    ResponseFormat,
+    error_body,
+    online_namespace,
+)
+from .replica import EngineLoopFailed, ReplicaImage
+
+logger = logging.getLogger("ray.serve")
+
+app = FastAPI(
+    title="daguerre",
+    description="Diffusion image generation: OpenAI-compatible images API and a native API.",
+    version=daguerre.__version__,
+)
+
+
+class ApiError(Exception):
+    """An error answered as JSON in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str | None = None,
+        *,
+        fields: list[FieldError] | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.headers = status, headers
+        self.body = error_body(message, fields=fields, type=type, code=code)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    fields = [_request_field_error(err) for err in exc.errors()]
+    return JSONResponse(error_body(fields=fields, code="invalid_value"), status_code=400)
+
+
+def _request_field_error(err: dict[str, Any]) -> FieldError:
+    loc = list(err.get("loc", ()))
+    if loc and loc[0] == "body":
+        loc = loc[1:]
+    if err.get("type") == "json_invalid":
+        return FieldError(field="body", reason=f"is not valid JSON ({err.get('msg', '')})")
+    if not loc and err.get("type") == "missing":
+        return FieldError(
+            field="body", reason="is required: send a JSON object (Content-Type: application/json)"
+        )
+    if not loc and err.get("type") in ("model_attributes_type", "dict_type"):
+        return FieldError(field="body", reason="must be a JSON object")
+    return field_error({**err, "loc": tuple(loc)})
+
+
+def _read_token(config: ServeConfig) -> str | None:
+    if config.auth_token_file:
+        token = Path(config.auth_token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"auth_token_file: {config.auth_token_file} is empty")
+        return token
+    return os.environ.get(config.auth_token_env) or None
+
+
+def sign_key(secret: bytes, key: str, expires: int) -> str:
+    """The signature of a file link: HMAC-SHA256 over the key and its expiry."""
+    return hmac.new(secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def _is_image_key(key: str) -> bool:
+    parts = key.split("/")
+    return (
+        len(parts) >= 2 and parts[0] == IMAGES and parts[-1].endswith(".png")
+        and all(_ID_SEGMENT.match(p) for p in parts[1:])
+    )  # fmt: skip
+
+
+def _page() -> str:
+    return (importlib.resources.files("daguerre.cluster") / "static" / "index.html").read_text()
+
+
+@serve.deployment(name="Api")
+@serve.ingress(app)
+class ApiIngress:
+    """Validates, authorises and fans requests out to the engine deployments."""
+
+    def __init__(self, config: ServeConfig, engines: dict[str, Any], url_secret: str):
+        self.config = ServeConfig.model_validate(config)
+        self.engines = engines  # served name -> DeploymentHandle
+        self.default_model = self.config.models[0].served_name
+        self.storage = Storage(self.config.output, self.config.storage)
+        self.token = _read_token(self.config)
+        self.url_secret = url_secret.encode()
+        self.run_id = new_run_id(kind="serve")
+        self.created = int(time.time())
+
+    # -- routes --------------------------------------------------------------------------
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> HTMLResponse:
+        """A page to try the API from a browser (no external assets)."""
+        return HTMLResponse(_page())
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        return {"status": "ok", "models": list(self.engines)}
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        data = [
+            {"id": name, "object": "model", "created": self.created, "owned_by": "daguerre"}
+            for name in self.engines
+        ]
+        return {"object": "list", "data": data}
+
+    @app.get("/v1/stats")
+    async def stats(self, request: Request) -> dict[str, Any]:
+        """Counters of one replica per model (each call may reach a different replica)."""
+        self._authorize(request)
+        return {name: await handle.stats.remote() for name, handle in self.engines.items()}
+
+    @app.post("/v1/images/generations", response_model=ImagesResponse)
+    async def images_generations(self, body: ImagesGenerationRequest, request: Request) -> Any:
+        self._authorize(request)
+        model = self._model(body.model, "model")
+        base_seed = body.seed if body.seed is not None else secrets.randbelow(2**62)
+        image_requests = body.image_requests(online_namespace(), base_seed, self.config.limits)
+        if image_requests and isinstance(image_requests[0], FieldError):
+            raise ApiError(400, fields=image_requests, code="invalid_value")
+        stored = await self._make(model, image_requests, body.response_format, request, {})
+        data = [ImageData(seed=s.record.seed, id=s.record.id, **fields) for s, fields in stored]
+        return JSONResponse(
+            ImagesResponse(created=int(time.time()), data=data).model_dump(exclude_none=True)
+        )
+
+    @app.post("/v1/generate", response_model=GenerateResponse)
+    async def generate(self, body: GenerateRequest, request: Request) -> Any:
+        self._authorize(request)
+        limit = self.config.max_images_per_request
+        if len(body.requests) > limit:
+            reason = f"has {len(body.requests)} requests; at most {limit} per call"
+            raise ApiError(400, fields=[FieldError(field="requests", reason=reason)])
+        checked = body.image_requests(online_namespace(), self.config.limits)
+        if isinstance(checked, list):
+            raise ApiError(400, fields=checked, code="invalid_value")
+        image_requests, client_ids = checked
+        named = {r.model for r in image_requests if r.model is not None}
+        if len(named) > 1:
+            raise ApiError(
+                400, fields=[FieldError(field="requests.model", reason="one model per call")]
+            )
+        model = self._model(body.model or next(iter(named), None), "model")
+        stored = await self._make(model, image_requests, body.response_format, request,
+                                  client_ids)  # fmt: skip
+        data = [
+            GeneratedImageOut(
+                id=s.record.id, client_id=s.record.client_id, record=s.record, **fields
+            )  # fmt: skip
+            for s, fields in stored
+        ]
+        return JSONResponse(
+            GenerateResponse(created=int(time.time()), data=data).model_dump(
+                mode="json", exclude_none=True
+            )
+        )
+
+    @app.get("/v1/files/{key:path}")
+    async def files(self, key: str, request: Request) -> Response:
+        """An image written for response_format=url under a local output prefix: by its
+        signed link, or with the bearer token."""
+        expires, signature = (
+            request.query_params.get("expires"),
+            request.query_params.get("signature"),
+        )
+        if signature is not None or expires is not None:
+            self._check_signature(key, expires, signature)
+        else:
+            self._authorize(request)
+        if not _is_image_key(key):
+            raise ApiError(404, f"{key!r}: not an image key", code="not_found")
+        try:
+            data = await asyncio.to_thread(self.storage.fs.cat_file, self.storage.path(key))
+        except FileNotFoundError:
+            raise ApiError(404, f"{key}: no such image", code="not_found") from None
+        return Response(data, media_type="image/png")
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), self.token.encode()
+        ):
+            raise ApiError(
+                401,
+                "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                type="authentication_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def _check_signature(self, key: str, expires: str | None, signature: str | None) -> None:
+        try:
+            deadline = int(expires or "")
+        except ValueError:
+            deadline = 0
+        good = sign_key(self.url_secret, key, deadline)
+        if not signature or not hmac.compare_digest(signature.encode(), good.encode()):
+            raise ApiError(403, "this link's signature does not match (tampered or from another "
+                           "deployment)", type="permission_error", code="bad_signature")  # fmt: skip
+        if deadline < time.time():
+            raise ApiError(403, "this link has expired; ask for the image again",
+                           type="permission_error", code="link_expired")  # fmt: skip
+
+    def _model(self, name: str | None, field: str) -> str:
+        name = name or self.default_model
+        if name not in self.engines:
+            reason = f"{name!r} is not served here (served: {', '.join(self.engines)})"
+            raise ApiError(404, fields=[FieldError(field=field, reason=reason)],
+                           code="model_not_found")  # fmt: skip
+        return name
+
+    async def _make(self, model: str, requests: list[ImageRequest], response_format: ResponseFormat,
+                    request: Request, client_ids: dict[str, str]) -> list[tuple[StoredImage, dict]]:  # fmt: skip
+        """Generate, then encode (and for url, write) through the one write path."""
+        images = await self._generate(model, requests)
+        base_url = str(request.base_url)
+        return await asyncio.to_thread(self._package, images, response_format, base_url, client_ids)
+
+    async def _generate(self, model: str, requests: list[ImageRequest]) -> list[ReplicaImage]:
+        """The images of one HTTP request, from one engine call (replicas batch calls)."""
+        call = self.engines[model].generate.remote(requests)
+        try:
+            return await call
+        except BackPressureError as exc:
+            retry = exc.retry_after_s
+            raise ApiError(
+                503, f"model {model!r} is at capacity; retry later", type="server_error",
+                code="overloaded",
+                headers={"Retry-After": str(int(retry + 0.999))} if retry is not None else None,
+            ) from None  # fmt: skip
+        except DeploymentUnavailableError:
+            raise ApiError(
+                503, f"model {model!r} is not available", type="server_error", code="unavailable"
+            ) from None
+        except asyncio.CancelledError:  # the client went away: its unstarted images are dropped
+            call.cancel()
+            raise
+        except EngineLoopFailed as exc:
+            raise ApiError(503, str(exc), type="server_error", code="engine_restarted",
+                           headers={"Retry-After": "1"}) from None  # fmt: skip
+        except Exception as exc:
+            logger.exception("generation failed")
+            raise ApiError(
+                500, f"generation failed: {type(exc).__name__}: {first_line(exc)}",
+                type="server_error", code="generation_failed",
+            ) from None  # fmt: skip
+
+    def _package(self, images: list[ReplicaImage], response_format: ResponseFormat, base_url: str,
+                 client_ids: dict[str, str]) -> list[tuple[StoredImage, dict]]:  # fmt: skip
+        """(stored image, response fields) per image: PNG inline, or written and linked."""
+        url = response_format is ResponseFormat.url
+        stored = write_outputs(
+            [(i.image, i.provenance) for i in images], self.storage if url else None,
+            run_id=self.run_id, version=daguerre.__version__, client_ids=client_ids,
+        )  # fmt: skip
+        out = []
+        for item in stored:
+            if url:
+                fields = {"url": self._public_url(image_key(item.record.id), base_url)}
+            else:
+                fields = {"b64_json": base64.b64encode(item.png).decode()}
+            out.append((item, fields))
+        return out
+
+    def _public_url(self, key: str, base_url: str) -> str:
+        if self.storage.is_local:
+            expires = int(time.time() + self.config.url_ttl_s)
+            signature = sign_key(self.url_secret, key, expires)
+            return f"{base_url.rstrip('/')}/v1/files/{key}?expires={expires}&signature={signature}"
+        try:  # object stores: a presigned URL where the filesystem can make one
+            return self.storage.fs.sign(
+                self.storage.path(key), expiration=int(self.config.url_ttl_s)
+            )
+        except (NotImplementedError, AttributeError):
+            return self.storage.url(key)

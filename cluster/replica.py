@@ -1,0 +1,239 @@
+"""The engine deployment: one DiffusionEngine per Serve replica, fed by a scheduler of ours.
+
+    ingress call (the images of one HTTP request) -> EngineScheduler.submit, one future each
+    scheduler loop: wait for work -> take the oldest request's bucket (size, steps,
+    scheduler) up to max_batch_size, skipping cancelled requests -> one engine call on
+    the engine's own thread -> answer each future
+
+Why not `@serve.batch`: it is one FIFO queue that forms its next batch as soon as the
+previous one starts, cannot drop work whose caller went away, and has no notion of a
+bucket. Here a caller that disconnects cancels its futures, and the loop never starts
+them; work already in the engine finishes and is discarded. The loop is supervised: if
+it fails, the waiting requests get a clear error and it restarts; after repeated
+failures, or when one engine call runs far too long, `check_health` fails so Serve
+replaces the replica.
+
+No `from __future__ import annotations`: Serve pickles deployment classes by value at
+decoration, so what they use must be defined above them.
+"""
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+
+from ..pipeline.config import EngineConfig, StorageConfig
+from ..pipeline.outputs import Provenance
+from ..pipeline.schema import GeneratedImage, ImageRequest
+
+logger = logging.getLogger("ray.serve")
+
+
+class EngineLoopFailed(RuntimeError):
+    """The replica's engine loop failed while a request waited; the request was not made."""
+
+
+@dataclass
+class ReplicaImage:
+    """What a replica returns for one request: the raw image and its provenance."""
+
+    image: GeneratedImage
+    provenance: Provenance
+
+
+@dataclass
+class _Waiting:
+    request: ImageRequest
+    future: asyncio.Future
+    key: Any
+
+
+class EngineScheduler:
+    """Batches waiting requests by bucket for one engine; drops cancelled work; supervised.
+
+    `run_batch` makes one engine call (a list of requests -> one result or exception each).
+    Pure asyncio, so it is tested without Serve (tests/cpu/test_replica.py)."""
+
+    def __init__(
+        self,
+        run_batch: Callable[[list[ImageRequest]], Awaitable[list[Any]]],
+        bucket_key: Callable[[ImageRequest], Any],
+        max_batch_size: int,
+        batch_wait_timeout_s: float = 0.0,
+        max_failures: int = 3,
+        stuck_after_s: float = 900.0,
+    ):
+        self.run_batch, self.bucket_key = run_batch, bucket_key
+        self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
+        self.max_failures, self.stuck_after_s = max_failures, stuck_after_s
+        self.waiting: collections.deque[_Waiting] = collections.deque()
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self.running_since: float | None = None  # when the engine call in progress started
+        self.running = 0  # requests in that call
+        self.failures: list[float] = []  # times the loop failed
+        self.images = 0
+        self.dropped_cancelled = 0
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+
+    # -- callers -------------------------------------------------------------------------
+
+    async def generate(self, requests: list[ImageRequest]) -> list[Any]:
+        """One result per request (an image or the exception that stopped it). If the caller
+        is cancelled, its requests that have not started are dropped."""
+        futures = [self.submit(r) for r in requests]
+        try:
+            return list(await asyncio.gather(*futures))
+        except asyncio.CancelledError:
+            for future in futures:
+                future.cancel()
+            raise
+
+    def submit(self, request: ImageRequest) -> asyncio.Future:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.append(_Waiting(request, future, self.bucket_key(request)))
+        self._ensure_loop()
+        self._wakeup.set()
+        return future
+
+    def health_problem(self) -> str | None:
+        """Why this scheduler should not be trusted with more work (None when healthy)."""
+        recent = [t for t in self.failures if time.monotonic() - t < 300]
+        if len(recent) >= self.max_failures:
+            return f"the engine loop failed {len(recent)} times in 5 minutes"
+        if self.running_since and time.monotonic() - self.running_since > self.stuck_after_s:
+            return f"one engine call has run for {time.monotonic() - self.running_since:.0f} s"
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "batches": sum(self.batch_sizes.values()),
+            "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+            "pending": sum(1 for w in self.waiting if not w.future.cancelled()),
+            "running": self.running,
+            "dropped_cancelled": self.dropped_cancelled,
+            "loop_failures": len(self.failures),
+        }
+
+    # -- the loop --------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._wakeup is None:
+            self._wakeup = asyncio.Event()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+            self._loop_task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """Supervision: fail every waiting request with the cause, restart if work remains."""
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None:
+            return
+        self.failures.append(time.monotonic())
+        self.running, self.running_since = 0, None
+        logger.error("daguerre engine loop failed; restarting it", exc_info=error)
+        failure = EngineLoopFailed(f"the replica's engine loop failed ({type(error).__name__}: "
+                                   f"{error}); it was restarted, retry the request")  # fmt: skip
+        while self.waiting:
+            waiting = self.waiting.popleft()
+            if not waiting.future.done():
+                waiting.future.set_exception(failure)
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if self.batch_wait_timeout_s and len(self.waiting) < self.max_batch_size:
+                await asyncio.sleep(self.batch_wait_timeout_s)  # let a batch gather
+            while self.waiting:
+                batch = self._take_batch()
+                if batch:
+                    await self._run(batch)
+
+    def _take_batch(self) -> list[_Waiting]:
+        """The oldest live request's bucket, up to max_batch_size; cancelled ones dropped."""
+        batch, rest, key = [], collections.deque(), None
+        for waiting in self.waiting:
+            if waiting.future.cancelled():
+                self.dropped_cancelled += 1
+                continue
+            if key is None:
+                key = waiting.key
+            if waiting.key == key and len(batch) < self.max_batch_size:
+                batch.append(waiting)
+            else:
+                rest.append(waiting)
+        self.waiting = rest
+        return batch
+
+    async def _run(self, batch: list[_Waiting]) -> None:
+        self.running, self.running_since = len(batch), time.monotonic()
+        try:
+            results = await self.run_batch([w.request for w in batch])
+        except Exception as exc:  # the engine call itself broke: its requests fail, then the loop
+            for waiting in batch:
+                if not waiting.future.done():
+                    waiting.future.set_exception(EngineLoopFailed(f"the engine call failed: {exc}"))
+            raise
+        self.running, self.running_since = 0, None
+        self.batch_sizes[len(batch)] += 1
+        self.images += len(batch)
+        for waiting, result in zip(batch, results, strict=True):
+            if not waiting.future.done():  # a caller that left gets nothing
+                waiting.future.set_result(result)
+
+
+@serve.deployment(name="Engine")
+class EngineDeployment:
+    """One DiffusionEngine per replica (one GPU each, or a CPU share)."""
+
+    def __init__(
+        self,
+        engine_config: dict[str, Any],
+        batch_wait_timeout_s: float,
+        storage_config: StorageConfig | None = None,
+    ):
+        import ray
+
+        from ..pipeline.engine import EngineThread
+
+        self._thread = EngineThread(EngineConfig(**engine_config), storage_config)
+        engine = self._thread.engine
+        context = ray.get_runtime_context()
+        self.provenance = Provenance(
+            model=engine.model.name,
+            weights_hash=engine.model.weights_hash,
+            backend=engine.backend,
+            node_id=context.get_node_id(),
+            actor_id=context.get_actor_id() or "",
+        )
+        self.scheduler = EngineScheduler(
+            self._thread.generate_each_async, engine.bucket_key, engine.config.max_batch_size,
+            batch_wait_timeout_s,
+        )  # fmt: skip
+
+    async def generate(self, requests: list[ImageRequest]) -> list[ReplicaImage]:
+        """One image per request; concurrent calls share engine batches."""
+        results = await self.scheduler.generate(requests)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return [ReplicaImage(image=r, provenance=self.provenance) for r in results]
+
+    async def stats(self) -> dict[str, Any]:
+        """This replica's counters: images made, engine batches by size, requests waiting."""
+        return {"replica": self.provenance.actor_id, **self.scheduler.stats()}
+
+    def check_health(self) -> None:
+        """Serve's health probe: a replica whose engine loop keeps failing or hangs is replaced."""
+        problem = self.scheduler.health_problem()
+        if problem:
+            raise RuntimeError(f"daguerre engine replica unhealthy: {problem}")

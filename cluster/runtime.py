@@ -1,0 +1,96 @@
+"""What the batch job and the Serve app share about running on Ray: starting or joining a
+cluster, where an engine goes (GPU or CPU share), the model path every node resolves,
+fitting a pool to the machine, and errors unwrapped to their cause in one line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ..pipeline.config import ConfigError, EngineConfig, first_line
+
+
+class ResourceError(ConfigError):
+    """An engine pool that cannot run on the resources at hand; the message says what to change."""
+
+
+def init_ray(address: str | None = None, *, verbose: bool = False, **options: Any) -> None:
+    """Start a local Ray on 127.0.0.1 (address None) or join `address`; quiet unless verbose."""
+    if address is None:
+        # A private local cluster: Ray's token auth only adds a warning line here.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+
+    if ray.is_initialized():
+        return
+    if not verbose:
+        for name in ("ray", "ray.data", "ray.serve"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    local = {"_node_ip_address": "127.0.0.1"} if address is None else {}
+    ray.init(
+        address=address, include_dashboard=False, log_to_driver=verbose,
+        logging_level=logging.INFO if verbose else logging.ERROR, **local, **options,
+    )  # fmt: skip
+
+
+def local_gpus() -> int:
+    """CUDA GPUs on this machine, without importing torch where there is no NVIDIA driver."""
+    if shutil.which("nvidia-smi") is None and not Path("/dev/nvidia0").exists():
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def uses_gpu(engine: EngineConfig, cluster_gpus: float) -> bool:
+    """Whether engines of this config each take a GPU (`device: auto` does when there are any)."""
+    if engine.device.startswith("cuda"):
+        return True
+    return engine.device == "auto" and cluster_gpus > 0
+
+
+def engine_resources(
+    engine: EngineConfig, cluster_gpus: float, *, num_gpus: float = 1.0, num_cpus: float = 1.0
+) -> dict[str, float]:
+    """Ray resources of one engine actor or replica: a GPU share when it runs on a GPU, else
+    a CPU share (`device: cpu` never reserves a GPU, even on a GPU cluster)."""
+    return {"num_gpus": num_gpus if uses_gpu(engine, cluster_gpus) else 0.0, "num_cpus": num_cpus}
+
+
+def node_model_path(spec: str) -> str:
+    """The model spec every node can resolve: a local folder as an absolute path."""
+    path = Path(spec)
+    return str(path.resolve()) if path.is_dir() else spec
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The original exception under Ray's wrappers (task, actor and Ray Data errors)."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None)  # RayTaskError / RayActorError
+        if isinstance(inner, BaseException):
+            exc = inner
+            continue
+        if type(exc).__module__.startswith("ray") and exc.__cause__ is not None:
+            exc = exc.__cause__
+            continue
+        break
+    return exc
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for a failure anywhere under Ray: the original error's type and first line."""
+    cause = root_cause(exc)
+    text = first_line(cause)
+    # Ray prefixes a task's message with its own banner; keep the user's last line of it.
+    if "ray::" in text or text.startswith("Traceback"):
+        lines = [line for line in str(cause).strip().splitlines() if line.strip()]
+        text = lines[-1] if lines else type(cause).__name__
+    name = type(cause).__name__
+    if isinstance(cause, ConfigError | ValueError) or text.startswith(name):
+        return text
+    return f"{name}: {text}"

@@ -1,0 +1,216 @@
+"""The batch job's Ray Data stages, one `map_batches` each:
+
+prepare_batch   CPU tasks: drop finished rows, validate the rest, order rows by bucket
+EngineWorker    the engine actor pool: request rows -> raw images (EngineRow)
+write_batch     CPU tasks: check the lease, then write images, metadata and errors
+                through the one write path (pipeline/outputs.py)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from ..pipeline.config import EngineConfig, StorageConfig, first_line
+from ..pipeline.lease import check_lease
+from ..pipeline.outputs import Provenance, write_errors, write_outputs
+from ..pipeline.schema import (
+    EngineRow,
+    ErrorRecord,
+    FieldError,
+    GeneratedImage,
+    ImageRequest,
+    RequestLimits,
+    StageTimings,
+    engine_row_schema,
+    validate_request,
+)
+from ..pipeline.storage import Storage
+
+MAX_ERROR_ROW_CHARS = 2000
+PREPARED_COLUMNS = ("id", "request", "error_field", "error_reason", "row")
+
+# -- stage 1: validate (CPU tasks, pure) ------------------------------------------------
+
+
+def prepare_batch(
+    batch: Any, skip_ids: Any, duplicate_ids: Any, limits: dict[str, Any], model_names: list[str],
+    default_side: int,
+) -> Any:  # fmt: skip
+    """Drop finished rows; validate the rest. Valid rows carry their request as JSON, sorted
+    by bucket (size, steps, scheduler) so engine batches share one denoising loop; invalid
+    ones carry their first error (the errors table gets one row per invalid request)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import ray
+
+    # Big id sets travel once through the object store; Ray Data does not resolve refs in fn_kwargs.
+    skip_ids, duplicate_ids = ray.get([skip_ids, duplicate_ids])
+    if batch.schema.field("id").type != pa.string():
+        batch = batch.set_column(
+            batch.schema.get_field_index("id"), "id", pc.cast(batch.column("id"), pa.string())
+        )
+    if len(skip_ids):
+        batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=skip_ids)))
+    limits_model = RequestLimits(**limits)
+    duplicates = set(duplicate_ids.to_pylist()) if len(duplicate_ids) else set()
+    valid, invalid = [], []
+    for row in batch.to_pylist():
+        result = check_row(row, limits_model, duplicates, model_names)
+        if isinstance(result, ImageRequest):
+            key = (*result.resolved_size(default_side), result.steps, result.scheduler.value)
+            valid.append((key, result))
+        else:
+            invalid.append((row, result))
+    out: dict[str, list[Any]] = {c: [] for c in PREPARED_COLUMNS}
+    for row, errors in invalid:
+        out["id"].append("" if row.get("id") is None else str(row["id"]))
+        out["request"].append(None)
+        out["error_field"].append(errors[0].field)
+        reason = "; ".join(f"{e.field}: {e.reason}" for e in errors)
+        out["error_reason"].append(reason if len(errors) > 1 else errors[0].reason)
+        out["row"].append(json.dumps(row, default=str)[:MAX_ERROR_ROW_CHARS])
+    for _, request in sorted(valid, key=lambda item: item[0]):
+        out["id"].append(request.id)
+        out["request"].append(request.model_dump_json())
+        out["error_field"].append(None)
+        out["error_reason"].append(None)
+        out["row"].append(None)
+    return pa.table({c: pa.array(v, type=pa.string()) for c, v in out.items()})
+
+
+def check_row(
+    row: dict[str, Any], limits: RequestLimits, duplicates: set[str], model_names: list[str]
+) -> ImageRequest | list[FieldError]:
+    """A manifest row's request, or every reason it is rejected (the field first)."""
+    result = validate_request(row, limits)
+    if isinstance(result, list):
+        return result
+    if result.id in duplicates:
+        return [FieldError(field="id", reason=f"{result.id!r} appears more than once in the "
+                           "manifest; ids must be unique")]  # fmt: skip
+    if result.model is not None and result.model not in model_names:
+        return [FieldError(field="model", reason=f"{result.model!r} is not served by this job "
+                           f"(it runs {model_names[0]!r})")]  # fmt: skip
+    return result
+
+
+# -- stage 2: the engine (actor pool) -----------------------------------------------------
+
+
+class EngineWorker:
+    """A Ray Data actor holding one DiffusionEngine; turns request rows into raw images."""
+
+    def __init__(self, engine_config: dict[str, Any], storage_config: StorageConfig | None = None):
+        import ray
+
+        from ..pipeline.engine import EngineThread
+
+        # The engine runs on a thread of its own (see EngineThread), where it also sets its
+        # thread count (Ray caps OMP_NUM_THREADS at the actor's CPU share).
+        self._engine_thread = EngineThread(EngineConfig(**engine_config), storage_config)
+        engine = self._engine_thread.engine
+        context = ray.get_runtime_context()
+        self.provenance = {
+            "model": engine.model.name,
+            "weights_hash": engine.model.weights_hash,
+            "backend": engine.backend,
+            "node_id": context.get_node_id(),
+            "actor_id": context.get_actor_id() or "",
+        }
+
+    def __call__(self, batch: Any) -> Any:
+        import pyarrow as pa
+
+        rows = batch.to_pylist()
+        requests = [ImageRequest.model_validate_json(r["request"]) for r in rows if r["request"]]
+        results = dict(
+            zip([r.id for r in requests], self._engine_thread.generate_each(requests), strict=True)
+        )
+        out = [self._engine_row(r, results.get(r["id"])).model_dump() for r in rows]
+        return pa.Table.from_pylist(out, schema=engine_row_schema())
+
+    def _engine_row(self, row: dict[str, Any], result: Any) -> EngineRow:
+        base = {"id": row["id"], "request": row["request"], "row": row["row"], **self.provenance}
+        if row["request"] is None:
+            return EngineRow(**base, error_stage="validate", error_field=row["error_field"],
+                             error_reason=row["error_reason"])  # fmt: skip
+        if isinstance(result, GeneratedImage):
+            return EngineRow(
+                **base, pixels=result.image.tobytes(), width=result.width, height=result.height,
+                seed=result.seed, batch_size=result.batch_size,
+                scheduler_config=result.scheduler_config, timings=result.timings,
+            )  # fmt: skip
+        reason = f"{type(result).__name__}: {first_line(result)}" if result else "not generated"
+        return EngineRow(**base, error_stage="generate", error_field="engine", error_reason=reason)
+
+
+# -- stage 3: encode and write (CPU tasks) ------------------------------------------------
+
+SUMMARY_COLUMNS = ("id", "status", "stage", "written_at", "batch_size", *StageTimings.model_fields)
+
+
+def write_batch(batch: Any, output: Storage, run_id: str, version: str) -> Any:
+    """Write a batch's images, then their metadata fragment, then its errors, if this run
+    still holds the output's lease; return one summary row per input row."""
+    import numpy as np
+    import pyarrow as pa
+
+    check_lease(output, run_id)  # a killed driver's orphaned workers stop here
+    images, errors = [], []
+    now = time.time()
+    for row in batch.to_pylist():
+        if row["error_stage"] is None:
+            request = ImageRequest.model_validate_json(row["request"])
+            pixels = np.frombuffer(row["pixels"], dtype=np.uint8)
+            generated = GeneratedImage(
+                request=request, image=pixels.reshape(row["height"], row["width"], 3),
+                seed=row["seed"], width=row["width"], height=row["height"],
+                batch_size=row["batch_size"], scheduler_config=row["scheduler_config"],
+                timings=StageTimings(**row["timings"]),
+            )  # fmt: skip
+            provenance = Provenance(
+                model=row["model"], weights_hash=row["weights_hash"],
+                backend=dict(row["backend"]), node_id=row["node_id"], actor_id=row["actor_id"],
+            )  # fmt: skip
+            images.append((generated, provenance))
+        else:
+            errors.append(ErrorRecord(
+                id=row["id"], stage=row["error_stage"], field=row["error_field"],
+                reason=row["error_reason"], run_id=run_id, created_at=_utc(now),
+                row=row["row"] or (row["request"] or "")[:MAX_ERROR_ROW_CHARS],
+            ))  # fmt: skip
+    stored = write_outputs(images, output, run_id=run_id, version=version)
+    write_errors(errors, output, run_id)
+    summary: dict[str, list[Any]] = {c: [] for c in SUMMARY_COLUMNS}
+    for item in stored:
+        record = item.record
+        _summary_row(summary, record.id, "ok", None, record.created_at.timestamp(),
+                     record.batch_size, record.timings)  # fmt: skip
+    for error in errors:
+        _summary_row(summary, error.id, "error", error.stage, now, None, StageTimings())
+    return pa.table(summary, schema=summary_schema())
+
+
+def summary_schema() -> Any:
+    """Arrow schema of write_batch's summary rows (what the driver tallies)."""
+    import pyarrow as pa
+
+    fields = [("id", pa.string()), ("status", pa.string()), ("stage", pa.string()),
+              ("written_at", pa.float64()), ("batch_size", pa.int64())]  # fmt: skip
+    return pa.schema(fields + [(name, pa.float64()) for name in StageTimings.model_fields])
+
+
+def _summary_row(summary: dict, row_id: str, status: str, stage: str | None, written_at: float,
+                 batch_size: int | None, timings: StageTimings) -> None:  # fmt: skip
+    values = {"id": row_id, "status": status, "stage": stage, "written_at": written_at,
+              "batch_size": batch_size, **timings.model_dump()}  # fmt: skip
+    for name, value in values.items():
+        summary[name].append(value)
+
+
+def _utc(seconds: float) -> Any:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
