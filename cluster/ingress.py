@@ -143,6 +143,7 @@ class ApiIngress:
         self.url_secret = url_secret.encode()
         self.run_id = new_run_id(kind="serve")
         self.created = int(time.time())
+        self.in_flight = dict.fromkeys(self.engines, 0)  # engine calls this ingress awaits
 
     # -- routes --------------------------------------------------------------------------
 
@@ -165,10 +166,16 @@ class ApiIngress:
         return {"object": "list", "data": data}
 
     @app.get("/v1/stats")
-    async def stats(self, request: Request) -> dict[str, Any]:
-        """Counters of one replica per model (each call may reach a different replica)."""
+    async def stats(self, request: Request, engines: bool = True) -> dict[str, Any]:
+        """Per model: the engine calls this ingress replica awaits, and the counters of one
+        engine replica (each call may reach another; `engines=false` skips them)."""
         self._authorize(request)
-        return {name: await handle.stats.remote() for name, handle in self.engines.items()}
+        out = {}
+        for name, handle in self.engines.items():
+            out[name] = {"ingress_in_flight": self.in_flight[name]}
+            if engines:
+                out[name].update(await handle.stats.remote())
+        return out
 
     @app.post("/v1/images/generations", response_model=ImagesResponse)
     async def images_generations(self, body: ImagesGenerationRequest, request: Request) -> Any:
@@ -283,6 +290,7 @@ class ApiIngress:
     async def _generate(self, model: str, requests: list[ImageRequest]) -> list[ReplicaImage]:
         """The images of one HTTP request, from one engine call (replicas batch calls)."""
         call = self.engines[model].generate.remote(requests)
+        self.in_flight[model] += 1
         try:
             return await call
         except BackPressureError as exc:
@@ -308,6 +316,8 @@ class ApiIngress:
                 500, f"generation failed: {type(exc).__name__}: {first_line(exc)}",
                 type="server_error", code="generation_failed",
             ) from None  # fmt: skip
+        finally:
+            self.in_flight[model] -= 1
 
     def _package(self, images: list[ReplicaImage], response_format: ResponseFormat, base_url: str,
                  client_ids: dict[str, str]) -> list[tuple[StoredImage, dict]]:  # fmt: skip

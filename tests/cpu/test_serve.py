@@ -37,17 +37,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+URL_SECRET = "url-secret-for-tests"
+
+
 @pytest.fixture(scope="module")
 def server(ray_session, tmp_path_factory):
+    import os
+
     from daguerre.cluster.serve import start
     from ray import serve
+
+    os.environ["DAGUERRE_URL_SECRET"] = URL_SECRET  # read when the app is built
 
     root = tmp_path_factory.mktemp("serve")
     port = free_port()
     engine = EngineConfig(model="tiny", device="cpu", max_batch_size=8, torch_threads=2)
     main = ServeConfig(
         port=port,
-        models=[ModelDeploymentConfig(engine=engine, num_cpus=1)],
+        # 1 busy + 16 waiting requests must all fit on the one replica
+        models=[ModelDeploymentConfig(engine=engine, num_cpus=1, max_ongoing_requests=32)],
         output=str(root / "out"),
     )
     token_file = root / "token"
@@ -88,8 +96,30 @@ def assert_close(a: np.ndarray, b: np.ndarray) -> None:
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # 1/255
 
 
-def engine_stats(base: str, headers: dict | None = None) -> dict:
-    return httpx.get(f"{base}/v1/stats", headers=headers).json()["tiny"]
+def engine_stats(base: str, headers: dict | None = None, engines: bool = True) -> dict:
+    params = {} if engines else {"engines": "false"}
+    return httpx.get(f"{base}/v1/stats", headers=headers, params=params).json()["tiny"]
+
+
+def wait_for(condition, what: str, timeout: float = 120.0):
+    """Poll `condition()` until it is truthy (an event seen through the API), or fail."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def slow_request(base: str, headers: dict | None = None, **extra) -> concurrent.futures.Future:
+    """A request that keeps the one engine busy for a while (150 steps), sent in a thread."""
+    body = {"prompt": "a slow painting", "size": "64x64", "steps": 150, "seed": 99, **extra}
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    return pool.submit(httpx.post, f"{base}/v1/images/generations", json=body, headers=headers,
+                       timeout=300)  # fmt: skip
 
 
 # -- the OpenAI-compatible API -----------------------------------------------------------
@@ -117,7 +147,7 @@ def test_url_response_writes_image_and_metadata(server):
     resp = client(server["url"]).images.generate(prompt="a lighthouse", response_format="url",
                                                  user="user-42", **SMALL)  # fmt: skip
     url = resp.data[0].url
-    assert url.startswith(server["url"] + "/v1/files/images/online/")
+    assert url.startswith(server["url"] + "/v1/files/images/online/") and "signature=" in url
     fetched = httpx.get(url)
     assert fetched.status_code == 200 and fetched.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(fetched.content)).size == (64, 64)
@@ -127,7 +157,7 @@ def test_url_response_writes_image_and_metadata(server):
     assert len(rows) == 1
     row = rows[0]
     assert row["sha256"] == hashlib.sha256(fetched.content).hexdigest()
-    assert row["uri"] == str(server["out"] / "images" / f"{image_id}.png")
+    assert row["uri"] == (server["out"] / "images" / f"{image_id}.png").as_uri()
     assert dict(row["metadata"]) == {"user": "user-42"} and row["model"] == "tiny"
     assert row["timings"]["denoise_s"] > 0 and row["timings"]["encode_png_s"] > 0
 
@@ -150,8 +180,12 @@ def test_online_image_equals_batch_job_image(server, tmp_path):
     assert_close(decode(online.data[0].b64_json), batch)
 
 
-def test_sixteen_concurrent_clients_are_batched(server):
+def test_requests_waiting_together_share_engine_batches(server):
+    """While the engine is busy, 16 requests of one bucket wait; then they run as 2 batches
+    of 8 (engine.max_batch_size), not 16 batches of 1."""
     before = engine_stats(server["url"])
+    busy = slow_request(server["url"])
+    wait_for(lambda: engine_stats(server["url"])["running"] == 1, "the slow request to start")
     c = client(server["url"], timeout=240)
 
     def one(i: int) -> np.ndarray:
@@ -160,15 +194,18 @@ def test_sixteen_concurrent_clients_are_batched(server):
         return decode(resp.data[0].b64_json)
 
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        images = list(pool.map(one, range(16)))
+        futures = [pool.submit(one, i) for i in range(16)]
+        wait_for(lambda: engine_stats(server["url"])["pending"] == 16, "16 waiting requests")
+        images = [f.result() for f in futures]
+    assert busy.result().status_code == 200
     assert len(images) == 16 and all(i.shape == (64, 64, 3) for i in images)
     after = engine_stats(server["url"])
-    assert after["images"] - before["images"] == 16
+    assert after["images"] - before["images"] == 17
     grew = {
         int(size): count - before["batch_sizes"].get(size, 0)
         for size, count in after["batch_sizes"].items()
     }
-    assert any(size > 1 and count > 0 for size, count in grew.items()), grew
+    assert grew.get(8) == 2 and grew.get(1) == 1, grew
 
 
 def test_models_and_health(server):
@@ -190,13 +227,15 @@ def test_native_generate_returns_images_and_records(server):
     resp = httpx.post(f"{server['url']}/v1/generate", json=body, timeout=120)
     assert resp.status_code == 200, resp.text
     data = resp.json()["data"]
-    assert data[0]["id"] == "native-a" and data[1]["id"].startswith("online/")
+    assert data[0]["client_id"] == "native-a" and data[0]["id"].endswith("/native-a")
+    assert data[0]["id"].startswith("online/") and data[1]["id"].startswith("online/")
+    assert "client_id" not in data[1]
     for item in data:
         png = base64.b64decode(item["b64_json"])
         record = item["record"]
         assert record["sha256"] == hashlib.sha256(png).hexdigest()
         assert record["model"] == "tiny" and record["backend"]["device"] == "cpu"
-        assert record["batch_size"] >= 1 and record["seed"] == 3
+        assert record["batch_size"] == 1 and record["seed"] == 3  # two buckets: ddim, euler
     assert data[1]["record"]["metadata"] == {"sku": "B-2"}
     assert data[1]["record"]["scheduler"] == "euler"
 
@@ -260,34 +299,80 @@ def test_server_keeps_serving_after_bad_input(server):
     assert decode(resp.data[0].b64_json).shape == (64, 64, 3)
 
 
-def test_client_disconnect_does_not_break_its_batch(server):
-    url = f"{server['url']}/v1/images/generations"
-    body = {"prompt": "a slow painting", "size": "64x64", "steps": 40}
-    results: dict[str, object] = {}
+def test_a_client_that_disconnects_gets_no_images_made(server):
+    """A request waiting behind a busy engine whose client goes away is dropped before it
+    starts: the engine never makes its image, and the server keeps serving."""
+    import json
+    import socket
+    from urllib.parse import urlsplit
 
-    def impatient():
-        try:
-            httpx.post(url, json={**body, "seed": 1}, timeout=0.3)
-            results["impatient"] = "answered"
-        except httpx.TimeoutException:
-            results["impatient"] = "gave up"
+    before = engine_stats(server["url"])
+    busy = slow_request(server["url"])
+    wait_for(lambda: engine_stats(server["url"])["running"] == 1, "the slow request to start")
+    address = urlsplit(server["url"])
+    body = json.dumps({"prompt": "never made", "size": "64x64", "steps": 4}).encode()
+    impatient = socket.create_connection((address.hostname, address.port))
+    impatient.sendall(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n"
+                      b"Content-Type: application/json\r\nContent-Length: "
+                      + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+    wait_for(lambda: engine_stats(server["url"])["pending"] == 1, "the second request to wait")
+    impatient.close()  # the client goes away while its request waits
+    wait_for(lambda: engine_stats(server["url"])["pending"] == 0, "the request to be cancelled")
+    assert busy.result().status_code == 200
+    after = wait_for(
+        lambda: (s := engine_stats(server["url"]))["dropped_cancelled"]
+        > before["dropped_cancelled"] and s, "the cancelled request to be dropped",
+    )  # fmt: skip
+    assert after["images"] - before["images"] == 1  # the slow one only
+    assert after["dropped_cancelled"] - before["dropped_cancelled"] == 1
+    ok = client(server["url"]).images.generate(prompt="after", **SMALL)
+    assert len(ok.data) == 1
 
-    def patient(i: int):
-        results[f"patient-{i}"] = httpx.post(url, json={**body, "seed": 10 + i}, timeout=120)
 
-    threads = [threading.Thread(target=impatient)]
-    threads += [threading.Thread(target=patient, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results["impatient"] == "gave up"
-    for i in range(3):
-        resp = results[f"patient-{i}"]
-        assert resp.status_code == 200, resp.text
-        assert decode(resp.json()["data"][0]["b64_json"]).shape == (64, 64, 3)
-    after = client(server["url"]).images.generate(prompt="after", **SMALL)
-    assert len(after.data) == 1
+def test_online_ids_never_collide(server):
+    """Two clients sending the same id with response_format=url get two stored images and
+    one metadata row each, whose sha256 matches its bytes."""
+    body = {"requests": [{"id": "sku-1", "prompt": "a red cup", "seed": 1, "steps": 2}],
+            "response_format": "url"}  # fmt: skip
+    first = httpx.post(f"{server['url']}/v1/generate", json=body, timeout=120).json()["data"][0]
+    body["requests"][0].update(prompt="a blue cup", seed=2)
+    second = httpx.post(f"{server['url']}/v1/generate", json=body, timeout=120).json()["data"][0]
+    assert first["client_id"] == second["client_id"] == "sku-1"
+    assert first["id"] != second["id"]
+    table = pads.dataset(server["out"] / "metadata", format="parquet").to_table().to_pylist()
+    for item in (first, second):
+        rows = [r for r in table if r["id"] == item["id"]]
+        assert len(rows) == 1 and rows[0]["client_id"] == "sku-1"
+        png = httpx.get(item["url"]).content
+        assert hashlib.sha256(png).hexdigest() == rows[0]["sha256"] == item["record"]["sha256"]
+
+
+def test_file_links_are_signed_and_expire(server):
+    import time
+    from urllib.parse import parse_qs, urlsplit
+
+    from daguerre.cluster.ingress import sign_key
+
+    resp = client(server["strict"], api_key=TOKEN).images.generate(
+        prompt="a link", response_format="url", **SMALL
+    )
+    url = resp.data[0].url
+    assert httpx.get(url).status_code == 200  # no token needed: the link is signed
+    parts = urlsplit(url)
+    key = parts.path.split("/v1/files/", 1)[1]
+    query = parse_qs(parts.query)
+    tampered = url.replace(query["signature"][0], "0" * 64)
+    denied = httpx.get(tampered)
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "bad_signature"
+    other_key = url.replace(key, key.replace(".png", "x.png"))
+    assert httpx.get(other_key).status_code == 403
+    past = int(time.time()) - 10
+    expired = f"{server['strict']}/v1/files/{key}?expires={past}&signature={sign_key(URL_SECRET.encode(), key, past)}"
+    gone = httpx.get(expired)
+    assert gone.status_code == 403 and gone.json()["error"]["code"] == "link_expired"
+    assert httpx.get(f"{server['strict']}/v1/files/{key}").status_code == 401  # unsigned: token
+    nul = httpx.get(f"{server['url']}/v1/files/images/a%00b.png")
+    assert nul.status_code == 404 and nul.json()["error"]["code"] == "not_found"
 
 
 # -- auth and overload (the /strict app) ---------------------------------------------------
@@ -313,20 +398,25 @@ def test_auth_accepts_the_token(server):
 
 
 def test_overload_returns_503_with_retry_after(server):
+    """The strict model's replica holds one request and its queue one more: with one
+    running and one queued, the next is refused at once with 503 and Retry-After."""
     url = f"{server['strict']}/v1/images/generations"
     headers = {"Authorization": f"Bearer {TOKEN}"}
-    body = {"prompt": "a crowd", "size": "64x64", "steps": 30}
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        responses = list(pool.map(
-            lambda i: httpx.post(url, json={**body, "seed": i}, headers=headers, timeout=120),
-            range(8),
-        ))  # fmt: skip
-    codes = sorted(r.status_code for r in responses)
-    assert 200 in codes and 503 in codes, codes
-    assert set(codes) <= {200, 503}
-    rejected = next(r for r in responses if r.status_code == 503)
+
+    def in_flight() -> int:
+        return engine_stats(server["strict"], headers, engines=False)["ingress_in_flight"]
+
+    running = slow_request(server["strict"], headers)
+    wait_for(lambda: in_flight() == 1, "the first request to reach the replica")
+    queued = slow_request(server["strict"], headers, steps=2)
+    wait_for(lambda: in_flight() == 2, "the second request to queue")
+    rejected = httpx.post(url, json={"prompt": "one too many", "size": "64x64", "steps": 2},
+                          headers=headers, timeout=120)  # fmt: skip
+    assert rejected.status_code == 503, rejected.text
     assert rejected.headers["retry-after"] == "2"
     assert rejected.json()["error"]["code"] == "overloaded"
+    assert running.result().status_code == 200 and queued.result().status_code == 200
     # and it serves again once the load is gone
-    ok = httpx.post(url, json={**body, "steps": 2}, headers=headers, timeout=120)
+    ok = httpx.post(url, json={"prompt": "a calm", "size": "64x64", "steps": 2}, headers=headers,
+                    timeout=120)  # fmt: skip
     assert ok.status_code == 200

@@ -1,0 +1,140 @@
+"""The replica's scheduler on plain asyncio: buckets, cancellation, supervision, health.
+
+The engine here is a function that records each call, so every case is exact; the Serve
+tests (test_serve.py) run the same scheduler inside a real replica."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from daguerre.cluster.replica import EngineLoopFailed, EngineScheduler
+from daguerre.pipeline.schema import ImageRequest
+
+
+class Engine:
+    """Records every call; holds each call until released, so tests decide what overlaps."""
+
+    def __init__(self):
+        self.calls: list[list[str]] = []
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.fail_next = False
+
+    async def run(self, requests: list[ImageRequest]) -> list[str]:
+        self.calls.append([r.id for r in requests])
+        await self.gate.wait()
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("the engine thread is gone")
+        return [f"image of {r.id}" for r in requests]
+
+
+def request(i: int, steps: int = 4) -> ImageRequest:
+    return ImageRequest(id=f"r{i}", prompt="x", steps=steps)
+
+
+def scheduler(engine: Engine, batch: int = 4) -> EngineScheduler:
+    return EngineScheduler(engine.run, lambda r: r.steps, max_batch_size=batch)
+
+
+async def until(condition, what: str) -> None:
+    for _ in range(2000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError(f"never happened: {what}")
+
+
+def test_waiting_requests_run_by_bucket_up_to_the_batch_size():
+    async def main():
+        engine = Engine()
+        engine.gate.clear()
+        s = scheduler(engine)
+        first = asyncio.create_task(s.generate([request(0)]))
+        await until(lambda: engine.calls, "the first call")
+        rest = [asyncio.create_task(s.generate([request(i, steps=4 + i % 2)])) for i in range(1, 8)]
+        await until(lambda: s.stats()["pending"] == 7, "seven waiting")
+        engine.gate.set()
+        await asyncio.gather(first, *rest)
+        return engine.calls
+
+    calls = asyncio.run(main())
+    assert calls == [["r0"], ["r1", "r3", "r5", "r7"], ["r2", "r4", "r6"]]  # oldest bucket first
+
+
+def test_cancelled_requests_are_never_started():
+    async def main():
+        engine = Engine()
+        engine.gate.clear()
+        s = scheduler(engine)
+        busy = asyncio.create_task(s.generate([request(0)]))
+        await until(lambda: engine.calls, "the busy call")
+        leaving = asyncio.create_task(s.generate([request(1), request(2)]))
+        staying = asyncio.create_task(s.generate([request(3)]))
+        await until(lambda: s.stats()["pending"] == 3, "three waiting")
+        leaving.cancel()  # the client went away
+        engine.gate.set()
+        assert await busy == ["image of r0"] and await staying == ["image of r3"]
+        with pytest.raises(asyncio.CancelledError):
+            await leaving
+        return engine.calls, s.stats()
+
+    calls, stats = asyncio.run(main())
+    assert calls == [["r0"], ["r3"]]
+    assert stats["dropped_cancelled"] == 2 and stats["images"] == 2
+
+
+def test_a_failed_loop_fails_the_waiting_with_a_clear_error_and_restarts():
+    async def main():
+        engine = Engine()
+        engine.gate.clear()
+        s = scheduler(engine)
+        engine.fail_next = True
+        broken = asyncio.create_task(s.generate([request(0)]))
+        await until(lambda: engine.calls, "the failing call")
+        waiting = asyncio.create_task(s.generate([request(1, steps=9)]))
+        await until(lambda: s.stats()["pending"] == 1, "one waiting")
+        engine.gate.set()
+        errors = []
+        for task in (broken, waiting):
+            with pytest.raises(EngineLoopFailed) as caught:
+                await task
+            errors.append(str(caught.value))
+        after = await s.generate([request(2)])  # the loop was restarted
+        return errors, after, s
+
+    errors, after, s = asyncio.run(main())
+    assert "the engine thread is gone" in errors[0]
+    assert "engine loop failed" in errors[1] and "retry" in errors[1]
+    assert after == ["image of r2"] and s.stats()["loop_failures"] == 1
+    assert s.health_problem() is None  # one failure: restarted, still healthy
+
+
+def test_repeated_failures_or_a_hung_call_make_the_replica_unhealthy():
+    async def fail_three_times():
+        engine = Engine()
+        s = scheduler(engine)
+        for i in range(3):
+            engine.fail_next = True
+            with pytest.raises(EngineLoopFailed):
+                await s.generate([request(i)])
+        return s
+
+    s = asyncio.run(fail_three_times())
+    assert "failed 3 times" in s.health_problem()
+
+    async def hang():
+        engine = Engine()
+        engine.gate.clear()
+        s = EngineScheduler(engine.run, lambda r: r.steps, max_batch_size=4, stuck_after_s=0.05)
+        task = asyncio.create_task(s.generate([request(0)]))
+        await until(lambda: engine.calls, "the call")
+        await asyncio.sleep(0.1)
+        problem = s.health_problem()
+        engine.gate.set()
+        await task
+        return problem, s.health_problem()
+
+    during, after = asyncio.run(hang())
+    assert "one engine call has run for" in during and after is None
