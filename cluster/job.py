@@ -230,7 +230,7 @@ def _tally(summary: JobSummary, batches: Any, todo: int, progress: bool,
 
     stage_s = dict.fromkeys(StageTimings.model_fields, 0.0)
     written, sizes = [], []
-    shown = time.perf_counter()
+    shown = float("-inf")  # the first batch gets a line at once: start-up is over
     for batch in batches:
         if lease.lost.is_set():
             raise LeaseLost(f"{summary.output}: {lease.lost_reason}; this run stops")

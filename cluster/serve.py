@@ -123,12 +123,13 @@ def start(
 
 
 def stop(shared_cluster: bool, name: str = APP_NAME) -> None:
-    """Remove this app (a shared cluster keeps Serve running), or shut Serve and Ray down."""
+    """Remove this app (a shared cluster keeps Serve running), or end the local Ray with
+    everything on it (a separate serve.shutdown() there only adds Ray's complaint that
+    the controller it kills cannot finish its graceful shutdown)."""
     import ray
-    from ray import serve
 
     if shared_cluster:
+        from ray import serve
+
         serve.delete(name)
-    else:
-        serve.shutdown()
     ray.shutdown()

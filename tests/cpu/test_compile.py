@@ -221,7 +221,6 @@ def test_torch_compile_pads_to_a_few_buckets():
     assert 1 <= len(graphs) <= len(batch_buckets(8)), graphs
 
 
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_torch_compile_matches_eager():

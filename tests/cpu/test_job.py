@@ -179,7 +179,9 @@ def test_csv_and_jsonl_manifests_are_read_directly(tmp_path):
     csv_file = tmp_path / "rows.csv"
     csv_file.write_text("id,prompt,steps,width\na,a cat,3,64\nb,a dog,,\n")
     info = inspect_manifest(str(csv_file))
-    assert info.rows == 2 and info.ids == ["a", "b"] and info.table["steps"].to_pylist() == [3, None]
+    assert (
+        info.rows == 2 and info.ids == ["a", "b"] and info.table["steps"].to_pylist() == [3, None]
+    )
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text('{"id": "a", "prompt": "a cat", "metadata": {"sku": "A-1"}}\n'
                      '{"id": "b", "prompt": "a dog", "seed": 4}\n')  # fmt: skip
@@ -281,7 +283,13 @@ def test_cli_inspect_reads_the_metadata(job, tmp_path):
     records = sorted((job["out"] / "runs").glob("*.json"))
     last = json.loads(records[-1].read_text())
     assert report["runs"] == len(records)
-    for key in ("run_id", "generated", "startup_s", "steady_images_per_s", "end_to_end_images_per_s"):
+    for key in (
+        "run_id",
+        "generated",
+        "startup_s",
+        "steady_images_per_s",
+        "end_to_end_images_per_s",
+    ):
         assert report["last_run"][key] == last[key]
     table = cli("inspect", str(job["out"]), cwd=tmp_path)
     assert "images" in table.stdout and "errors by reason" in table.stdout
@@ -299,7 +307,9 @@ def test_cli_inspect_reads_the_metadata(job, tmp_path):
 def test_run_record_holds_config_command_versions_and_host(job):
     record = json.loads(sorted((job["out"] / "runs").glob("*.json"))[0].read_text())
     assert record["config"]["engine"]["model"] == "tiny" and record["config"]["batch_size"] == 3
-    assert record["command"] and {"daguerre", "torch", "ray", "diffusers"} <= set(record["versions"])
+    assert record["command"] and {"daguerre", "torch", "ray", "diffusers"} <= set(
+        record["versions"]
+    )
     assert record["host"]["name"] and record["started_at"] < record["ended_at"]
     assert "git_commit" in record
     assert record["generated"] == len(VALID) and record["errors"] == len(BAD) + 1

@@ -96,10 +96,29 @@ def test_cli_serve_starts_answers_and_stops_on_ctrl_c(tmp_path):
         rest, _ = proc.communicate(timeout=90)
         assert proc.returncode == 0, rest[-3000:]
         assert "stopping" in rest
+        # nothing but our own lines: no Ray warnings at start, nothing alarming on Ctrl-C
+        everything = "".join(lines) + rest
+        for noise in ("will not be applied", "WARNING", "Error", "failed", "Traceback"):
+            assert noise not in everything, everything[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_serve_on_a_busy_port_is_one_line_before_ray(tmp_path):
+    exe = Path(sys.executable).with_name("daguerre")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.monotonic()
+        result = subprocess.run([str(exe), "serve", "--port", str(port)], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"daguerre: error: 127.0.0.1:{port} is in use; pass --port"
+    assert time.monotonic() - started < 20  # refused before Ray starts
+    assert "serving" not in result.stdout
 
 
 def test_build_app_is_a_serve_app_builder():
@@ -120,12 +139,12 @@ def test_deployment_options_autoscale_and_bound_the_queue():
     from daguerre.cluster.serve import deployment_options
     from daguerre.pipeline.config import ModelDeploymentConfig
 
-    fixed = deployment_options(ModelDeploymentConfig(), has_gpus=False)
+    fixed = deployment_options(ModelDeploymentConfig(), cluster_gpus=0)
     assert fixed["num_replicas"] == 1 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
     assert fixed["max_ongoing_requests"] == 16 and fixed["max_queued_requests"] == 64
     scaled = deployment_options(
-        ModelDeploymentConfig(min_replicas=1, max_replicas=4, retry_after_s=3), has_gpus=True
+        ModelDeploymentConfig(min_replicas=1, max_replicas=4, retry_after_s=3), cluster_gpus=2
     )
     assert scaled["autoscaling_config"] == {
         "min_replicas": 1,
@@ -134,3 +153,16 @@ def test_deployment_options_autoscale_and_bound_the_queue():
     }
     assert scaled["ray_actor_options"]["num_gpus"] == 1.0
     assert scaled["backpressure_config"].retry_after_s == 3
+    # `device: cpu` never reserves a GPU, on a GPU cluster either (as in the batch job)
+    on_cpu = ModelDeploymentConfig(engine={"model": "tiny", "device": "cpu"})
+    assert deployment_options(on_cpu, cluster_gpus=2)["ray_actor_options"]["num_gpus"] == 0.0
+
+
+def test_job_and_serve_place_engines_the_same_way():
+    from daguerre.cluster.runtime import engine_resources
+    from daguerre.pipeline.config import EngineConfig
+
+    for device, gpus, expected in (("auto", 0, 0.0), ("auto", 4, 1.0), ("cpu", 4, 0.0),
+                                   ("cuda", 4, 1.0)):  # fmt: skip
+        engine = EngineConfig(device=device)
+        assert engine_resources(engine, gpus)["num_gpus"] == expected, (device, gpus)

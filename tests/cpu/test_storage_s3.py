@@ -41,7 +41,7 @@ def test_storage_round_trip_and_atomic_names(s3_server):
     table = pa.table({"id": ["x", "y"]})
     storage.write_table("metadata/part-1.parquet", table)
     storage.write_bytes("metadata/_partial.parquet", b"not parquet")  # ignored by readers
-    assert storage.read_ids() == {"x", "y"}
+    assert sorted(storage.read_table("metadata", columns=["id"])["id"].to_pylist()) == ["x", "y"]
     storage.check_writable()
     assert "secret" not in repr(storage)
 
@@ -84,7 +84,7 @@ def test_job_reads_and_writes_s3(s3_server, ray_session):
     from daguerre.pipeline.report import inspect_output
 
     report = inspect_output(out, config.storage)
-    assert (report.images, report.duplicate_rows, report.errors) == (5, 0, 1)
+    assert (report.images, report.metadata_rows, report.errors) == (5, 5, 1)
     assert list(report.models) == [f"tiny ({table.column('weights_hash')[0].as_py()[:19]})"]
     assert report.nodes == 1 and report.stage_s["denoise_s"] > 0
 
@@ -148,3 +148,17 @@ def test_model_weights_from_s3_are_cached_per_node(s3_server, tmp_path, monkeypa
     a = engine.generate([request])[0].image
     b = tiny_engine.generate([request])[0].image
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
+def test_conditional_writes_on_the_s3_server(s3_server):
+    """The lease's compare-and-swap: If-None-Match on create, If-Match on replace."""
+    from daguerre.pipeline.storage import PreconditionFailed
+
+    storage = Storage("s3://daguerre/cas", s3_server.storage_config())
+    first = storage.swap_bytes("_lease.json", b"one", None)
+    with pytest.raises(PreconditionFailed):
+        storage.swap_bytes("_lease.json", b"two", None)  # exists already
+    second = storage.swap_bytes("_lease.json", b"three", first)
+    with pytest.raises(PreconditionFailed):
+        storage.swap_bytes("_lease.json", b"four", first)  # stale version
+    assert storage.read_versioned("_lease.json") == (b"three", second)
