@@ -65,8 +65,8 @@ def job_run(rows: list[dict], model: str, batch: int, threads: int, workdir: Pat
     import pyarrow.dataset as pads
     import pyarrow.parquet as pq
     import ray
-    from daguerre.pipeline.config import EngineConfig, JobConfig
     from daguerre.cluster.job import run_job
+    from daguerre.pipeline.config import EngineConfig, JobConfig
     from daguerre.pipeline.schema import manifest_schema
 
     manifest = workdir / "manifest.parquet"

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from daguerre.pipeline.config import EngineConfig, JobConfig
 from daguerre.cluster.job import run_job
+from daguerre.pipeline.config import EngineConfig, JobConfig
 from daguerre.pipeline.manifest import ManifestError, inspect_manifest
 from daguerre.pipeline.schema import ImageRequest, manifest_schema
 from PIL import Image

@@ -12,7 +12,6 @@ import concurrent.futures
 import hashlib
 import io
 import socket
-import threading
 
 import httpx2 as httpx
 import numpy as np
