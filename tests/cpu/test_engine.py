@@ -136,3 +136,48 @@ def test_sdxl_folder_round_trip(tmp_path, tiny_xl_engine):
         max_diff(engine.generate([request])[0].image, tiny_xl_engine.generate([request])[0].image)
         == 0
     )
+
+
+@pytest.mark.parametrize("negative", ["", "blurry, low quality"], ids=["no-negative", "negative"])
+def test_sdxl_matches_diffusers_pipeline(tmp_path_factory, tiny_xl_engine, negative):
+    """The peer test for the SDXL shape: tiny-xl saved as a folder, diffusers'
+    StableDiffusionXLPipeline on the same weights, seeds and DDIM scheduler. diffusers zeroes
+    the unconditional embedding when there is no negative prompt (force_zeros_for_empty_prompt);
+    the engine must do the same."""
+    from daguerre.pipeline.models import save_model
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = tmp_path_factory.getbasetemp() / "tiny-xl-peer"
+    if not folder.exists():
+        save_model(tiny_xl_engine.model, folder)
+    engine = DiffusionEngine(EngineConfig(model=str(folder), device="cpu"))
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(folder), local_files_only=True)
+    seeds = [3, 4]
+    requests = [ImageRequest(id=f"p{s}", prompt="a lighthouse at dawn", negative_prompt=negative,
+                             seed=s, steps=4, width=64, height=64) for s in seeds]  # fmt: skip
+    ours = np.stack([g.image for g in engine.generate(requests)]).astype(int)
+    theirs = pipe(
+        prompt=["a lighthouse at dawn"] * 2,
+        negative_prompt=[negative] * 2 if negative else None,
+        num_inference_steps=4, guidance_scale=7.5, height=64, width=64, output_type="np",
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+    ).images  # fmt: skip
+    theirs = (np.asarray(theirs) * 255).round().astype(int)
+    assert ours.shape == theirs.shape
+    assert np.abs(ours - theirs).mean() <= 1.0  # mean abs difference <= 1/255 of the range
+
+
+def test_sd_matches_diffusers_pipeline(tmp_path, tiny_engine):
+    """The same peer test for the SD 1.x shape (tiny saved as a folder)."""
+    from daguerre.pipeline.models import save_model
+    from diffusers import StableDiffusionPipeline
+
+    folder = save_model(tiny_engine.model, tmp_path / "tiny-peer")
+    engine = DiffusionEngine(EngineConfig(model=str(folder), device="cpu"))
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+    requests = [ImageRequest(id="p", prompt="a red fox", seed=5, steps=4)]
+    ours = engine.generate(requests)[0].image.astype(int)
+    theirs = pipe(prompt="a red fox", num_inference_steps=4, guidance_scale=7.5, height=64,
+                  width=64, output_type="np",
+                  generator=torch.Generator("cpu").manual_seed(5)).images[0]  # fmt: skip
+    assert np.abs(ours - (theirs * 255).round().astype(int)).mean() <= 1.0
