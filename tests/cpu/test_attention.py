@@ -1,22 +1,41 @@
-"""Attention backends against a float64 reference, the Triton kernel under the interpreter,
-and backend selection with the platform patched."""
+"""Attention backends against a float64 reference, the Triton kernel, and backend selection
+with the platform patched.
+
+Where there is no GPU the Triton kernel runs through its interpreter: TRITON_INTERPRET=1 is
+set for this module only (the kernel is defined at its first use, inside these tests), so
+on a GPU machine the same tests compile and run the kernel for real on CUDA tensors."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
-import os
-
-# The Triton kernel runs on CPU through the interpreter; set before the kernel is defined.
-os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
 from daguerre.kernels import attention as attn
 from daguerre.kernels.attention import AttentionBackend, AttentionDispatch, resolve
 
-HAS_TRITON = attn._triton_unavailable("cpu") is None
-CPU_BACKENDS = [b for b in attn.available_backends("cpu")]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+CONCRETE = [AttentionBackend.sdpa, AttentionBackend.xformers, AttentionBackend.triton]
 TOLERANCE = {torch.float16: 3e-3, torch.float32: 2e-5}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def triton_interpreter_without_a_gpu():
+    if DEVICE == "cuda":
+        yield
+        return
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
+
+def needs(backend: AttentionBackend) -> None:
+    """Skip, with the backend's own reason, where it cannot run on this device."""
+    reason = attn.REGISTRY[backend].unavailable(DEVICE)
+    if reason:
+        pytest.skip(f"{backend.value}: {reason}")
 
 SHAPES = [  # (head dim, query length, key length): SD1.5 40/80/160, SDXL 64; cross 77, self
     (40, 256, 77), (40, 1024, 1024), (64, 256, 77), (64, 256, 256),
@@ -31,22 +50,24 @@ def reference(q, k, v):
 
 
 def test_cpu_has_sdpa_and_triton_under_the_interpreter():
-    assert AttentionBackend.sdpa in CPU_BACKENDS
-    assert AttentionBackend.xformers not in CPU_BACKENDS  # no CPU kernels
-    if HAS_TRITON:
-        assert AttentionBackend.triton in CPU_BACKENDS
+    backends = attn.available_backends("cpu")
+    assert AttentionBackend.sdpa in backends
+    assert AttentionBackend.xformers not in backends  # no CPU kernels
+    if HAS_TRITON and DEVICE == "cpu":
+        assert AttentionBackend.triton in backends
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("shape", SHAPES, ids=[f"d{d}-q{m}-k{n}" for d, m, n in SHAPES])
-@pytest.mark.parametrize("backend", CPU_BACKENDS, ids=lambda b: b.value)
+@pytest.mark.parametrize("backend", CONCRETE, ids=lambda b: b.value)
 def test_backend_matches_float64_reference(backend, shape, dtype):
+    needs(backend)
     d, sq, sk = shape
     gen = torch.Generator().manual_seed(d * 7 + sq + sk)
-    q = torch.randn(2, 2, sq, d, generator=gen).to(dtype)
-    k = torch.randn(2, 2, sk, d, generator=gen).to(dtype)
-    v = torch.randn(2, 2, sk, d, generator=gen).to(dtype)
-    dispatch = AttentionDispatch(backend, "cpu")
+    q = torch.randn(2, 2, sq, d, generator=gen).to(DEVICE, dtype)
+    k = torch.randn(2, 2, sk, d, generator=gen).to(DEVICE, dtype)
+    v = torch.randn(2, 2, sk, d, generator=gen).to(DEVICE, dtype)
+    dispatch = AttentionDispatch(backend, DEVICE)
     out = dispatch(q, k, v)
     assert dispatch.calls == {backend.value: 1}  # it ran on the backend asked for
     assert out.shape == (2, 2, sq, d) and out.dtype == dtype
@@ -65,7 +86,7 @@ def test_triton_kernel_takes_strided_inputs_and_splits_the_head_dim():
         (128, 32),
     ]
     # [B, S, H, D] memory viewed as [B, H, S, D]: what the UNet's processor passes.
-    base = torch.randn(3, 96, 4, 80, dtype=torch.float16)
+    base = torch.randn(3, 96, 4, 80, dtype=torch.float16).to(DEVICE)
     q = base.transpose(1, 2)
     out = flash_attention(q, q, q)
     assert (out.double() - reference(q, q, q)).abs().max().item() < 3e-3
@@ -73,8 +94,8 @@ def test_triton_kernel_takes_strided_inputs_and_splits_the_head_dim():
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_triton_unsupported_shapes_fall_back_to_sdpa():
-    dispatch = AttentionDispatch(AttentionBackend.triton, "cpu")
-    q = torch.randn(1, 2, 16, 8)  # head dim 8 is below the kernel's GPU-legal minimum
+    dispatch = AttentionDispatch(AttentionBackend.triton, DEVICE)
+    q = torch.randn(1, 2, 16, 8).to(DEVICE)  # head dim 8 is below the kernel's GPU-legal minimum
     out = dispatch(q, q, q)
     assert dispatch.calls == {"sdpa": 1}
     assert torch.allclose(out, torch.nn.functional.scaled_dot_product_attention(q, q, q))
@@ -93,7 +114,7 @@ def test_unavailable_backend_falls_back_with_one_warning(caplog, monkeypatch):
 
 
 def test_triton_without_cuda_or_interpreter_falls_back(monkeypatch, caplog):
-    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.delenv(attn.ENV_VAR, raising=False)
     with caplog.at_level(logging.WARNING, logger="daguerre.kernels"):
         assert resolve("triton", "cpu") is AttentionBackend.sdpa
@@ -142,14 +163,17 @@ def test_auto_on_cpu_is_sdpa():
 # -- inside the UNet ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS, ids=lambda b: b.value)
+@pytest.mark.parametrize("backend", CONCRETE, ids=lambda b: b.value)
 def test_processor_in_the_small_unet_matches_diffusers(backend, monkeypatch):
     from daguerre.kernels.attention import install
     from daguerre.pipeline.models import build_preset, get_preset
     from diffusers.models.attention_processor import AttnProcessor2_0
 
+    needs(backend)
     monkeypatch.delenv(attn.ENV_VAR, raising=False)
-    unet = build_preset(get_preset("small")).unet.eval()  # head dims 8, 16 and 32
+    unet = build_preset(get_preset("small")).unet.eval()  # head dims 8, 16 and 32 (CPU, fp32)
+    if DEVICE == "cuda" and backend is not AttentionBackend.sdpa:
+        pytest.skip("fp32 UNet on the CPU; the GPU kernels are covered by the numerics tests")
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     text = torch.randn(
         2, 77, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1)
