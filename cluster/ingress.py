@@ -52,10 +52,14 @@ from .replica import EngineLoopFailed, ReplicaImage
 
 logger = logging.getLogger("ray.serve")
 
+# No /docs or /redoc: FastAPI's pages load their scripts from a CDN, which leaves them blank
+# on a cluster without internet. The page at / and /openapi.json work offline.
 app = FastAPI(
     title="daguerre",
     description="Diffusion image generation: OpenAI-compatible images API and a native API.",
     version=daguerre.__version__,
+    docs_url=None,
+    redoc_url=None,
 )
 
 
