@@ -1,6 +1,10 @@
 """`daguerre bench`: the engine alone per backend and batch size (pipeline/bench.py), then
 optionally the same workload through the batch job or Serve, as ratios to the engine.
 
+The batch job's ratio is its steady_images_per_s (images after the first, over first to last
+image written; ratio_basis in the JSON); Serve's is all requests after one warm-up request.
+Skip reasons and notes are in both the table and the JSON.
+
 benchmarks/throughput.py is this same command. The last result per model is also kept
 under $DAGUERRE_CACHE/bench/, where `daguerre generate --dry-run` finds it for its estimate.
 """
@@ -18,37 +22,82 @@ from typing import Any
 
 from ..pipeline.bench import bench_engine, environment, parse_size, plot
 
+NOTHING_MEASURED = (
+    "no engine-alone point was measured (every backend and batch size was "
+    "skipped), so there is nothing to run through the cluster or compare with"
+)
+BATCH_FIGURES = ("startup_s", "steady_images_per_s", "end_to_end_images_per_s", "mean_engine_batch")
 
-def bench_through(kind: str, args: argparse.Namespace, engine_images_per_s: float) -> dict:
-    """The same workload through the batch job or Serve: images/s and ratio to the engine."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
+def through_reference(results: list[dict]) -> dict | None:
+    """The engine-alone row the through runs copy and are compared with: the first backend
+    pair that measured anything, at its largest measured batch size; None if none did."""
+    measured = [r for r in results if "images_per_s" in r]
+    if not measured:
+        return None
+    pair = (measured[0]["unet_backend"], measured[0]["attention_backend"])
+    same = [r for r in measured if (r["unet_backend"], r["attention_backend"]) == pair]
+    return max(same, key=lambda r: r["batch_size"])
+
+
+def run_through(kinds: list[str], args: argparse.Namespace, results: list[dict]) -> dict:
+    """`through_<kind>` for each kind asked: its figures, or {"skipped": reason}."""
+    reference = through_reference(results)
+    if reference is None:
+        return {f"through_{kind}": {"skipped": NOTHING_MEASURED} for kind in kinds}
+    return {f"through_{kind}": bench_through(kind, args, reference) for kind in kinds}
+
+
+def through_result(images: int, figures: dict, basis: str, reference: dict) -> dict:
+    """One through run: its figures, images/s and the ratio to the engine alone, both taken
+    from `figures[basis]` (named in ratio_basis), and the engine point compared with."""
+    value = figures.get(basis)
+    result = {"images": images, **figures, "images_per_s": value,
+              "ratio_to_engine": value / reference["images_per_s"] if value else None,
+              "ratio_basis": basis,
+              "engine": {k: reference[k] for k in ("unet_backend", "attention_backend",
+                                                   "batch_size", "images_per_s")}}  # fmt: skip
+    if not value:
+        result["note"] = (f"{basis} was not measured ({images} images, too few to time), so "
+                          "there is no ratio to the engine")  # fmt: skip
+    return result
+
+
+def bench_through(kind: str, args: argparse.Namespace, reference: dict) -> dict:
+    """The same workload through the batch job or Serve, on the engine point `reference`."""
     from ..pipeline.config import EngineConfig
-    from ..pipeline.schema import manifest_schema
 
     width, height = args.size
-    batch = max(args.batch_sizes)
+    batch = reference["batch_size"]
     engine = EngineConfig(model=args.model, device=args.device, dtype=args.dtype,
-                          unet_backend=args.backends[0], attention_backend=args.attention_backends[0],
+                          unet_backend=reference["unet_backend"],
+                          attention_backend=reference["attention_backend"],
                           max_batch_size=batch)  # fmt: skip
     n = max(args.through_images, 2 * batch)
     rows = [{"id": f"t{i}", "prompt": f"a benchmark photo {i % 8}", "seed": i,
              "steps": args.steps, "width": width, "height": height} for i in range(n)]  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="daguerre-bench-") as tmp:
         if kind == "batch":
-            from ..pipeline.config import JobConfig
-            from .job import run_job
+            summary = _through_batch(engine, rows, batch, tmp)
+            figures = {k: getattr(summary, k) for k in BATCH_FIGURES}
+            return through_result(n, figures, "steady_images_per_s", reference)
+        figures = {"images_per_s": _through_serve(engine, rows, batch, tmp)}
+        return through_result(n, figures, "images_per_s", reference)
 
-            manifest = Path(tmp) / "m.parquet"
-            pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema()), manifest)
-            summary = run_job(str(manifest), str(Path(tmp) / "out"),
-                              JobConfig(engine=engine, batch_size=batch), progress=False)  # fmt: skip
-            images_per_s = summary.steady_images_per_s or 0.0
-        else:
-            images_per_s = _through_serve(engine, rows, batch, tmp)
-    return {"images": n, "images_per_s": images_per_s,
-            "ratio_to_engine": images_per_s / engine_images_per_s}  # fmt: skip
+
+def _through_batch(engine: Any, rows: list[dict], batch: int, tmp: str) -> Any:
+    """The batch job over `rows`: its JobSummary."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ..pipeline.config import JobConfig
+    from ..pipeline.schema import manifest_schema
+    from .job import run_job
+
+    manifest = Path(tmp) / "m.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema()), manifest)
+    return run_job(str(manifest), str(Path(tmp) / "out"),
+                   JobConfig(engine=engine, batch_size=batch), progress=False)  # fmt: skip
 
 
 def _through_serve(engine: Any, rows: list[dict], batch: int, output: str) -> float:
@@ -132,17 +181,40 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",")})
     args.backends = args.backends.split(",")
     args.attention_backends = args.attention_backends.split(",")
+    args.through = list(dict.fromkeys(args.through))
 
     engine = bench_engine(args)
+    report = build_report(args, engine, size_text)
+    report.update(run_through(args.through, args, engine["results"]))
+    report["notes"] += [report[f"through_{k}"]["note"] for k in args.through
+                        if "note" in report[f"through_{k}"]]  # fmt: skip
+    print_report(report)
+    text = json.dumps(report, indent=2, default=str) + "\n"
+    cached = bench_cache(args.model)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(text)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(text)
+    if args.plot or args.json:
+        plot(report, args.plot or args.json.with_suffix(".png"))
+    return 0
+
+
+def build_report(args: argparse.Namespace, engine: dict, size_text: str) -> dict[str, Any]:
+    """The JSON report of the engine-alone half (the through runs are added after)."""
     measured = [r for r in engine["results"] if "images_per_s" in r]
+    mfu = max((r["mfu"] for r in measured), default=None)
     report: dict[str, Any] = {
         "images_per_s": max((r["images_per_s"] for r in measured), default=None),
-        "mfu": max((r["mfu"] for r in measured), default=None),
+        "mfu": mfu,
+        "mfu_reliable": None if mfu is None else mfu <= 1.0,
         "device": engine["device"],
         "peak_tflops": engine["peak_flops"] / 1e12,
         "flops_per_image_tflop": engine["flops"]["per_image"] / 1e12,
         "unet_forward_cfg_tflop": engine["flops"]["unet_forward_cfg"] / 1e12,
         "results": engine["results"],
+        "notes": list(engine["notes"]),
         "conditions": {
             "model": args.model,
             "size": size_text,
@@ -156,54 +228,112 @@ def main(argv: list[str] | None = None) -> int:
         },  # fmt: skip
     }
     report["versions"] = report["conditions"]["versions"]
-    top = next((r for r in measured if r["batch_size"] == max(args.batch_sizes)), None)
-    for kind in args.through:
-        if top is not None:
-            report[f"through_{kind}"] = bench_through(kind, args, top["images_per_s"])
-            print(
-                f"through {kind}: {report[f'through_{kind}']['ratio_to_engine']:.2f}x the engine alone"
-            )
-    _print_table(report)
-    text = json.dumps(report, indent=2, default=str) + "\n"
-    cached = bench_cache(args.model)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
-    if args.plot or args.json:
-        plot(report, args.plot or args.json.with_suffix(".png"))
-    return 0
+    return report
 
 
-def _print_table(report: dict) -> None:
-    from rich.console import Console
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def mfu_text(row: dict) -> str:
+    return f"{row['mfu']:.1%}" + ("" if row["mfu_reliable"] else " (peak unreliable)")
+
+
+class _Footnotes:
+    """Skip reasons as numbered footnotes under a table (one per distinct reason)."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def mark(self, reason: str) -> str:
+        if reason not in self.reasons:
+            self.reasons.append(reason)
+        return f"skipped [{self.reasons.index(reason) + 1}]"
+
+    def lines(self) -> list[str]:
+        return [f"[{i}] skipped: {reason}" for i, reason in enumerate(self.reasons, 1)]
+
+
+def _caption(lines: list[str]) -> str | None:
+    from rich.markup import escape
+
+    return escape("\n".join(lines)) if lines else None  # reasons quote [extras]
+
+
+def _table(title: str, columns: list[str]) -> Any:
+    from rich.markup import escape
     from rich.table import Table
 
+    table = Table(title=escape(title), caption_justify="left")
+    for col in columns:
+        table.add_column(col, justify="right", overflow="fold")
+    return table
+
+
+def engine_table(report: dict) -> Any:
+    """The engine alone: one row per backend pair and batch size; skipped ones with why."""
     c = report["conditions"]
-    table = Table(title=f"daguerre bench: {c['model']} {c['size']} x{c['steps']} steps, {c['dtype']}, "
-                        f"{c['device']}; peak {report['peak_tflops']:.2f} TFLOP/s (measured), "
-                        f"{report['flops_per_image_tflop']:.3f} TFLOP/image")  # fmt: skip
-    for col in (
-        "unet",
-        "attention",
-        "batch",
-        "images/s",
-        "s/image",
-        "UNet steps/s",
-        "MFU",
-        "peak MB",
-    ):
-        table.add_column(col, justify="right")
+    table = _table(f"daguerre bench: {c['model']} {c['size']} x{c['steps']} steps, {c['dtype']}, "
+                   f"{c['device']}; peak {report['peak_tflops']:.2f} TFLOP/s (measured), "
+                   f"{report['flops_per_image_tflop']:.3f} TFLOP/image",
+                   ["unet", "attention", "batch", "images/s", "s/image", "UNet calls/s",
+                    "image-steps/s", "MFU", "peak MB"])  # fmt: skip
+    notes = _Footnotes()
     for r in report["results"]:
         if "images_per_s" not in r:
+            reason = f"{r['unet_backend']}/{r['attention_backend']}: {r.get('skipped', '?')}"
             table.add_row(r["unet_backend"], r["attention_backend"], str(r["batch_size"]),
-                          "skipped", "", "", "", "")  # fmt: skip
+                          notes.mark(reason), "", "", "", "", "")  # fmt: skip
             continue
         table.add_row(r["unet_backend"], r["attention_ran"], str(r["batch_size"]),
                       f"{r['images_per_s']:.3f}", f"{r['s_per_image']:.3f}",
-                      f"{r['unet_steps_per_s']:.2f}", f"{r['mfu']:.2%}", f"{r['peak_memory_mb']:.0f}")  # fmt: skip
-    Console().print(table)
+                      f"{r['unet_calls_per_s']:.2f}", f"{r['denoise_steps_per_s']:.2f}",
+                      mfu_text(r), f"{r['peak_memory_mb']:.0f}")  # fmt: skip
+    table.caption = _caption(notes.lines())
+    return table
+
+
+def through_table(report: dict) -> Any | None:
+    """batch/serve through the cluster against the engine alone; None if not asked."""
+    runs = {k: report[f"through_{k}"] for k in ("batch", "serve") if f"through_{k}" in report}
+    if not runs:
+        return None
+    table = _table("through the cluster", ["through", "images", "images/s", "ratio to engine",
+                   "ratio basis", "startup s", "steady images/s", "end-to-end images/s"])  # fmt: skip
+    notes = _Footnotes()
+    for kind, r in runs.items():
+        if "skipped" in r:
+            table.add_row(kind, "", notes.mark(r["skipped"]), "", "", "", "", "")
+            continue
+        ratio = "" if r["ratio_to_engine"] is None else f"{r['ratio_to_engine']:.2f}x"
+        table.add_row(kind, str(r["images"]), _fmt(r["images_per_s"], ".3f"), ratio,
+                      r["ratio_basis"], _fmt(r.get("startup_s"), ".1f"),
+                      _fmt(r.get("steady_images_per_s"), ".3f"),
+                      _fmt(r.get("end_to_end_images_per_s"), ".3f"))  # fmt: skip
+    ref = next((r["engine"] for r in runs.values() if "engine" in r), None)
+    lines = notes.lines()
+    if ref is not None:
+        lines.insert(0, "ratio to engine = the ratio basis / the engine alone at "
+                        f"{ref['unet_backend']}/{ref['attention_backend']} batch "
+                        f"{ref['batch_size']} ({ref['images_per_s']:.3f} images/s)")  # fmt: skip
+    table.caption = _caption(lines)
+    return table
+
+
+def print_report(report: dict, console: Any = None) -> None:
+    """Both tables and the notes. Piped output gets 140 columns unless COLUMNS says."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    if console is None:
+        wide = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+        console = Console(width=140) if wide else Console()
+    console.print(engine_table(report))
+    through = through_table(report)
+    if through is not None:
+        console.print(through)
+    for note in report.get("notes", []):
+        console.print(escape(f"note: {note}"), soft_wrap=True)
 
 
 if __name__ == "__main__":

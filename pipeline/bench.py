@@ -1,13 +1,15 @@
-"""The engine-level half of `daguerre bench`: images/s, seconds per image, denoising steps/s,
-peak memory and model FLOP utilisation of the engine alone, per backend and batch size.
+"""The engine-level half of `daguerre bench`: images/s, seconds per image, UNet calls/s and
+image-steps/s, peak memory and model FLOP utilisation of the engine alone, per backend and
+batch size.
 (cluster/bench.py is the command: it adds the same workload through the batch job or
 Serve as a ratio to the engine alone.)
 
 MFU = FLOPs done / time / peak. FLOPs are counted once per model and shape with
 torch.utils.flop_counter on the actual UNet (CFG-doubled batch, every step) and VAE
 decoder; the peak is measured in the same run by a large matmul in the same dtype, and
-reported beside the result (on a CPU both are CPU figures). benchmarks/throughput.py is
-this same code.
+reported beside the result (on a CPU both are CPU figures). Where the model beats that
+peak (MFU above 100%, common on CPUs with small models) the row says mfu_reliable: false and
+the report carries a note. benchmarks/throughput.py is this same code.
 """
 
 from __future__ import annotations
@@ -115,15 +117,74 @@ def peak_flops(device: Any, dtype: Any, seconds: float = 1.0) -> float:
     return 2 * n**3 * runs / (time.perf_counter() - t0)
 
 
-def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
-    """Every (unet backend, attention backend, batch size): the engine alone."""
+def measured_rates(batch: int, steps: int, repeats: int, seconds: float,
+                   flops_per_image: float, peak: float) -> dict[str, Any]:  # fmt: skip
+    """The figures of one timed point: `repeats` generations of `batch` images in `seconds`.
+
+    unet_calls_per_s counts UNet forwards (each one CFG-doubled, over the whole batch), so
+    it falls as the batch grows; denoise_steps_per_s counts image-steps and grows with it.
+    mfu_reliable is False when the MFU exceeds 1: the matmul peak measured is then below
+    what the model reached, and the MFU says nothing about this device."""
+    images = batch * repeats
+    images_per_s = images / seconds
+    mfu = flops_per_image * images_per_s / peak
+    return {
+        "images_per_s": images_per_s,
+        "s_per_image": seconds / images,
+        "unet_calls_per_s": steps * repeats / seconds,
+        "denoise_steps_per_s": batch * steps * repeats / seconds,
+        "achieved_tflops": flops_per_image * images_per_s / 1e12,
+        "mfu": mfu,
+        "mfu_reliable": mfu <= 1.0,
+    }
+
+
+def mfu_notes(results: list[dict[str, Any]], peak: float) -> list[str]:
+    """The explanation owed when any measured row's MFU is above 100%."""
+    over = [r for r in results if "mfu" in r and not r["mfu_reliable"]]
+    if not over:
+        return []
+    reached = max(r["achieved_tflops"] for r in over)
+    return [f"MFU above 100%: the measured matmul peak ({peak / 1e12:.3g} TFLOP/s) is below "
+            f"what the model reached ({reached:.3g} TFLOP/s); treat MFU as unreliable on this "
+            "device"]  # fmt: skip
+
+
+def _requests(batch: int, steps: int, width: int, height: int) -> list[Any]:
+    from .schema import ImageRequest
+
+    return [ImageRequest(id=f"b{i}", prompt=f"a benchmark photo {i}", seed=i, steps=steps,
+                         width=width, height=height) for i in range(batch)]  # fmt: skip
+
+
+def _time_point(engine: Any, requests: list[Any], repeats: int, device: Any) -> dict[str, Any]:
+    """Warm-up once (compiles, exports, autotunes), then `repeats` timed generations."""
     import torch
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    engine.generate(requests)
+    warmup_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        engine.generate(requests)
+    seconds = time.perf_counter() - t0
+    if device.type == "cuda":
+        memory_mb, kind = torch.cuda.max_memory_allocated(device) / 2**20, "device"
+    else:
+        memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        kind = "host RSS (process peak)"
+    return {"warmup_s": warmup_s, "seconds": seconds, "peak_memory_mb": memory_mb,
+            "memory_kind": kind}  # fmt: skip
+
+
+def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
+    """Every (unet backend, attention backend, batch size): the engine alone."""
     from ..kernels.compile import BackendUnavailable
     from .config import EngineConfig
     from .engine import DiffusionEngine, resolve_device, resolve_dtype
     from .models import load_model
-    from .schema import ImageRequest
 
     width, height = args.size
     device = resolve_device(args.device)
@@ -132,59 +193,33 @@ def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
     flops = count_flops(args.model, components, width, height, args.steps)
     peak = peak_flops(device, dtype)
     results = []
-    for unet_backend in args.backends:
-        for attention in args.attention_backends:
-            for batch in args.batch_sizes:
-                config = EngineConfig(model=args.model, device=str(device), dtype=args.dtype,
-                                      unet_backend=unet_backend, attention_backend=attention,
-                                      max_batch_size=batch)  # fmt: skip
-                row: dict[str, Any] = {"unet_backend": unet_backend, "attention_backend": attention,
-                                       "batch_size": batch}  # fmt: skip
-                try:
-                    engine = DiffusionEngine(config, components)
-                except BackendUnavailable as exc:
-                    row["skipped"] = str(exc)
-                    results.append(row)
-                    print(f"{unet_backend}/{attention} batch {batch}: skipped ({exc})")
-                    continue
-                requests = [
-                    ImageRequest(
-                        id=f"b{i}",
-                        prompt=f"a benchmark photo {i}",
-                        seed=i,
-                        steps=args.steps,
-                        width=width,
-                        height=height,
-                    )  # fmt: skip
-                    for i in range(batch)
-                ]
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                t0 = time.perf_counter()
-                engine.generate(requests)  # warm-up: compiles, exports, autotunes
-                warmup_s = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                for _ in range(args.repeats):
-                    engine.generate(requests)
-                seconds = time.perf_counter() - t0
-                images = batch * args.repeats
-                images_per_s = images / seconds
-                row.update(
-                    attention_ran=engine.backend["attention"],
-                    warmup_s=warmup_s,
-                    images_per_s=images_per_s,
-                    s_per_image=seconds / images,
-                    unet_steps_per_s=args.steps * args.repeats / seconds,
-                    mfu=flops["per_image"] * images_per_s / peak,
-                    peak_memory_mb=(torch.cuda.max_memory_allocated(device) / 2**20
-                                    if device.type == "cuda"
-                                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-                    memory_kind="device" if device.type == "cuda" else "host RSS (process peak)",
-                )  # fmt: skip
-                results.append(row)
-                print(f"{unet_backend}/{engine.backend['attention']} batch {batch}: "
-                      f"{images_per_s:.3f} images/s, MFU {row['mfu']:.1%}")  # fmt: skip
+    points = [(u, a, b) for u in args.backends for a in args.attention_backends
+              for b in args.batch_sizes]  # fmt: skip
+    for unet_backend, attention, batch in points:
+        config = EngineConfig(model=args.model, device=str(device), dtype=args.dtype,
+                              unet_backend=unet_backend, attention_backend=attention,
+                              max_batch_size=batch)  # fmt: skip
+        row: dict[str, Any] = {"unet_backend": unet_backend, "attention_backend": attention,
+                               "batch_size": batch}  # fmt: skip
+        results.append(row)
+        try:
+            engine = DiffusionEngine(config, components)
+        except BackendUnavailable as exc:
+            row["skipped"] = str(exc)
+            print(f"{unet_backend}/{attention} batch {batch}: skipped ({exc})")
+            continue
+        timed = _time_point(engine, _requests(batch, args.steps, width, height), args.repeats,
+                            device)  # fmt: skip
+        seconds = timed.pop("seconds")
+        row.update(attention_ran=engine.backend["attention"], warmup_s=timed["warmup_s"],
+                   **measured_rates(batch, args.steps, args.repeats, seconds,
+                                    flops["per_image"], peak),
+                   peak_memory_mb=timed["peak_memory_mb"], memory_kind=timed["memory_kind"])  # fmt: skip
+        print(f"{unet_backend}/{engine.backend['attention']} batch {batch}: "
+              f"{row['images_per_s']:.3f} images/s, MFU {row['mfu']:.1%}"
+              f"{'' if row['mfu_reliable'] else ' (peak unreliable)'}")  # fmt: skip
     return {"results": results, "flops": flops, "peak_flops": peak,
+            "notes": mfu_notes(results, peak),
             "device": str(device), "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
 
 
@@ -234,7 +269,8 @@ def plot(report: dict, path: Path) -> None:
         ax.set_ylabel(label)
         ax.set_xscale("log", base=2)
         ax.set_ylim(bottom=0)
-        ax.legend(fontsize=8)
+        if lines:
+            ax.legend(fontsize=8)
     c = report["conditions"]
     fig.suptitle(f"{c['model']} {c['size']} x{c['steps']} steps, {c['dtype']}, {c['device']} "
                  f"(peak {report['peak_tflops']:.2f} TFLOP/s measured)", fontsize=9)  # fmt: skip
