@@ -339,13 +339,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _figure(value: float | None, unit: str = "") -> str:
-    return "n/a" if value is None else f"{value:.2f}{unit}"
-
-
 def print_summary(summary: Any) -> None:
+    import dataclasses
+
     from rich.console import Console
     from rich.table import Table
+
+    from ..pipeline.report import figure_rows, stage_rows
 
     table = Table(title=f"daguerre job {summary.run_id}", show_header=False)
     errors = f"{summary.errors}" + (
@@ -358,14 +358,9 @@ def print_summary(summary: Any) -> None:
         ("skipped as done", f"{summary.skipped_done} (finished before)"),
         ("errors", errors),
         ("wall time", f"{summary.wall_s:.1f} s"),
-        ("startup", _figure(summary.startup_s, " s") + " (run start to first image written)"),
-        ("steady images/s", _figure(summary.steady_images_per_s) + " (first to last image written)"),
-        ("end-to-end images/s", _figure(summary.end_to_end_images_per_s) + " (whole run)"),
-        ("mean engine batch", _figure(summary.mean_engine_batch)),
+        *figure_rows(dataclasses.asdict(summary)),
+        *stage_rows(summary.stage_s),
     ]  # fmt: skip
-    for name, seconds in summary.stage_s.items():
-        if seconds:
-            rows.append((f"  {name.removesuffix('_s')}", f"{seconds:.2f} s (summed over images)"))
     for name, value in rows:
         table.add_row(name, value)
     console = Console()

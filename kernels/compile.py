@@ -274,6 +274,11 @@ class OnnxRuntimeUNet(UNetRunner):
         super().__init__(unet, weights_hash, max_batch_size)
         param = next(unet.parameters())
         self.device, self.dtype = param.device, param.dtype
+        if str(self.dtype) == "torch.bfloat16":
+            raise BackendUnavailable(
+                "unet_backend onnxruntime: bfloat16 has no ONNX Runtime kernels for the UNet; "
+                "use dtype float16 or float32 (or another unet_backend)"
+            )
         self.sessions: dict[UNetSignature, Any] = {}
 
     def prepare(self, latent_height, latent_width, text_len, time_ids=None) -> list[Path]:

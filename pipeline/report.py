@@ -151,8 +151,29 @@ def _count(values: Any) -> dict[str, int]:
     return dict(collections.Counter(values).most_common())
 
 
-def _rate(value: float | None, unit: str = "") -> str:
+def fmt(value: float | None, unit: str = "") -> str:
+    """A figure for a table: two decimals and its unit, or n/a."""
     return "n/a" if value is None else f"{value:.2f}{unit}"
+
+
+FIGURES = (  # (label, key, unit, what it measures): the same words wherever figures show
+    ("startup", "startup_s", " s", "run start to first image written"),
+    ("steady images/s", "steady_images_per_s", "", "first to last image written"),
+    ("end-to-end images/s", "end_to_end_images_per_s", "", "whole run"),
+    ("mean engine batch", "mean_engine_batch", "", "images per engine call"),
+)
+
+
+def figure_rows(values: dict[str, Any], indent: str = "") -> list[tuple[str, str]]:
+    """Table rows of a run's speed figures (the job summary, inspect's last run)."""
+    return [(f"{indent}{label}", f"{fmt(values.get(key), unit)} ({what})")
+            for label, key, unit, what in FIGURES]  # fmt: skip
+
+
+def stage_rows(stage_s: dict[str, float]) -> list[tuple[str, str]]:
+    """Table rows of time per stage, summed over images."""
+    return [(f"  {name.removesuffix('_s')}", f"{seconds:.2f} s (summed over images)")
+            for name, seconds in stage_s.items() if seconds]  # fmt: skip
 
 
 def print_report(report: OutputReport) -> None:
@@ -167,22 +188,16 @@ def print_report(report: OutputReport) -> None:
         ("images", f"{report.images} ({superseded} superseded rows in the fragments)"),
         ("errors", f"{report.errors} {report.errors_by_stage or ''}".strip()),
         ("written", f"{report.first_image_at} .. {report.last_image_at}"),
-        ("mean engine batch", _rate(report.mean_engine_batch)),
+        ("mean engine batch", fmt(report.mean_engine_batch) + " (all images)"),
         ("nodes", str(report.nodes)),
+        *stage_rows(report.stage_s),
         ("runs", str(report.runs)),
     ]
     run = report.last_run
     if run:
-        rows += [
-            ("last run", f"{run['run_id']}: {run['generated']} generated, "
-                         f"{run['skipped_done']} skipped, {run['errors']} errors"),
-            ("  startup", _rate(run["startup_s"], " s")),
-            ("  steady images/s", _rate(run["steady_images_per_s"])),
-            ("  end-to-end images/s", _rate(run["end_to_end_images_per_s"])),
-        ]  # fmt: skip
-    for name, seconds in report.stage_s.items():
-        if seconds:
-            rows.append((f"  {name.removesuffix('_s')}", f"{seconds:.2f} s (summed over images)"))
+        rows.append(("last run", f"{run['run_id']}: {run['generated']} generated, "
+                     f"{run['skipped_done']} skipped, {run['errors']} errors"))  # fmt: skip
+        rows += figure_rows(run, indent="  ")
     for name, value in rows:
         summary.add_row(name, value)
     console.print(summary)

@@ -267,3 +267,12 @@ def test_cli_compile_prebuilds_into_the_cache(cache, tmp_path):
             .splitlines()[-1]
             .startswith("daguerre: error: unet_backend tensorrt:")
         )
+
+
+def test_bfloat16_is_refused_by_onnxruntime_with_the_way_out():
+    from daguerre.kernels.compile import BackendUnavailable
+
+    unet = build_preset(get_preset("tiny")).unet.to(torch.bfloat16)
+    with pytest.raises(BackendUnavailable, match="bfloat16 has no ONNX Runtime kernels"):
+        make_runner(unet, "onnxruntime", "w")
+    assert make_runner(unet, "eager", "w").backend.value == "eager"  # bf16 runs eagerly
