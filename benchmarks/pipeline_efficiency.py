@@ -77,8 +77,10 @@ def job_run(rows: list[dict], model: str, batch: int, threads: int, workdir: Pat
 
     manifest = workdir / "manifest.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema()), manifest)
+    from daguerre.cluster.runtime import init_ray
+
     t0 = time.perf_counter()
-    ray.init(include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1")
+    init_ray()  # the job's own local Ray (quiet, 127.0.0.1)
     ray_init_s = time.perf_counter() - t0
     config = JobConfig(
         batch_size=batch,
