@@ -93,6 +93,10 @@ def _generate_parser(sub: Any) -> None:
     gen.add_argument("--actors", type=_actors, metavar="MIN:MAX",
                      help="engine actor pool, scaled under backlog (config default: 1:1)")  # fmt: skip
     gen.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    gen.add_argument("--via-serve", nargs="?", const="daguerre", metavar="APP",
+                     help="run the engine stage on the replicas of a running `daguerre serve` "
+                     "app (default app: daguerre) on the cluster at --address, behind its "
+                     "online traffic, instead of a dedicated actor pool")  # fmt: skip
     _backend_args(gen)
     gen.add_argument("--overwrite", action="store_true",
                      help="make again the finished ids that were made with another model or "
@@ -202,6 +206,8 @@ def job_config(args: argparse.Namespace) -> JobConfig:
         overrides["batch_size"] = args.batch_size
     if args.actors:
         overrides["min_actors"], overrides["max_actors"] = args.actors
+    if getattr(args, "via_serve", None):
+        overrides.update(engine_pool="serve", serve_app=args.via_serve)
     if args.config:
         return load_yaml(args.config, JobConfig, overrides)
     return validate_config(JobConfig, overrides, source="flags")

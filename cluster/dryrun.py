@@ -19,7 +19,7 @@ from ..pipeline.config import JobConfig
 from ..pipeline.schema import ImageRequest
 from ..pipeline.storage import Storage
 from .bench import last_bench
-from .plan import check_inputs, plan_resume
+from .plan import check_inputs, plan_resume, served_engine
 from .stages import check_row
 
 
@@ -45,7 +45,8 @@ class DryRun:
 def dry_run(manifest: str, output: str, config: JobConfig, *, address: str | None = None,
             overwrite: bool = False, limit: int | None = None) -> DryRun:  # fmt: skip
     """Check and count what `run_job` would do with these arguments."""
-    plan = check_inputs(manifest, config, local=address is None)
+    served = served_engine(config, address)
+    plan = check_inputs(manifest, config, local=address is None, served=served)
     storage = Storage(output, plan.config.storage)
     if storage.fs.exists(storage.root) and storage.is_output():
         plan_resume(plan, storage, overwrite)

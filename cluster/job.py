@@ -30,9 +30,9 @@ from ..pipeline.outputs import new_run_id
 from ..pipeline.report import mean_engine_batch, speed_figures
 from ..pipeline.schema import StageTimings
 from ..pipeline.storage import RUNS, Storage
-from .plan import JobPlan, check_inputs, plan_resume
+from .plan import JobPlan, check_inputs, plan_resume, served_engine
 from .runtime import ResourceError, engine_resources, init_ray
-from .stages import EngineWorker, prepare_batch, write_batch
+from .stages import EngineWorker, ServeEngineClient, prepare_batch, write_batch
 
 PROGRESS_EVERY_S = 5.0
 
@@ -59,6 +59,9 @@ class JobSummary:
     end_to_end_images_per_s: float | None = None
     mean_engine_batch: float | None = None
     stage_s: dict[str, float] = field(default_factory=dict)
+    engine_actors: int = 0  # distinct engine actors (or replicas) that made this run's images
+    # [seconds since start, engine actors that delivered images in the 10 s before]
+    engine_actors_over_time: list[list[float]] = field(default_factory=list)
     superseded_rows_pruned: dict[str, int] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)
 
@@ -85,7 +88,10 @@ def run_job(
     say = on_notice or (lambda line: print(f"daguerre: {line}", file=sys.stderr, flush=True))
 
     # 1. Check the inputs before anything starts: manifest, model, backend, pool, output.
-    plan = check_inputs(manifest, config or JobConfig(), local=address is None)
+    #    (--via-serve: first the cluster and its Serve app, before any row is read.)
+    config = config or JobConfig()
+    served = served_engine(config, address, verbose)
+    plan = check_inputs(manifest, config, local=address is None, served=served)
     storage = Storage(output, plan.config.storage)
     storage.check_writable()
     summary = JobSummary(
@@ -113,7 +119,7 @@ def run_job(
         if todo > 0:
             # 3. The Ray Data pipeline, driven with progress.
             batches = _run_pipeline(plan, storage, summary, address, verbose, limit)
-            written = _tally(summary, batches, todo, progress, lease)
+            written = _tally(summary, batches, todo, progress, lease, t_start)
         # 4. One row per id in the fragments too; the run's record.
         summary.superseded_rows_pruned = prune_superseded(storage)
     finally:
@@ -133,7 +139,7 @@ def _run_pipeline(
     """Build and start the Ray Data pipeline; return its iterator of summary batches."""
     import pyarrow as pa
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import DataContext
 
     import daguerre
 
@@ -142,13 +148,6 @@ def _run_pipeline(
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.wait_for_min_actors_s = config.wait_for_min_actors_s
-    cluster_gpus = ray.cluster_resources().get("GPU", 0)
-    if address is not None:
-        _check_cluster(config, cluster_gpus)
-    resources = engine_resources(config.engine, cluster_gpus, num_gpus=config.actor_num_gpus,
-                                 num_cpus=config.actor_num_cpus)  # fmt: skip
-    if resources["num_gpus"] == 0:
-        resources.pop("num_gpus")
     uri = _manifest_uri(plan, storage, summary.run_id)
     manifest_storage = Storage(uri, config.storage)
     ds = ray.data.read_parquet(uri, filesystem=None if manifest_storage.is_local else
@@ -169,17 +168,7 @@ def _run_pipeline(
         num_cpus=config.writer_num_cpus,
     )
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
-    ds = ds.map_batches(
-        EngineWorker,
-        fn_constructor_kwargs={
-            "engine_config": config.engine.model_dump(mode="json"),
-            "storage_config": config.storage,
-        },  # fmt: skip
-        batch_size=config.batch_size,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
-        **resources,
-    )
+    ds = _engine_stage(ds, plan, address)
     ds = ds.map_batches(
         write_batch,
         fn_kwargs={"output": storage, "run_id": summary.run_id, "version": daguerre.__version__},
@@ -187,6 +176,37 @@ def _run_pipeline(
         num_cpus=config.writer_num_cpus,
     )
     return ds.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+def _engine_stage(ds: Any, plan: JobPlan, address: str | None) -> Any:
+    """The engine stage: a dedicated, autoscaled actor pool, or (--via-serve) light actors
+    sending batches to the Serve app's replicas, a few calls in flight per replica."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    config = plan.config
+    common = {"batch_size": config.batch_size, "batch_format": "pyarrow"}
+    if plan.served is not None:
+        calls = config.serve_calls_per_replica * plan.served.description["max_replicas"]
+        return ds.map_batches(
+            ServeEngineClient,
+            fn_constructor_kwargs={"app": plan.served.app, "deployment": plan.served.deployment},
+            compute=ActorPoolStrategy(min_size=1, max_size=calls), num_cpus=0.05, **common,
+        )  # fmt: skip
+    cluster_gpus = ray.cluster_resources().get("GPU", 0)
+    if address is not None:
+        _check_cluster(config, cluster_gpus)
+    resources = engine_resources(config.engine, cluster_gpus, num_gpus=config.actor_num_gpus,
+                                 num_cpus=config.actor_num_cpus)  # fmt: skip
+    if resources["num_gpus"] == 0:
+        resources.pop("num_gpus")
+    return ds.map_batches(
+        EngineWorker,
+        fn_constructor_kwargs={"engine_config": config.engine.model_dump(mode="json"),
+                               "storage_config": config.storage},  # fmt: skip
+        compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
+        **resources, **common,
+    )  # fmt: skip
 
 
 def _manifest_uri(plan: JobPlan, storage: Storage, run_id: str) -> str:
@@ -223,13 +243,13 @@ def _check_cluster(config: JobConfig, cluster_gpus: float) -> None:
 
 
 def _tally(summary: JobSummary, batches: Any, todo: int, progress: bool,
-           lease: OutputLease) -> list[float]:  # fmt: skip
-    """Drive the pipeline, counting images and errors, printing a progress line every few
-    seconds; return when each image was written."""
+           lease: OutputLease, t_start: float) -> list[float]:  # fmt: skip
+    """Drive the pipeline, counting images and errors, sampling the engine actors at work
+    and printing a progress line every few seconds; return when each image was written."""
     from ..pipeline.lease import LeaseLost
 
     stage_s = dict.fromkeys(StageTimings.model_fields, 0.0)
-    written, sizes = [], []
+    written, sizes, last_seen = [], [], {}
     shown = float("-inf")  # the first batch gets a line at once: start-up is over
     for batch in batches:
         if lease.lost.is_set():
@@ -239,22 +259,27 @@ def _tally(summary: JobSummary, batches: Any, todo: int, progress: bool,
                 summary.generated += 1
                 written.append(row["written_at"])
                 sizes.append(row["batch_size"])
+                last_seen[row["actor_id"]] = time.time()
             else:
                 summary.errors += 1
                 stage = row["stage"]
                 summary.errors_by_stage[stage] = summary.errors_by_stage.get(stage, 0) + 1
             for name in stage_s:
                 stage_s[name] += row[name]
-        if progress and time.perf_counter() - shown >= PROGRESS_EVERY_S:
+        if time.perf_counter() - shown >= PROGRESS_EVERY_S:
             shown = time.perf_counter()
-            print(progress_line(summary, todo, written), file=sys.stderr, flush=True)
+            busy = sum(1 for t in last_seen.values() if time.time() - t <= 2 * PROGRESS_EVERY_S)
+            summary.engine_actors_over_time.append([round(shown - t_start, 1), busy])
+            if progress:
+                print(progress_line(summary, todo, written, busy), file=sys.stderr, flush=True)
     summary.stage_s = stage_s
+    summary.engine_actors = len(last_seen)
     summary.mean_engine_batch = mean_engine_batch(sizes)
     return written
 
 
-def progress_line(summary: JobSummary, todo: int, written: list[float]) -> str:
-    """`daguerre: 122/1000 rows done (120 images, 2 errors), 3.20 images/s, ETA 4m35s`"""
+def progress_line(summary: JobSummary, todo: int, written: list[float], actors: int = 0) -> str:
+    """`daguerre: 122/1000 rows done (120 images, 2 errors), 3.20 images/s, ETA 4m35s, 2 engine actors`"""
     done = summary.generated + summary.errors
     rate = None
     if len(written) > 1 and max(written) > min(written):
@@ -264,6 +289,8 @@ def progress_line(summary: JobSummary, todo: int, written: list[float]) -> str:
     if rate:
         eta = max(todo - done, 0) / rate
         text += f", {rate:.2f} images/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s"
+    if actors:
+        text += f", {actors} engine actor{'s' if actors > 1 else ''}"
     return text
 
 

@@ -28,6 +28,16 @@ class ResumeConflict(ConfigError):
 
 
 @dataclass
+class ServedEngine:
+    """A running Serve app's engine deployment that a job sends its batches to."""
+
+    app: str
+    model: str  # the served name
+    deployment: str
+    description: dict[str, Any]  # what a replica says it runs (model, weights hash, sizes)
+
+
+@dataclass
 class JobPlan:
     """The checked inputs of one run."""
 
@@ -37,11 +47,65 @@ class JobPlan:
     notices: list[str] = field(default_factory=list)
     skip_ids: set[str] = field(default_factory=set)  # finished, and made as asked
     redo_ids: set[str] = field(default_factory=set)  # finished differently: --overwrite redoes
+    served: ServedEngine | None = None  # engine_pool serve: where the batches go
 
 
-def check_inputs(manifest: str, config: JobConfig, local: bool) -> JobPlan:
-    """The manifest, the model and its backend, checked; for a local Ray, the pool fitted."""
+def served_engine(
+    config: JobConfig, address: str | None, verbose: bool = False
+) -> ServedEngine | None:
+    """engine_pool serve: join the cluster at `address` and find the app's engine (None for
+    a dedicated pool). Checked before any manifest row is read."""
+    if config.engine_pool != "serve":
+        return None
+    if address is None:
+        raise ResourceError(
+            "--via-serve needs --address: the Ray cluster where `daguerre serve` runs"
+        )
+    from .runtime import init_ray
+
+    init_ray(address, verbose=verbose)
+    return connect_serve(config)
+
+
+def connect_serve(config: JobConfig) -> ServedEngine:
+    """The engine deployment of `config.serve_app` serving `engine.model` on the connected
+    cluster; ResourceError (one line) when there is no such app or it serves other models."""
+    from pathlib import Path
+
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    app, model = config.serve_app, Path(config.engine.model.rstrip("/")).name
+    try:
+        apps = serve.status().applications
+    except RayServeException:
+        apps = {}
+    if app not in apps:
+        running = ", ".join(apps) or "none"
+        raise ResourceError(f"--via-serve: no Serve app {app!r} on this cluster (apps: {running});"
+                            " start one there with daguerre serve --address ...")  # fmt: skip
+    engines = {
+        n.removeprefix("Engine-"): n for n in apps[app].deployments if n.startswith("Engine-")
+    }
+    if model not in engines:
+        raise ResourceError(f"--via-serve: Serve app {app!r} serves {', '.join(engines)}, not "
+                            f"{model!r} (--model names the served model)")  # fmt: skip
+    handle = serve.get_deployment_handle(engines[model], app_name=app)
+    description = handle.describe.remote().result(timeout_s=120)
+    return ServedEngine(app=app, model=model, deployment=engines[model], description=description)
+
+
+def check_inputs(manifest: str, config: JobConfig, local: bool,
+                 served: ServedEngine | None = None) -> JobPlan:  # fmt: skip
+    """The manifest, the model and its backend, checked; for a local Ray, the pool fitted.
+    With `served`, the model is what the app's replicas run (they need no pool here)."""
     info = inspect_manifest(manifest, config.storage)
+    if served is not None:
+        d = served.description
+        model = ModelInfo(spec=served.app, name=d["model"], kind="served",
+                          default_size=d["default_size"], _weights_hash=d["weights_hash"])  # fmt: skip
+        return JobPlan(manifest=info, model=model, config=config, notices=[model.describe()],
+                       served=served)  # fmt: skip
     engine = config.engine.model_copy(update={"model": node_model_path(config.engine.model)})
     model = describe_model(engine.model, config.storage)
     config = config.model_copy(update={"engine": engine})

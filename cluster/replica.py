@@ -1,9 +1,14 @@
 """The engine deployment: one DiffusionEngine per Serve replica, fed by a scheduler of ours.
 
-    ingress call (the images of one HTTP request) -> EngineScheduler.submit, one future each
-    scheduler loop: wait for work -> take the oldest request's bucket (size, steps,
-    scheduler) up to max_batch_size, skipping cancelled requests -> one engine call on
-    the engine's own thread -> answer each future
+    ingress call (the images of one HTTP request)  -> online queue, one future per image
+    batch-job call (one engine batch of a job)     -> batch queue
+    scheduler loop: wait for work -> the oldest online request's bucket (size, steps,
+    scheduler) first, filled up to max_batch_size with online then batch work of that
+    bucket; with no online work waiting, the oldest batch request's bucket -> one engine
+    call on the engine's own thread -> answer each future
+
+So an online request never waits behind more than the one engine batch already running,
+and batch work fills the rest of every batch and all idle time.
 
 Why not `@serve.batch`: it is one FIFO queue that forms its next batch as soon as the
 previous one starts, cannot drop work whose caller went away, and has no notion of a
@@ -27,7 +32,7 @@ from typing import Any
 
 from ray import serve
 
-from ..pipeline.config import EngineConfig, StorageConfig
+from ..pipeline.config import EngineConfig, StorageConfig, first_line
 from ..pipeline.outputs import Provenance
 from ..pipeline.schema import GeneratedImage, ImageRequest
 
@@ -46,11 +51,15 @@ class ReplicaImage:
     provenance: Provenance
 
 
+ONLINE, BATCH = "online", "batch"  # the two classes of work a replica serves
+
+
 @dataclass
 class _Waiting:
     request: ImageRequest
     future: asyncio.Future
     key: Any
+    priority: str
 
 
 class EngineScheduler:
@@ -71,22 +80,25 @@ class EngineScheduler:
         self.run_batch, self.bucket_key = run_batch, bucket_key
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
         self.max_failures, self.stuck_after_s = max_failures, stuck_after_s
-        self.waiting: collections.deque[_Waiting] = collections.deque()
+        self.waiting: dict[str, collections.deque[_Waiting]] = {
+            ONLINE: collections.deque(), BATCH: collections.deque(),
+        }  # fmt: skip
         self._wakeup: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self.running_since: float | None = None  # when the engine call in progress started
         self.running = 0  # requests in that call
         self.failures: list[float] = []  # times the loop failed
         self.images = 0
+        self.images_by_priority: collections.Counter[str] = collections.Counter()
         self.dropped_cancelled = 0
         self.batch_sizes: collections.Counter[int] = collections.Counter()
 
     # -- callers -------------------------------------------------------------------------
 
-    async def generate(self, requests: list[ImageRequest]) -> list[Any]:
+    async def generate(self, requests: list[ImageRequest], priority: str = ONLINE) -> list[Any]:
         """One result per request (an image or the exception that stopped it). If the caller
         is cancelled, its requests that have not started are dropped."""
-        futures = [self.submit(r) for r in requests]
+        futures = [self.submit(r, priority) for r in requests]
         try:
             return list(await asyncio.gather(*futures))
         except asyncio.CancelledError:
@@ -94,9 +106,9 @@ class EngineScheduler:
                 future.cancel()
             raise
 
-    def submit(self, request: ImageRequest) -> asyncio.Future:
+    def submit(self, request: ImageRequest, priority: str = ONLINE) -> asyncio.Future:
         future = asyncio.get_running_loop().create_future()
-        self.waiting.append(_Waiting(request, future, self.bucket_key(request)))
+        self.waiting[priority].append(_Waiting(request, future, self.bucket_key(request), priority))
         self._ensure_loop()
         self._wakeup.set()
         return future
@@ -110,12 +122,21 @@ class EngineScheduler:
             return f"one engine call has run for {time.monotonic() - self.running_since:.0f} s"
         return None
 
+    def pending(self, priority: str | None = None) -> int:
+        """Requests waiting (not cancelled), of one class or both."""
+        queues = [self.waiting[priority]] if priority else list(self.waiting.values())
+        return sum(1 for q in queues for w in q if not w.future.cancelled())
+
     def stats(self) -> dict[str, Any]:
         return {
             "images": self.images,
+            "images_online": self.images_by_priority[ONLINE],
+            "images_batch": self.images_by_priority[BATCH],
             "batches": sum(self.batch_sizes.values()),
             "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
-            "pending": sum(1 for w in self.waiting if not w.future.cancelled()),
+            "pending": self.pending(),
+            "pending_online": self.pending(ONLINE),
+            "pending_batch": self.pending(BATCH),
             "running": self.running,
             "dropped_cancelled": self.dropped_cancelled,
             "loop_failures": len(self.failures),
@@ -142,36 +163,44 @@ class EngineScheduler:
         logger.error("daguerre engine loop failed; restarting it", exc_info=error)
         failure = EngineLoopFailed(f"the replica's engine loop failed ({type(error).__name__}: "
                                    f"{error}); it was restarted, retry the request")  # fmt: skip
-        while self.waiting:
-            waiting = self.waiting.popleft()
-            if not waiting.future.done():
-                waiting.future.set_exception(failure)
+        for queue in self.waiting.values():
+            while queue:
+                waiting = queue.popleft()
+                if not waiting.future.done():
+                    waiting.future.set_exception(failure)
 
     async def _loop(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if self.batch_wait_timeout_s and len(self.waiting) < self.max_batch_size:
+            if self.batch_wait_timeout_s and self.pending() < self.max_batch_size:
                 await asyncio.sleep(self.batch_wait_timeout_s)  # let a batch gather
-            while self.waiting:
+            while any(self.waiting.values()):
                 batch = self._take_batch()
                 if batch:
                     await self._run(batch)
 
     def _take_batch(self) -> list[_Waiting]:
-        """The oldest live request's bucket, up to max_batch_size; cancelled ones dropped."""
-        batch, rest, key = [], collections.deque(), None
-        for waiting in self.waiting:
-            if waiting.future.cancelled():
-                self.dropped_cancelled += 1
-                continue
-            if key is None:
-                key = waiting.key
-            if waiting.key == key and len(batch) < self.max_batch_size:
-                batch.append(waiting)
-            else:
-                rest.append(waiting)
-        self.waiting = rest
+        """The next engine batch: the oldest online request's bucket, filled with online and
+        then batch work of that bucket; with no online work, the oldest batch request's
+        bucket. At most max_batch_size; cancelled requests are dropped on the way."""
+        for queue in self.waiting.values():
+            live = [w for w in queue if not w.future.cancelled()]
+            self.dropped_cancelled += len(queue) - len(live)
+            queue.clear()
+            queue.extend(live)
+        first = self.waiting[ONLINE] or self.waiting[BATCH]
+        if not first:
+            return []
+        key, batch = first[0].key, []
+        for priority in (ONLINE, BATCH):
+            rest: collections.deque[_Waiting] = collections.deque()
+            for waiting in self.waiting[priority]:
+                if waiting.key == key and len(batch) < self.max_batch_size:
+                    batch.append(waiting)
+                else:
+                    rest.append(waiting)
+            self.waiting[priority] = rest
         return batch
 
     async def _run(self, batch: list[_Waiting]) -> None:
@@ -186,6 +215,7 @@ class EngineScheduler:
         self.running, self.running_since = 0, None
         self.batch_sizes[len(batch)] += 1
         self.images += len(batch)
+        self.images_by_priority.update(w.priority for w in batch)
         for waiting, result in zip(batch, results, strict=True):
             if not waiting.future.done():  # a caller that left gets nothing
                 waiting.future.set_result(result)
@@ -200,6 +230,7 @@ class EngineDeployment:
         engine_config: dict[str, Any],
         batch_wait_timeout_s: float,
         storage_config: StorageConfig | None = None,
+        max_replicas: int = 1,
     ):
         import ray
 
@@ -219,14 +250,33 @@ class EngineDeployment:
             self._thread.generate_each_async, engine.bucket_key, engine.config.max_batch_size,
             batch_wait_timeout_s,
         )  # fmt: skip
+        self.description = {
+            "model": engine.model.name, "weights_hash": engine.model.weights_hash,
+            "backend": engine.backend, "default_size": engine.model.default_size,
+            "max_batch_size": engine.config.max_batch_size, "max_replicas": max_replicas,
+        }  # fmt: skip
 
     async def generate(self, requests: list[ImageRequest]) -> list[ReplicaImage]:
-        """One image per request; concurrent calls share engine batches."""
-        results = await self.scheduler.generate(requests)
+        """Online: one image per request, ahead of batch work; concurrent calls share batches."""
+        results = await self.scheduler.generate(requests, ONLINE)
         for result in results:
             if isinstance(result, Exception):
                 raise result
         return [ReplicaImage(image=r, provenance=self.provenance) for r in results]
+
+    async def generate_batch(self, requests: list[ImageRequest]) -> list[ReplicaImage | str]:
+        """A batch job's engine call: behind online work; one image or the failure's one-line
+        reason per request (a bad request does not fail its batch-mates)."""
+        results = await self.scheduler.generate(requests, BATCH)
+        return [
+            f"{type(r).__name__}: {first_line(r)}" if isinstance(r, Exception)
+            else ReplicaImage(image=r, provenance=self.provenance)
+            for r in results
+        ]  # fmt: skip
+
+    async def describe(self) -> dict[str, Any]:
+        """What this replica runs: model, weights hash, backend, native size, batch size."""
+        return self.description
 
     async def stats(self) -> dict[str, Any]:
         """This replica's counters: images made, engine batches by size, requests waiting."""

@@ -18,7 +18,10 @@ class ResourceError(ConfigError):
 
 
 def init_ray(address: str | None = None, *, verbose: bool = False, **options: Any) -> None:
-    """Start a local Ray on 127.0.0.1 (address None) or join `address`; quiet unless verbose."""
+    """Start a local Ray on 127.0.0.1 (address None) or join `address`; quiet unless verbose.
+
+    An address that does not answer is one line (ResourceError) after a few seconds, not a
+    wait: ray.init retries an unreachable cluster for as long as it runs."""
     if address is None:
         # A private local cluster: Ray's token auth only adds a warning line here.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -26,6 +29,8 @@ def init_ray(address: str | None = None, *, verbose: bool = False, **options: An
 
     if ray.is_initialized():
         return
+    if address is not None:
+        check_reachable(address)
     if not verbose:
         for name in ("ray", "ray.data", "ray.serve"):
             logging.getLogger(name).setLevel(logging.ERROR)
@@ -34,6 +39,22 @@ def init_ray(address: str | None = None, *, verbose: bool = False, **options: An
         address=address, include_dashboard=False, log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR, **local, **options,
     )  # fmt: skip
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Raise ResourceError unless a `host:port` or `ray://host:port` address accepts a
+    connection ('auto' and other forms are left to Ray)."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ResourceError(f"cannot reach the Ray cluster at {address} ({reason})") from None
 
 
 def local_gpus() -> int:

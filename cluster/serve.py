@@ -11,6 +11,7 @@ it fail at once in the ingress, which answers 503 with Retry-After.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import secrets
 import socket
@@ -29,13 +30,16 @@ def deployment_options(model: ModelDeploymentConfig, cluster_gpus: float) -> dic
     from ray.serve.config import BackpressureConfig
 
     batch = model.engine.max_batch_size
+    target = model.target_ongoing_requests or batch
     num_gpus = 1.0 if model.num_gpus == "auto" else model.num_gpus
     resources = engine_resources(model.engine, cluster_gpus, num_gpus=num_gpus,
                                  num_cpus=model.num_cpus)  # fmt: skip
     options: dict[str, Any] = {
         "name": f"Engine-{model.served_name}",
         "ray_actor_options": resources,
-        "max_ongoing_requests": model.max_ongoing_requests or 2 * batch,
+        # Close to the target: a replica far above it would absorb the load before the
+        # autoscaler's new replicas are up, and requests queued on a replica never move.
+        "max_ongoing_requests": model.max_ongoing_requests or math.ceil(1.5 * target),
         "max_queued_requests": model.max_queued_requests,
         "backpressure_config": BackpressureConfig(
             status_code=503, retry_after_s=model.retry_after_s
@@ -49,7 +53,9 @@ def deployment_options(model: ModelDeploymentConfig, cluster_gpus: float) -> dic
         options["autoscaling_config"] = {
             "min_replicas": model.min_replicas,
             "max_replicas": model.max_replicas,
-            "target_ongoing_requests": model.target_ongoing_requests or batch,
+            "target_ongoing_requests": target,
+            "upscale_delay_s": model.upscale_delay_s,
+            "downscale_delay_s": model.downscale_delay_s,
         }
     return options
 
@@ -70,8 +76,9 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
         describe_model(engine.model, config.storage)
         deployment = EngineDeployment.options(**deployment_options(model, cluster_gpus))
         engines[model.served_name] = deployment.bind(
-            engine.model_dump(mode="json"), model.batch_wait_timeout_s, config.storage
-        )
+            engine.model_dump(mode="json"), model.batch_wait_timeout_s, config.storage,
+            model.max_replicas,
+        )  # fmt: skip
     ingress = ApiIngress.options(
         num_replicas=config.ingress_replicas,
         ray_actor_options={"num_cpus": config.ingress_num_cpus},

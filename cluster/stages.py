@@ -121,34 +121,103 @@ class EngineWorker:
         }
 
     def __call__(self, batch: Any) -> Any:
-        import pyarrow as pa
+        rows = batch.to_pylist()
+        requests = _requests(rows)
+        results = self._engine_thread.generate_each(requests)
+        provenance = [self.provenance] * len(results)
+        return engine_rows(rows, requests, results, provenance, self.provenance)
+
+
+class ServeEngineClient:
+    """A light Ray Data actor that sends each batch of rows to a Serve app's engine
+    deployment as one batch-class call (online requests go first in the replicas), waits,
+    and turns the answer into EngineRows with the replica's provenance.
+
+    Never fails the job for load: Serve's BackPressureError waits and retries (the job
+    slows down instead); a replica that dies mid-batch is retried on another replica
+    (writes are idempotent and readers keep one row per id, so nothing is duplicated)."""
+
+    def __init__(self, app: str, deployment: str, max_replica_losses: int = 20):
+        from ray import serve
+
+        self.handle = serve.get_deployment_handle(deployment, app_name=app)
+        self.max_replica_losses = max_replica_losses
+        self.provenance = {"model": "", "weights_hash": "", "backend": {}, "node_id": "",
+                           "actor_id": ""}  # fmt: skip
+
+    def __call__(self, batch: Any) -> Any:
+        import dataclasses
 
         rows = batch.to_pylist()
-        requests = [ImageRequest.model_validate_json(r["request"]) for r in rows if r["request"]]
-        results = dict(
-            zip([r.id for r in requests], self._engine_thread.generate_each(requests), strict=True)
-        )
-        out = [self._engine_row(r, results.get(r["id"])).model_dump() for r in rows]
-        return pa.Table.from_pylist(out, schema=engine_row_schema())
+        requests = _requests(rows)
+        answers = self._call(requests) if requests else []
+        results, provenance = [], []
+        for answer in answers:
+            if isinstance(answer, str):  # one request failed in the engine: its reason
+                results.append(answer)
+                provenance.append(self.provenance)
+            else:
+                results.append(answer.image)
+                provenance.append(dataclasses.asdict(answer.provenance))
+                self.provenance = provenance[-1]
+        return engine_rows(rows, requests, results, provenance, self.provenance)
 
-    def _engine_row(self, row: dict[str, Any], result: Any) -> EngineRow:
-        base = {"id": row["id"], "request": row["request"], "row": row["row"], **self.provenance}
-        if row["request"] is None:
-            return EngineRow(**base, error_stage="validate", error_field=row["error_field"],
-                             error_reason=row["error_reason"])  # fmt: skip
-        if isinstance(result, GeneratedImage):
-            return EngineRow(
-                **base, pixels=result.image.tobytes(), width=result.width, height=result.height,
-                seed=result.seed, batch_size=result.batch_size,
-                scheduler_config=result.scheduler_config, timings=result.timings,
-            )  # fmt: skip
+    def _call(self, requests: list[ImageRequest]) -> list[Any]:
+        from ray.exceptions import ActorUnavailableError, RayActorError
+        from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+        losses = 0
+        while True:
+            try:
+                return self.handle.generate_batch.remote(requests).result()
+            except BackPressureError as exc:  # the replicas' queues are full: wait, not fail
+                time.sleep(exc.retry_after_s or 1.0)
+            except (RayActorError, ActorUnavailableError, DeploymentUnavailableError):
+                losses += 1  # the replica died or restarts: Serve routes the retry elsewhere
+                if losses > self.max_replica_losses:
+                    raise
+                time.sleep(min(0.5 * 2**losses, 10.0))
+
+
+def _requests(rows: list[dict[str, Any]]) -> list[ImageRequest]:
+    return [ImageRequest.model_validate_json(r["request"]) for r in rows if r["request"]]
+
+
+def engine_rows(rows: list[dict[str, Any]], requests: list[ImageRequest], results: list[Any],
+                provenance: list[dict[str, Any]], fallback: dict[str, Any]) -> Any:  # fmt: skip
+    """The engine stage's output table: per input row, its raw image (with the provenance of
+    whatever made it) or why there is none."""
+    import pyarrow as pa
+
+    made = {
+        r.id: (result, prov) for r, result, prov in zip(requests, results, provenance, strict=True)
+    }
+    out = [_engine_row(row, *made.get(row["id"], (None, fallback))).model_dump() for row in rows]
+    return pa.Table.from_pylist(out, schema=engine_row_schema())
+
+
+def _engine_row(row: dict[str, Any], result: Any, provenance: dict[str, Any]) -> EngineRow:
+    base = {"id": row["id"], "request": row["request"], "row": row["row"], **provenance}
+    if row["request"] is None:
+        return EngineRow(**base, error_stage="validate", error_field=row["error_field"],
+                         error_reason=row["error_reason"])  # fmt: skip
+    if isinstance(result, GeneratedImage):
+        return EngineRow(
+            **base, pixels=result.image.tobytes(), width=result.width, height=result.height,
+            seed=result.seed, batch_size=result.batch_size,
+            scheduler_config=result.scheduler_config, timings=result.timings,
+        )  # fmt: skip
+    if isinstance(result, str):  # a replica's one-line reason
+        reason = result
+    else:
         reason = f"{type(result).__name__}: {first_line(result)}" if result else "not generated"
-        return EngineRow(**base, error_stage="generate", error_field="engine", error_reason=reason)
+    return EngineRow(**base, error_stage="generate", error_field="engine", error_reason=reason)
 
 
 # -- stage 3: encode and write (CPU tasks) ------------------------------------------------
 
-SUMMARY_COLUMNS = ("id", "status", "stage", "written_at", "batch_size", *StageTimings.model_fields)
+SUMMARY_COLUMNS = ("id", "status", "stage", "written_at", "batch_size", "actor_id",
+                   *StageTimings.model_fields)  # fmt: skip
 
 
 def write_batch(batch: Any, output: Storage, run_id: str, version: str) -> Any:
@@ -187,9 +256,9 @@ def write_batch(batch: Any, output: Storage, run_id: str, version: str) -> Any:
     for item in stored:
         record = item.record
         _summary_row(summary, record.id, "ok", None, record.created_at.timestamp(),
-                     record.batch_size, record.timings)  # fmt: skip
+                     record.batch_size, record.actor_id, record.timings)  # fmt: skip
     for error in errors:
-        _summary_row(summary, error.id, "error", error.stage, now, None, StageTimings())
+        _summary_row(summary, error.id, "error", error.stage, now, None, None, StageTimings())
     return pa.table(summary, schema=summary_schema())
 
 
@@ -198,14 +267,15 @@ def summary_schema() -> Any:
     import pyarrow as pa
 
     fields = [("id", pa.string()), ("status", pa.string()), ("stage", pa.string()),
-              ("written_at", pa.float64()), ("batch_size", pa.int64())]  # fmt: skip
+              ("written_at", pa.float64()), ("batch_size", pa.int64()),
+              ("actor_id", pa.string())]  # fmt: skip
     return pa.schema(fields + [(name, pa.float64()) for name in StageTimings.model_fields])
 
 
 def _summary_row(summary: dict, row_id: str, status: str, stage: str | None, written_at: float,
-                 batch_size: int | None, timings: StageTimings) -> None:  # fmt: skip
+                 batch_size: int | None, actor_id: str | None, timings: StageTimings) -> None:  # fmt: skip
     values = {"id": row_id, "status": status, "stage": stage, "written_at": written_at,
-              "batch_size": batch_size, **timings.model_dump()}  # fmt: skip
+              "batch_size": batch_size, "actor_id": actor_id, **timings.model_dump()}  # fmt: skip
     for name, value in values.items():
         summary[name].append(value)
 

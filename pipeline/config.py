@@ -109,6 +109,18 @@ class JobConfig(BaseModel):
     wait_for_min_actors_s: float = Field(
         600, gt=0, description="How long to wait for the first actors (model load)."
     )
+    engine_pool: Literal["actors", "serve"] = Field(
+        "actors",
+        description="actors: a dedicated engine actor pool for this job; serve: the engine "
+        "replicas of a running `daguerre serve` app on the same cluster (--via-serve), "
+        "behind their online traffic.",
+    )
+    serve_app: str = Field("daguerre", description="engine_pool serve: the Serve application.")
+    serve_calls_per_replica: int = Field(
+        2, ge=1,
+        description="engine_pool serve: the job's engine calls in flight per replica (one "
+        "running and one waiting keeps a replica busy; more only queue).",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _check_actors(self) -> JobConfig:
@@ -141,7 +153,16 @@ class ModelDeploymentConfig(BaseModel):
         None, gt=0, description="Autoscaling target per replica; default: engine.max_batch_size."
     )
     max_ongoing_requests: int | None = Field(
-        None, ge=1, description="Requests one replica holds at once; default: 2 x max_batch_size."
+        None,
+        ge=1,
+        description="Requests one replica holds at once; default: 1.5 x target_ongoing_requests "
+        "(close to the target, so replicas added under load get their share at once).",
+    )
+    upscale_delay_s: float = Field(
+        5.0, ge=0, description="How long load must stay above target before adding a replica."
+    )
+    downscale_delay_s: float = Field(
+        60.0, ge=0, description="How long load must stay below target before removing one."
     )
     max_queued_requests: int = Field(
         64,

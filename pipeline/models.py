@@ -121,7 +121,7 @@ class ModelInfo:
 
     spec: str
     name: str
-    kind: Literal["preset", "folder", "remote"]
+    kind: Literal["preset", "folder", "remote", "served"]
     default_size: int  # native image side in pixels
     storage_config: StorageConfig | None = None
     _weights_hash: str | None = field(default=None, repr=False)
@@ -136,6 +136,8 @@ class ModelInfo:
                 f"model {self.name}: a preset with seeded random weights, so its images are "
                 "noise (for tests, demos and benchmarks; --model FOLDER loads real weights)"
             )
+        if self.kind == "served":
+            return f"model {self.name}: the engine replicas of Serve app {self.spec}"
         return f"model {self.name}: diffusers folder {self.spec}"
 
     def weights_hash(self) -> str:

@@ -138,3 +138,29 @@ def test_repeated_failures_or_a_hung_call_make_the_replica_unhealthy():
 
     during, after = asyncio.run(hang())
     assert "one engine call has run for" in during and after is None
+
+
+def test_online_goes_first_and_batch_work_fills_the_rest():
+    """While a batch runs, 10 batch-job requests and then 2 online ones wait: the next engine
+    call is the online requests' bucket with batch work of that bucket filling it; the
+    online requests never wait behind more than the call already running."""
+    from daguerre.cluster.replica import BATCH
+
+    async def main():
+        engine = Engine()
+        engine.gate.clear()
+        s = scheduler(engine, batch=4)
+        running = asyncio.create_task(s.generate([request(0)], BATCH))
+        await until(lambda: engine.calls, "the running batch")
+        jobs = [asyncio.create_task(s.generate([request(i, steps=4 + i % 2)], BATCH))
+                for i in range(1, 11)]  # fmt: skip
+        online = asyncio.create_task(s.generate([request(20, steps=5), request(21, steps=5)]))
+        await until(lambda: s.stats()["pending"] == 12, "twelve waiting")
+        engine.gate.set()
+        await asyncio.gather(running, online, *jobs)
+        return engine.calls, s.stats()
+
+    calls, stats = asyncio.run(main())
+    assert calls[1] == ["r20", "r21", "r1", "r3"]  # online first, its bucket filled by batch work
+    assert calls[2] == ["r2", "r4", "r6", "r8"]  # then the oldest batch bucket
+    assert stats["images_online"] == 2 and stats["images_batch"] == 11

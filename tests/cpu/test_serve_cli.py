@@ -142,7 +142,7 @@ def test_deployment_options_autoscale_and_bound_the_queue():
     fixed = deployment_options(ModelDeploymentConfig(), cluster_gpus=0)
     assert fixed["num_replicas"] == 1 and "autoscaling_config" not in fixed
     assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
-    assert fixed["max_ongoing_requests"] == 16 and fixed["max_queued_requests"] == 64
+    assert fixed["max_ongoing_requests"] == 12 and fixed["max_queued_requests"] == 64  # 1.5 x 8
     scaled = deployment_options(
         ModelDeploymentConfig(min_replicas=1, max_replicas=4, retry_after_s=3), cluster_gpus=2
     )
@@ -150,6 +150,8 @@ def test_deployment_options_autoscale_and_bound_the_queue():
         "min_replicas": 1,
         "max_replicas": 4,
         "target_ongoing_requests": 8,
+        "upscale_delay_s": 5.0,
+        "downscale_delay_s": 60.0,
     }
     assert scaled["ray_actor_options"]["num_gpus"] == 1.0
     assert scaled["backpressure_config"].retry_after_s == 3
