@@ -148,23 +148,33 @@ def last_bench(model: str) -> dict[str, Any] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="daguerre bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny")
+    from .cli import OneLineParser, _Help
+
+    p = OneLineParser(
+        prog="daguerre bench", formatter_class=_Help,
+        description="Images/s, s/image, UNet calls/s, image-steps/s, peak memory and MFU of the\n"
+        "engine alone per UNet backend x attention backend x batch size; optionally the same\n"
+        "workload through the batch job and Serve, as ratios to the engine alone. The last\n"
+        "result per model is kept for `daguerre generate --dry-run`'s estimate.",
+        epilog="example:\n  daguerre bench --model sd15 --size 512x512 --steps 30 --batch-sizes 1,4,8 "
+        "--backends eager,compile --json sd15.json",
+    )  # fmt: skip
+    p.add_argument("--model", default="tiny", help="preset or diffusers folder")
     p.add_argument("--size", default=None, help="WIDTHxHEIGHT (default: the model's native size)")
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--batch-sizes", default="1,2,4")
-    p.add_argument(
-        "--backends", default="eager", help="UNet backends, e.g. eager,compile,onnxruntime,tensorrt"
-    )
+    p.add_argument("--steps", type=int, default=30, help="denoising steps per image")
+    p.add_argument("--batch-sizes", default="1,2,4", help="engine batch sizes to time, e.g. 1,4,8")
+    p.add_argument("--backends", default="eager",
+                   help="UNet backends, e.g. eager,compile,onnxruntime,tensorrt")  # fmt: skip
     p.add_argument("--attention-backends", default="sdpa", help="e.g. sdpa,triton,xformers")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"))
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
+                   help="auto: float16 on CUDA, float32 on CPU")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="timed generations per point")
     p.add_argument("--through", choices=("batch", "serve"), action="append", default=[],
                    help="also run the workload through the batch job or Serve (repeatable)")  # fmt: skip
-    p.add_argument("--through-images", type=int, default=32)
-    p.add_argument("--json", type=Path)
-    p.add_argument("--plot", type=Path)
+    p.add_argument("--through-images", type=int, default=32, help="images per --through run")
+    p.add_argument("--json", type=Path, help="write the report as JSON (and a PNG plot beside it)")
+    p.add_argument("--plot", type=Path, help="the PNG plot's path (default: beside --json)")
     return p
 
 

@@ -21,6 +21,18 @@ from ..pipeline.schema import SCHEDULERS
 DEFAULT_DEMO_OUT = "output/demo"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors as one line and exit code 2, like every other daguerre error
+    (the usage block is what --help is for)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        command = self.prog.removeprefix("daguerre").strip()
+        where = f"{command}: " if command else ""
+        hint = f"daguerre {command} --help" if command else "daguerre --help"
+        print(f"daguerre: error: {where}{message} (see {hint})", file=sys.stderr)
+        raise SystemExit(2)
+
+
 class _Help(argparse.RawDescriptionHelpFormatter):
     """A flag's default after its help (where it has one); descriptions and examples kept
     as written."""
@@ -73,6 +85,12 @@ def _sub(sub: Any, name: str, help: str, description: str, example: str) -> argp
                           epilog=f"example:\n  {example}", formatter_class=_Help)  # fmt: skip
 
 
+def _presets() -> list[str]:
+    from ..pipeline.models import preset_names
+
+    return preset_names()
+
+
 def _generate_parser(sub: Any) -> None:
     gen = _sub(
         sub, "generate", "run a batch job over a manifest",
@@ -84,8 +102,8 @@ def _generate_parser(sub: Any) -> None:
     gen.add_argument("manifest", help="Parquet file or folder, or a .csv / .jsonl with the "
                      "manifest's columns (a .txt of prompts: see daguerre manifest)")  # fmt: skip
     gen.add_argument("--out", required=True, help="output prefix (a folder or s3://bucket/prefix)")
-    gen.add_argument("--model", help="preset (tiny, small, sd15, sdxl) or a diffusers model "
-                     "folder (config default: tiny)")  # fmt: skip
+    gen.add_argument("--model", help=f"preset ({', '.join(_presets())}) or a diffusers model "
+                     "folder, local or s3:// (config default: tiny)")  # fmt: skip
     gen.add_argument("--config", type=Path, help="job YAML (see configs/jobs/); flags override it")
     gen.add_argument(
         "--batch-size", type=_positive, help="images per engine call (config default: 4)"
@@ -109,14 +127,15 @@ def _generate_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="daguerre", formatter_class=_Help,
         description="Distributed diffusion image generation on Ray: batch jobs over manifests "
         "and an online images API on one engine.",
         epilog="Start with: daguerre demo    (see README.md)",
     )  # fmt: skip
     parser.add_argument("--version", action="version", version=f"daguerre {daguerre.__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                parser_class=OneLineParser)  # fmt: skip
     _generate_parser(sub)
 
     man = _sub(
@@ -262,11 +281,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
+    from ..pipeline.models import describe_model
     from .serve import check_port, start, stop
 
     config = serve_config(args)
     if args.address is None:
         check_port(config.host, config.port)  # before Ray: a busy port is one line
+    for model in config.models:  # an unknown preset or bad folder is one line, before Ray
+        info = describe_model(model.engine.model, config.storage)
+        if info.random_weights:
+            print(f"daguerre: {info.describe()}", file=sys.stderr, flush=True)
     stopping = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stopping.set())
@@ -276,6 +300,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"  try it:            {url}/   (a page to generate from a browser)", flush=True)
     print(f"  OpenAI-compatible: POST {url}/v1/images/generations", flush=True)
     print(f"  native:            POST {url}/v1/generate   API: {url}/openapi.json", flush=True)
+    print(f"  url images and their metadata go to {config.output}", flush=True)
     print("Ctrl-C to stop", flush=True)
     stopping.wait()
     print("daguerre: stopping", flush=True)
@@ -380,7 +405,7 @@ def print_summary(summary: Any) -> None:
         reasons = [f"{summary.skipped_done} rows already finished under the output"]
         if summary.errors:
             reasons.append(f"{summary.errors} rows rejected (see errors/)")
-        console.print(f"nothing generated: {', '.join(reasons)}")
+        console.print(f"nothing generated: {', '.join(reasons)}", soft_wrap=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import daguerre
 
@@ -89,7 +90,20 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     fields = [_request_field_error(err) for err in exc.errors()]
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if request.method == "POST" and kind != "application/json":
+        fields = [FieldError(field="body", reason=f"must be sent as JSON with Content-Type: "
+                             f"application/json (got {kind or 'no content type'})")]  # fmt: skip
     return JSONResponse(error_body(fields=fields, code="invalid_value"), status_code=400)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and methods answer in the same JSON error shape as everything else."""
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return JSONResponse(error_body(message, code=code), status_code=exc.status_code,
+                        headers=getattr(exc, "headers", None))  # fmt: skip
 
 
 def _request_field_error(err: dict[str, Any]) -> FieldError:

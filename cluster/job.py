@@ -30,7 +30,7 @@ from ..pipeline.outputs import new_run_id
 from ..pipeline.report import mean_engine_batch, speed_figures
 from ..pipeline.schema import StageTimings
 from ..pipeline.storage import RUNS, Storage
-from .plan import JobPlan, check_inputs, plan_resume, served_engine
+from .plan import JobPlan, check_inputs, plan_resume, rejects_only, served_engine
 from .runtime import ResourceError, engine_resources, init_ray
 from .stages import EngineWorker, ServeEngineClient, prepare_batch, write_batch
 
@@ -103,7 +103,7 @@ def run_job(
     try:
         # 2. Resume: what is finished, and was it made as this run asks?
         plan_resume(plan, storage, overwrite)
-        if lease.took_over:
+        if lease.took_over and lease.took_over != "released":
             plan.notices.append(
                 f"took over the output lease of a run that is gone ({lease.took_over})"
             )
@@ -116,6 +116,10 @@ def run_job(
         if limit is not None:
             todo = min(todo, limit)
         written: list[float] = []
+        rejects = rejects_only(plan) if todo > 0 and limit is None else None
+        if rejects is not None:  # nothing to generate: record the bad rows, no Ray
+            _record_rejects(rejects, storage, summary)
+            todo = 0
         if todo > 0:
             # 3. The Ray Data pipeline, driven with progress.
             batches = _run_pipeline(plan, storage, summary, address, verbose, limit)
@@ -148,6 +152,8 @@ def _run_pipeline(
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.wait_for_min_actors_s = config.wait_for_min_actors_s
+    if not verbose:  # daguerre's own progress lines say how the job goes
+        ctx.issue_detectors_config.detectors = []
     uri = _manifest_uri(plan, storage, summary.run_id)
     manifest_storage = Storage(uri, config.storage)
     ds = ray.data.read_parquet(uri, filesystem=None if manifest_storage.is_local else
@@ -178,6 +184,25 @@ def _run_pipeline(
     return ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
+def _record_rejects(rejects: list, storage: Storage, summary: JobSummary) -> None:
+    from ..pipeline.outputs import write_errors
+    from ..pipeline.schema import ErrorRecord
+    from .stages import error_columns, row_json
+
+    now = dt.datetime.now(dt.timezone.utc)
+    records = []
+    for row, errors in rejects:
+        field_name, reason = error_columns(errors)
+        records.append(ErrorRecord(
+            id="" if row.get("id") is None else str(row["id"]), stage="validate",
+            field=field_name, reason=reason, row=row_json(row), run_id=summary.run_id,
+            created_at=now,
+        ))  # fmt: skip
+    write_errors(records, storage, summary.run_id)
+    summary.errors = len(records)
+    summary.errors_by_stage = {"validate": len(records)} if records else {}
+
+
 def _engine_stage(ds: Any, plan: JobPlan, address: str | None) -> Any:
     """The engine stage: a dedicated, autoscaled actor pool, or (--via-serve) light actors
     sending batches to the Serve app's replicas, a few calls in flight per replica."""
@@ -187,11 +212,13 @@ def _engine_stage(ds: Any, plan: JobPlan, address: str | None) -> Any:
     config = plan.config
     common = {"batch_size": config.batch_size, "batch_format": "pyarrow"}
     if plan.served is not None:
+        # A fixed set of callers, each with one call in flight: the load the app's
+        # autoscaler sees (and scales on) is the job's, up to this many calls.
         calls = config.serve_calls_per_replica * plan.served.description["max_replicas"]
         return ds.map_batches(
             ServeEngineClient,
             fn_constructor_kwargs={"app": plan.served.app, "deployment": plan.served.deployment},
-            compute=ActorPoolStrategy(min_size=1, max_size=calls), num_cpus=0.05, **common,
+            compute=ActorPoolStrategy(size=calls), num_cpus=0.05, **common,
         )  # fmt: skip
     cluster_gpus = ray.cluster_resources().get("GPU", 0)
     if address is not None:

@@ -191,7 +191,7 @@ def plan_resume(plan: JobPlan, storage: Storage, overwrite: bool) -> None:
 
 def _asked_fingerprints(plan: JobPlan, ids: set[str]) -> dict[str, str]:
     """Fingerprints of the manifest's valid rows among `ids` (the rest are not compared)."""
-    rows = _manifest_rows(plan, ids)
+    rows = manifest_rows(plan, ids)
     side = plan.model.default_size
     out = {}
     for row in rows:
@@ -201,7 +201,7 @@ def _asked_fingerprints(plan: JobPlan, ids: set[str]) -> dict[str, str]:
     return out
 
 
-def _manifest_rows(plan: JobPlan, ids: set[str]) -> list[dict[str, Any]]:
+def manifest_rows(plan: JobPlan, ids: set[str]) -> list[dict[str, Any]]:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
@@ -217,6 +217,27 @@ def _manifest_rows(plan: JobPlan, ids: set[str]) -> list[dict[str, Any]]:
             storage.root, format="parquet", filesystem=storage.fs, ignore_prefixes=[".", "_"]
         ).to_table()
     return table.filter(pc.is_in(pc.cast(table["id"], pa.string()), value_set=wanted)).to_pylist()
+
+
+DRIVER_CHECK_ROWS = 10_000  # a rerun with at most this many rows left checks them here first
+
+
+def rejects_only(plan: JobPlan) -> list[tuple[dict[str, Any], list[Any]]] | None:
+    """When every row left to do is invalid (a rerun of a finished job with bad rows), those
+    rows and their errors, so the run records them without starting Ray; else None."""
+    from .stages import check_row
+
+    left = set(plan.manifest.ids) - plan.skip_ids
+    if not left or len(left) > DRIVER_CHECK_ROWS:
+        return None
+    names = [plan.config.engine.model, plan.model.name]
+    out = []
+    for row in manifest_rows(plan, left):
+        result = check_row(row, plan.config.limits, plan.manifest.duplicate_ids, names)
+        if isinstance(result, ImageRequest):
+            return None
+        out.append((row, result))
+    return out
 
 
 def _conflict_line(plan: JobPlan, other_model: list[dict], changed: list[dict], asked: str) -> str:

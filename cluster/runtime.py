@@ -32,13 +32,49 @@ def init_ray(address: str | None = None, *, verbose: bool = False, **options: An
     if address is not None:
         check_reachable(address)
     if not verbose:
-        for name in ("ray", "ray.data", "ray.serve"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        _quiet_ray()
     local = {"_node_ip_address": "127.0.0.1"} if address is None else {}
     ray.init(
         address=address, include_dashboard=False, log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR, **local, **options,
     )  # fmt: skip
+
+
+def _quiet_ray() -> None:
+    """Ray's, Ray Data's and Serve's own INFO and WARNING lines off (they configure their
+    loggers when imported, so import them first); daguerre prints its own progress."""
+    import warnings
+
+    import ray.data  # noqa: F401
+    import ray.serve  # noqa: F401
+
+    for name in ("ray", "ray.data", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
+    _quiet_raylet_warnings()
+
+
+def _quiet_raylet_warnings() -> None:
+    """Drop the raylet's WARNING lines that Ray pushes to every driver (worker-pool sizes on
+    small machines, a controller that cannot finish its graceful shutdown): not actionable
+    for a daguerre user, and not lines of ours. Errors still print; --verbose shows all."""
+    import ray._private.worker as ray_worker
+
+    original = ray_worker.print_to_stdstream
+    if getattr(original, "_daguerre_quiet", False):
+        return
+
+    def quiet(data: dict, *args: Any, **kwargs: Any) -> None:
+        lines = [
+            line for line in data.get("lines", [])
+            if not (data.get("pid") == "raylet" and str(line).lstrip().startswith("WARNING"))
+        ]  # fmt: skip
+        if lines:
+            original({**data, "lines": lines}, *args, **kwargs)
+
+    quiet._daguerre_quiet = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = quiet
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:

@@ -56,6 +56,7 @@ def deployment_options(model: ModelDeploymentConfig, cluster_gpus: float) -> dic
             "target_ongoing_requests": target,
             "upscale_delay_s": model.upscale_delay_s,
             "downscale_delay_s": model.downscale_delay_s,
+            "look_back_period_s": model.look_back_period_s,
         }
     return options
 

@@ -65,12 +65,12 @@ def prepare_batch(
             invalid.append((row, result))
     out: dict[str, list[Any]] = {c: [] for c in PREPARED_COLUMNS}
     for row, errors in invalid:
+        field, reason = error_columns(errors)
         out["id"].append("" if row.get("id") is None else str(row["id"]))
         out["request"].append(None)
-        out["error_field"].append(errors[0].field)
-        reason = "; ".join(f"{e.field}: {e.reason}" for e in errors)
-        out["error_reason"].append(reason if len(errors) > 1 else errors[0].reason)
-        out["row"].append(json.dumps(row, default=str)[:MAX_ERROR_ROW_CHARS])
+        out["error_field"].append(field)
+        out["error_reason"].append(reason)
+        out["row"].append(row_json(row))
     for _, request in sorted(valid, key=lambda item: item[0]):
         out["id"].append(request.id)
         out["request"].append(request.model_dump_json())
@@ -78,6 +78,17 @@ def prepare_batch(
         out["error_reason"].append(None)
         out["row"].append(None)
     return pa.table({c: pa.array(v, type=pa.string()) for c, v in out.items()})
+
+
+def error_columns(errors: list[FieldError]) -> tuple[str, str]:
+    """(field, reason) of an errors-table row: the first field; every reason when several."""
+    reason = "; ".join(f"{e.field}: {e.reason}" for e in errors)
+    return errors[0].field, reason if len(errors) > 1 else errors[0].reason
+
+
+def row_json(row: dict[str, Any]) -> str:
+    """A manifest row as the errors table keeps it (JSON, truncated)."""
+    return json.dumps(row, default=str)[:MAX_ERROR_ROW_CHARS]
 
 
 def check_row(

@@ -164,6 +164,11 @@ class ModelDeploymentConfig(BaseModel):
     downscale_delay_s: float = Field(
         60.0, ge=0, description="How long load must stay below target before removing one."
     )
+    look_back_period_s: float = Field(
+        15.0, gt=0,
+        description="Window over which the autoscaler averages the load (longer than the 10 s "
+        "Serve takes between load reports).",
+    )  # fmt: skip
     max_queued_requests: int = Field(
         64,
         ge=-1,

@@ -117,7 +117,7 @@ def _describe_images(report: OutputReport, rows: list[dict]) -> None:
     stage_s: collections.Counter[str] = collections.Counter()
     for r in rows:
         stage_s.update(r["timings"])
-    report.stage_s = {k: round(v, 3) for k, v in stage_s.items()}
+    report.stage_s = dict(stage_s)  # unrounded: the table rounds once, as the summary does
     report.mean_engine_batch = mean_engine_batch([r["batch_size"] for r in rows])
     report.models = _count(f"{r['model']} ({r['weights_hash'][:19]})" for r in rows)
     report.backends = _count(

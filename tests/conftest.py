@@ -11,6 +11,8 @@ import pytest
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# Compiled graphs, fetched models and bench results of the tests stay out of ~/.cache.
+os.environ.setdefault("DAGUERRE_CACHE", tempfile.mkdtemp(prefix="daguerre-cache-"))
 
 
 @pytest.fixture(scope="session")

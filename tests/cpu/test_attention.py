@@ -37,6 +37,7 @@ def needs(backend: AttentionBackend) -> None:
     if reason:
         pytest.skip(f"{backend.value}: {reason}")
 
+
 SHAPES = [  # (head dim, query length, key length): SD1.5 40/80/160, SDXL 64; cross 77, self
     (40, 256, 77), (40, 1024, 1024), (64, 256, 77), (64, 256, 256),
     (80, 256, 256), (80, 128, 77), (160, 64, 64), (160, 64, 77),

@@ -288,6 +288,18 @@ def test_bad_request_gets_json_error_naming_the_field(server, case):
     assert error["type"] == "invalid_request_error"
 
 
+def test_unknown_routes_and_non_json_bodies_answer_in_the_error_shape(server):
+    missing = httpx.get(f"{server['url']}/v1/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert "GET /v1/nope" in missing.json()["error"]["message"]
+    wrong_method = httpx.get(f"{server['url']}/v1/images/generations")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["message"]
+    form = httpx.post(f"{server['url']}/v1/images/generations", content=b'{"prompt": "x"}',
+                      headers={"content-type": "text/plain"})  # fmt: skip
+    assert form.status_code == 400
+    assert "Content-Type: application/json (got text/plain)" in form.json()["error"]["message"]
+
+
 def test_server_keeps_serving_after_bad_input(server):
     c = client(server["url"])
     with pytest.raises(openai.BadRequestError, match="steps"):

@@ -152,6 +152,7 @@ def test_deployment_options_autoscale_and_bound_the_queue():
         "target_ongoing_requests": 8,
         "upscale_delay_s": 5.0,
         "downscale_delay_s": 60.0,
+        "look_back_period_s": 15.0,
     }
     assert scaled["ray_actor_options"]["num_gpus"] == 1.0
     assert scaled["backpressure_config"].retry_after_s == 3
