@@ -279,7 +279,9 @@ def test_dedicated_pool_grows_under_backlog_and_gives_actors_back(fleet, tmp_pat
     assert result.returncode == 0, result.stderr[-3000:]
     record = last_run(out)
     assert record["engine_actors"] >= 2, record["engine_actors_over_time"]
-    assert max(n for _, n in record["engine_actors_over_time"]) >= 2, record["engine_actors_over_time"]
+    assert max(n for _, n in record["engine_actors_over_time"]) >= 2, record[
+        "engine_actors_over_time"
+    ]
     wait_for(lambda: json.loads(tool("free-cpus", fleet.address)) >= free_before,
              "the job's actors to give their CPUs back", timeout=120)  # fmt: skip
 
