@@ -419,6 +419,11 @@ def main(argv: list[str] | None = None) -> int:
         "generate": cmd_generate, "manifest": cmd_manifest, "serve": cmd_serve,
         "inspect": cmd_inspect, "compile": cmd_compile, "demo": cmd_demo,
     }  # fmt: skip
+    if args.command in ("generate", "serve", "demo") and not getattr(args, "verbose", False):
+        from .runtime import quiet_native_stderr
+
+        with quiet_native_stderr():
+            return _run(lambda: handlers[args.command](args))
     return _run(lambda: handlers[args.command](args))
 
 

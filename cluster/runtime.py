@@ -4,9 +4,14 @@ fitting a pool to the machine, and errors unwrapped to their cause in one line."
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import shutil
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +53,20 @@ def _quiet_ray() -> None:
     import ray.data  # noqa: F401
     import ray.serve  # noqa: F401
 
-    for name in ("ray", "ray.data", "ray.serve"):
+    for name in ("ray", "ray.serve"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # Ray Data logs every failure with its whole stack before raising it to us.
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\.")
     warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"ray\.")
     _quiet_raylet_warnings()
 
 
 def _quiet_raylet_warnings() -> None:
-    """Drop the raylet's WARNING lines that Ray pushes to every driver (worker-pool sizes on
-    small machines, a controller that cannot finish its graceful shutdown): not actionable
-    for a daguerre user, and not lines of ours. Errors still print; --verbose shows all."""
+    """Drop what the raylet pushes to every driver (worker-pool sizes on small machines,
+    task retries with their tracebacks, a controller that cannot finish its graceful
+    shutdown): a failure that matters reaches daguerre as an exception and is reported in
+    one line with its cause. --verbose shows them all."""
     import ray._private.worker as ray_worker
 
     original = ray_worker.print_to_stdstream
@@ -66,12 +74,8 @@ def _quiet_raylet_warnings() -> None:
         return
 
     def quiet(data: dict, *args: Any, **kwargs: Any) -> None:
-        lines = [
-            line for line in data.get("lines", [])
-            if not (data.get("pid") == "raylet" and str(line).lstrip().startswith("WARNING"))
-        ]  # fmt: skip
-        if lines:
-            original({**data, "lines": lines}, *args, **kwargs)
+        if data.get("pid") != "raylet":
+            original(data, *args, **kwargs)
 
     quiet._daguerre_quiet = True  # type: ignore[attr-defined]
     ray_worker.print_to_stdstream = quiet
@@ -124,18 +128,20 @@ def node_model_path(spec: str) -> str:
 
 
 def root_cause(exc: BaseException) -> BaseException:
-    """The original exception under Ray's wrappers (task, actor and Ray Data errors)."""
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, "cause", None)  # RayTaskError / RayActorError
-        if isinstance(inner, BaseException):
-            exc = inner
+    """The original exception under Ray's wrappers: the first one, breadth first through
+    `.cause` (RayTaskError, ActorDiedError), `__cause__` and `__context__`, that is not
+    Ray's own (Ray Data chains an empty SystemException marker, which is skipped)."""
+    queue, seen = [exc], set()
+    while queue:
+        current = queue.pop(0)
+        if id(current) in seen:
             continue
-        if type(exc).__module__.startswith("ray") and exc.__cause__ is not None:
-            exc = exc.__cause__
-            continue
-        break
+        seen.add(id(current))
+        if not type(current).__module__.startswith("ray"):
+            return current
+        for inner in (getattr(current, "cause", None), current.__cause__, current.__context__):
+            if isinstance(inner, BaseException):
+                queue.append(inner)
     return exc
 
 
@@ -143,11 +149,47 @@ def describe_error(exc: BaseException) -> str:
     """One line for a failure anywhere under Ray: the original error's type and first line."""
     cause = root_cause(exc)
     text = first_line(cause)
-    # Ray prefixes a task's message with its own banner; keep the user's last line of it.
     if "ray::" in text or text.startswith("Traceback"):
-        lines = [line for line in str(cause).strip().splitlines() if line.strip()]
-        text = lines[-1] if lines else type(cause).__name__
+        # Ray's banner around a remote traceback: its last line is the original error.
+        lines = [line.strip() for line in str(cause).strip().splitlines() if line.strip()]
+        return lines[-1] if lines else type(cause).__name__
     name = type(cause).__name__
     if isinstance(cause, ConfigError | ValueError) or text.startswith(name):
         return text
     return f"{name}: {text}"
+
+
+NATIVE_NOISE = (
+    # Ray Data passes every actor pool's UDF by reference, so each job start logs this
+    # (ray-project/ray#53727); nothing a user can act on.
+    re.compile(
+        rb"core_worker\.cc:\d+: Actor with class name: .* has constructor arguments in "
+        rb"the object store"
+    ),  # fmt: skip
+)
+
+
+@contextlib.contextmanager
+def quiet_native_stderr(patterns: tuple = NATIVE_NOISE) -> Iterator[None]:
+    """Drop lines matching `patterns` from this process's file descriptor 2, where Ray's C++
+    core worker logs (below Python's logging); every other line passes through at once."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def pump() -> None:
+        with os.fdopen(read_end, "rb") as lines:
+            for line in lines:
+                if not any(p.search(line) for p in patterns):
+                    os.write(saved, line)
+
+    thread = threading.Thread(target=pump, name="daguerre-stderr", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe closes once nothing else holds it; the pump then ends
+        thread.join(timeout=2)

@@ -131,3 +131,18 @@ def test_limit_progress_and_where_outputs_went(manifest, tmp_path):
         assert line in result.stdout
     record = json.loads(next((out / "runs").glob("*.json")).read_text())
     assert record["generated"] == 2 and "--limit" in record["command"]
+
+
+def test_a_failure_inside_an_engine_actor_is_its_cause_in_one_line(manifest, tmp_path):
+    """What no check before Ray can see (weights that do not load) fails in the actor; the
+    command unwraps Ray's and Ray Data's wrappers and prints the original error alone."""
+    from daguerre.pipeline.models import load_model, save_model
+
+    folder = save_model(load_model("tiny"), tmp_path / "corrupt")
+    for weights in (folder / "unet").glob("*.safetensors"):
+        weights.write_bytes(b"these are not safetensors")
+    result = daguerre("generate", manifest, "--out", str(tmp_path / "o"), "--model", str(folder),
+                      cwd=tmp_path)  # fmt: skip
+    line = one_error_line(result)
+    assert line.startswith("OSError: Unable to load weights from checkpoint file"), line
+    assert result.stdout.count("\n") <= 1, result.stdout[-2000:]  # no pushed Ray tracebacks
