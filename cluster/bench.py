@@ -148,7 +148,7 @@ def last_bench(model: str) -> dict[str, Any] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import OneLineParser, _Help
+    from .arguments import OneLineParser, _Help
 
     p = OneLineParser(
         prog="daguerre bench", formatter_class=_Help,

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
-from .models import SDXL_TIME_IDS, TEXT_MAX_LENGTH
+from .models import SDXL_TIME_IDS
+from .tokenizer import TEXT_MAX_LENGTH
 
 
 def parse_size(text: str) -> tuple[int, int]:

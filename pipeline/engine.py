@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from .config import EngineConfig, StorageConfig
-from .models import SDXL_TIME_IDS, TEXT_MAX_LENGTH, ModelComponents, load_model
+from .models import SDXL_TIME_IDS, ModelComponents, load_model
 from .schema import GeneratedImage, ImageRequest, Scheduler, StageTimings
+from .tokenizer import TEXT_MAX_LENGTH
 
 BucketKey = tuple[int, int, int, str]  # width, height, steps, scheduler
 

@@ -17,7 +17,6 @@ what decides its seeded weights.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import importlib.metadata
 import importlib.resources
@@ -26,18 +25,18 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import ConfigError, validate_config
+from .model_files import WEIGHT_SUFFIXES, fetch_model, folder_weights_hash
+from .tokenizer import clip_tokenizer
 
 if TYPE_CHECKING:
     from .config import StorageConfig
 
-TEXT_MAX_LENGTH = 77  # CLIP's context length
 SDXL_TIME_IDS = 6  # SDXL's micro-conditioning: original size, crop top-left, target size
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -202,7 +201,6 @@ def describe_model(spec: str, storage_config: StorageConfig | None = None) -> Mo
     return ModelInfo(spec, preset.name, "preset", preset.default_size)
 
 
-_WEIGHTS = (".safetensors", ".bin", ".ckpt", ".pt")
 _CONFIGS = ("config.json", "scheduler_config.json", "tokenizer_config.json", "vocab.json",
             "preprocessor_config.json")  # fmt: skip
 
@@ -224,7 +222,7 @@ def _check_folder(spec: str, index: Any, files: set[str]) -> None:
         if not any(f.rsplit("/", 1)[-1] in _CONFIGS for f in inside):
             raise ConfigError(f"model: {spec}/{name}/ has no config file (config.json)")
         if name in ("unet", "vae", "text_encoder", "text_encoder_2") and not any(
-            f.endswith(_WEIGHTS) for f in inside
+            f.endswith(WEIGHT_SUFFIXES) for f in inside
         ):
             raise ConfigError(
                 f"model: {spec}/{name}/ has no weights (*.safetensors or *.bin): incomplete download?"
@@ -381,60 +379,6 @@ def _load_folder(path: Path) -> ModelComponents:
     )
 
 
-def model_cache_dir() -> Path:
-    """Where fetched models live on this node: $DAGUERRE_CACHE/models or ~/.cache/daguerre/models."""
-    from ..kernels.compile import cache_root
-
-    return cache_root() / "models"
-
-
-def fetch_model(uri: str, storage_config: StorageConfig | None = None) -> Path:
-    """A local copy of the diffusers folder at `uri`, fetched once per node and content listing.
-
-    The copy is made in a temporary sibling and renamed into place, so concurrent actors on
-    one node never load a half-copied folder (the loser of the race drops its copy)."""
-    import shutil
-    import uuid
-
-    from .storage import Storage, StorageError, explain
-
-    storage = Storage(uri, storage_config)
-    try:
-        listing = storage.fs.find(storage.root, detail=True)
-    except Exception as exc:
-        raise StorageError(f"{uri}: {explain(exc, storage)}") from None
-    if not listing:
-        raise StorageError(f"{uri}: no such file or prefix")
-    digest = hashlib.sha256(uri.encode())
-    for key in sorted(listing):
-        info = listing[key]
-        etag = str(info.get("ETag") or info.get("etag") or info.get("mtime") or "")
-        digest.update(f"{key}\t{info.get('size')}\t{etag}\n".encode())
-    name = storage.root.rsplit("/", 1)[-1]
-    target = model_cache_dir() / f"{name}-{digest.hexdigest()[:16]}"
-    if (target / "model_index.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        for key in listing:
-            rel = key[len(storage.root) :].lstrip("/")
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            storage.fs.get_file(key, str(tmp / rel))
-        try:
-            tmp.rename(target)
-        except OSError:  # another actor on this node finished first
-            if not (target / "model_index.json").is_file():
-                raise
-    except StorageError:
-        raise
-    except Exception as exc:
-        raise StorageError(f"{uri}: {explain(exc, storage)}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def _to(components: ModelComponents, device: Any, dtype: Any) -> None:
     import torch
 
@@ -447,93 +391,3 @@ def _to(components: ModelComponents, device: Any, dtype: Any) -> None:
         torch.float32 if (dtype == torch.float16 and components.vae.config.force_upcast) else dtype
     )
     components.vae = components.vae.to(device=device, dtype=vae_dtype)
-
-
-def folder_weights_hash(path: Path) -> str:
-    """sha256 over a model folder's weight files (names and bytes), in a stable order.
-
-    Hashed once per machine and listing (names, sizes, mtimes): the digest is kept under
-    $DAGUERRE_CACHE/weights, so the driver and every actor on a node pay for it once."""
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _WEIGHTS)
-    listing = hashlib.sha256(str(path.resolve()).encode())
-    for file in files:
-        stat = file.stat()
-        listing.update(f"{file.relative_to(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    from ..kernels.compile import cache_root
-
-    memo = cache_root() / "weights" / listing.hexdigest()[:32]
-    if memo.is_file():
-        return memo.read_text().strip()
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(str(file.relative_to(path)).encode())
-        with file.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
-    value = "sha256:" + digest.hexdigest()
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-    tmp.write_text(value)
-    tmp.replace(memo)
-    return value
-
-
-# -- Offline CLIP tokenizer ----------------------------------------------------------
-
-
-@lru_cache(maxsize=1)
-def clip_tokenizer() -> Any:
-    """A CLIP BPE tokenizer built offline.
-
-    The real OpenAI CLIP vocabulary (49,408 tokens) ships in the open_clip_torch wheel;
-    it is read without importing open_clip. Without that wheel, a byte-level fallback
-    (one token per character) keeps everything working with different token ids."""
-    from transformers import CLIPTokenizer
-
-    vocab_tokens, merges = _clip_bpe()
-    vocab = {token: i for i, token in enumerate(vocab_tokens)}
-    return CLIPTokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token="<|endoftext|>",
-        bos_token="<|startoftext|>",
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        model_max_length=TEXT_MAX_LENGTH,
-    )
-
-
-def _clip_bpe() -> tuple[list[str], list[tuple[str, str]]]:
-    byte_chars = list(_bytes_to_unicode().values())
-    merges: list[tuple[str, str]] = []
-    spec = importlib.util.find_spec("open_clip")
-    bpe = None
-    if spec is not None and spec.submodule_search_locations:
-        candidate = (
-            Path(next(iter(spec.submodule_search_locations))) / "bpe_simple_vocab_16e6.txt.gz"
-        )
-        bpe = candidate if candidate.is_file() else None
-    if bpe is not None:
-        lines = gzip.open(bpe, "rt", encoding="utf-8").read().split("\n")
-        # Same slice as OpenAI's CLIP: 49152 - 256 - 2 merges after the header line.
-        merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return vocab, merges
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))

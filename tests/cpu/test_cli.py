@@ -61,7 +61,7 @@ def test_help_teaches_and_version_answers(tmp_path):
 
 
 def test_unavailable_unet_backend_is_one_line_before_ray(manifest, tmp_path):
-    from daguerre.kernels.compile import tensorrt_unavailable
+    from daguerre.kernels.tensorrt import tensorrt_unavailable
 
     if tensorrt_unavailable() is None:
         pytest.skip("TensorRT runs here")

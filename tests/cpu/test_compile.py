@@ -21,10 +21,8 @@ from daguerre.kernels.compile import (
     cache_key,
     make_runner,
     signature_for,
-    tensorrt_unavailable,
-    trt_engine_key,
-    trt_profile,
 )
+from daguerre.kernels.tensorrt import tensorrt_unavailable, trt_engine_key, trt_profile
 from daguerre.pipeline.models import build_preset, get_preset
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
