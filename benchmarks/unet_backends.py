@@ -21,7 +21,8 @@ from _common import environment, time_call, write_result
 
 def measure(args: argparse.Namespace) -> list[dict]:
     import torch
-    from daguerre.kernels.compile import BackendUnavailable, make_runner
+    from daguerre.kernels.compile import make_runner
+    from daguerre.kernels.unet import BackendUnavailable
     from daguerre.pipeline.models import load_model
 
     cuda = torch.cuda.is_available() and not args.cpu

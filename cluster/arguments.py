@@ -66,7 +66,7 @@ def _positive(value: str) -> int:
 
 def _backend_args(p: argparse.ArgumentParser) -> None:
     from ..kernels.attention import ATTENTION_BACKENDS
-    from ..kernels.compile import UNET_BACKENDS
+    from ..kernels.unet import UNET_BACKENDS
 
     p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
                    help="attention inside the UNet (config default: sdpa)")  # fmt: skip

@@ -133,7 +133,7 @@ def _through_serve(engine: Any, rows: list[dict], batch: int, output: str) -> fl
 
 def bench_cache(model: str) -> Path:
     """Where the last `daguerre bench` result for `model` is kept on this machine."""
-    from ..kernels.compile import cache_root
+    from ..kernels.unet import cache_root
 
     return cache_root() / "bench" / f"{Path(model.rstrip('/')).name}.json"
 

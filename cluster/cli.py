@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(command: Any) -> int:
     """Run a command; every failure a user can cause is one line and exit code 2."""
-    from ..kernels.compile import BackendUnavailable
+    from ..kernels.unet import BackendUnavailable
     from ..pipeline.manifest import ManifestBuildError, ManifestError
     from ..pipeline.storage import StorageError
 

@@ -13,8 +13,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..kernels.compile import UNetBackend
 from ..kernels.tensorrt import tensorrt_unavailable
+from ..kernels.unet import UNetBackend
 from ..pipeline.catalog import read_metadata
 from ..pipeline.config import ConfigError, JobConfig
 from ..pipeline.manifest import ManifestInfo, inspect_manifest

@@ -13,7 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .compile import (
+from .onnx import onnx_path
+from .unet import (
     BackendUnavailable,
     UNetBackend,
     UNetRunner,
@@ -22,7 +23,6 @@ from .compile import (
     cache_key,
     cache_root,
     call_signature,
-    onnx_path,
     signature_for,
 )
 

@@ -182,7 +182,7 @@ def _time_point(engine: Any, requests: list[Any], repeats: int, device: Any) -> 
 
 def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
     """Every (unet backend, attention backend, batch size): the engine alone."""
-    from ..kernels.compile import BackendUnavailable
+    from ..kernels.unet import BackendUnavailable
     from .config import EngineConfig
     from .engine import DiffusionEngine, resolve_device, resolve_dtype
     from .models import load_model

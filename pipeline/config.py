@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from ..kernels.attention import AttentionBackend
-from ..kernels.compile import UNetBackend
+from ..kernels.unet import UNetBackend
 from .schema import RequestLimits, field_error
 
 M = TypeVar("M", bound=BaseModel)

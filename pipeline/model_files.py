@@ -17,7 +17,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt")
 
 def model_cache_dir() -> Path:
     """Where fetched models live on this node: $DAGUERRE_CACHE/models or ~/.cache/daguerre/models."""
-    from ..kernels.compile import cache_root
+    from ..kernels.unet import cache_root
 
     return cache_root() / "models"
 
@@ -79,7 +79,7 @@ def folder_weights_hash(path: Path) -> str:
     for file in files:
         stat = file.stat()
         listing.update(f"{file.relative_to(path)}\t{stat.st_size}\t{stat.st_mtime_ns}\n".encode())
-    from ..kernels.compile import cache_root
+    from ..kernels.unet import cache_root
 
     memo = cache_root() / "weights" / listing.hexdigest()[:32]
     if memo.is_file():

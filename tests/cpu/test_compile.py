@@ -13,16 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from daguerre.kernels.compile import (
-    OnnxRuntimeUNet,
-    TorchCompileUNet,
-    UNetSignature,
-    batch_buckets,
-    cache_key,
-    make_runner,
-    signature_for,
-)
+from daguerre.kernels.compile import TorchCompileUNet, make_runner
+from daguerre.kernels.onnx import OnnxRuntimeUNet
 from daguerre.kernels.tensorrt import tensorrt_unavailable, trt_engine_key, trt_profile
+from daguerre.kernels.unet import UNetSignature, batch_buckets, cache_key, signature_for
 from daguerre.pipeline.models import build_preset, get_preset
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
@@ -268,7 +262,7 @@ def test_cli_compile_prebuilds_into_the_cache(cache, tmp_path):
 
 
 def test_bfloat16_is_refused_by_onnxruntime_with_the_way_out():
-    from daguerre.kernels.compile import BackendUnavailable
+    from daguerre.kernels.unet import BackendUnavailable
 
     unet = build_preset(get_preset("tiny")).unet.to(torch.bfloat16)
     with pytest.raises(BackendUnavailable, match="bfloat16 has no ONNX Runtime kernels"):
