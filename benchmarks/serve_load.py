@@ -172,6 +172,20 @@ def load_level(url: str, clients: int, args: argparse.Namespace) -> dict:
     }
 
 
+def replica_images(url: str, replicas: int, tries: int = 80) -> dict[str, int]:
+    """Images made by each engine replica, from /v1/stats (each call reaches one replica)."""
+    import httpx2 as httpx
+
+    seen: dict[str, int] = {}
+    for _ in range(tries):
+        stats = httpx.get(f"{url}/v1/stats", timeout=60).json()
+        for model in stats.values():
+            seen[model["replica"]] = model["images"]
+        if len(seen) >= replicas:
+            break
+    return seen
+
+
 def conditions(args: argparse.Namespace) -> dict:
     from _common import environment
 
@@ -184,6 +198,9 @@ def conditions(args: argparse.Namespace) -> dict:
         "batch_wait_timeout_s": 0.0,
         "torch_threads": args.threads,
         "seconds_per_level": args.seconds,
+        "replicas": f"1..{args.max_replicas}, target_ongoing_requests {args.target}"
+        if args.max_replicas > 1
+        else "1",
         "client": "openai python client, closed loop, one thread per client, same machine",
     }
 
@@ -237,6 +254,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--lone-requests", type=int, default=20)
     parser.add_argument("--offline-seconds", type=float, default=20)
+    parser.add_argument("--max-replicas", type=int, default=1,
+                        help="autoscale 1..N replicas (measures each one's share of the images)")  # fmt: skip
+    parser.add_argument("--target", type=float, default=2, help="target_ongoing_requests (N > 1)")
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--plot", type=Path, help="PNG plot (default: next to --json)")
     args = parser.parse_args()
@@ -262,8 +282,13 @@ def main() -> int:
             output=tmp,
             models=[
                 ModelDeploymentConfig(
-                    engine=engine_config(args), num_cpus=1, max_queued_requests=-1
-                )
+                    engine=engine_config(args),
+                    num_cpus=1,
+                    max_queued_requests=-1,
+                    max_replicas=args.max_replicas,
+                    upscale_delay_s=1,
+                    target_ongoing_requests=args.target if args.max_replicas > 1 else None,
+                )  # fmt: skip
             ],  # fmt: skip
         )
         url = start(config)
@@ -282,6 +307,9 @@ def main() -> int:
                       f"({level['ratio_to_offline']:.2f}x offline), p50 "
                       f"{level['latency_s_p50']:.2f} s, p99 {level['latency_s_p99']:.2f} s, "
                       f"{level['errors']} errors")  # fmt: skip
+            shares = replica_images(url, args.max_replicas) if args.max_replicas > 1 else {}
+            if shares:
+                print(f"images per replica: {sorted(shares.values(), reverse=True)}")
         finally:
             serve.shutdown()
             ray.shutdown()
@@ -298,6 +326,7 @@ def main() -> int:
         "engine": engine,
         "overhead": overhead,
         "levels": levels,
+        "replica_images": shares,
         "conditions": conditions(args),
     }
     from _common import write_result
