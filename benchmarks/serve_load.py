@@ -283,7 +283,7 @@ def main() -> int:
             models=[
                 ModelDeploymentConfig(
                     engine=engine_config(args),
-                    num_cpus=1,
+                    num_cpus=1 / args.max_replicas,  # every replica fits the local Ray
                     max_queued_requests=-1,
                     max_replicas=args.max_replicas,
                     upscale_delay_s=1,
