@@ -126,6 +126,8 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
         shared = run_job(args, workdir, "shared", via_serve=True)
         print(f"job, shared fleet:   {shared['steady_images_per_s']:.3f} images/s")
         loaded, job_result = _online_under_load(url, args, workdir)
+        replica = _replica_stats(url, args.model)
+        print(f"replica engine batches by size: {replica.get('batch_sizes')}")
         print(
             f"online, under batch: p50 {statistics.median(loaded):.3f} s, p95 {percentile(loaded, 0.95):.3f} s"
         )
@@ -143,6 +145,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
             "p95_s": loaded_p95,
             "job": job_result,
         },  # fmt: skip
+        "replica_after_all_phases": replica,
         "job_dedicated": dedicated,
         "job_shared": shared,
         "shared_over_dedicated": ratio,
@@ -154,6 +157,13 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict:
             "throughput_met": ratio >= THROUGHPUT_GOAL,
         },  # fmt: skip
     }
+
+
+def _replica_stats(url: str, model: str) -> dict:
+    """The replica's counters: images online and batch, engine batches by size, fill rule."""
+    import httpx2 as httpx
+
+    return httpx.get(f"{url}/v1/stats", timeout=60).json()[model]
 
 
 def _online_under_load(

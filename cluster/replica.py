@@ -76,8 +76,12 @@ class EngineScheduler:
         batch_wait_timeout_s: float = 0.0,
         max_failures: int = 3,
         stuck_after_s: float = 900.0,
+        online_fill_slack: float | None = 0.25,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.run_batch, self.bucket_key = run_batch, bucket_key
+        self.online_fill_slack, self.clock = online_fill_slack, clock
+        self.batch_seconds: dict[tuple[Any, int], float] = {}  # (bucket, images) -> seconds
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
         self.max_failures, self.stuck_after_s = max_failures, stuck_after_s
         self.waiting: dict[str, collections.deque[_Waiting]] = {
@@ -139,6 +143,7 @@ class EngineScheduler:
             "pending_batch": self.pending(BATCH),
             "running": self.running,
             "dropped_cancelled": self.dropped_cancelled,
+            "online_fill_slack": self.online_fill_slack,
             "loop_failures": len(self.failures),
         }
 
@@ -196,15 +201,51 @@ class EngineScheduler:
         for priority in (ONLINE, BATCH):
             rest: collections.deque[_Waiting] = collections.deque()
             for waiting in self.waiting[priority]:
-                if waiting.key == key and len(batch) < self.max_batch_size:
+                if waiting.key == key and len(batch) < self.max_batch_size and (
+                    priority == ONLINE or self._fill_pays(key, batch)
+                ):
                     batch.append(waiting)
                 else:
                     rest.append(waiting)
             self.waiting[priority] = rest
         return batch
 
+    def _fill_pays(self, key: Any, batch: list[_Waiting]) -> bool:
+        """Whether one more batch-work image may join this batch: always when it holds only
+        batch work; with online work in it, only while the batch's expected time stays within
+        `online_fill_slack` of the online work's alone (on a GPU a batch of 4 costs about one
+        image; on a CPU each image adds its own time). An unmeasured cost runs alone once."""
+        online = sum(1 for w in batch if w.priority == ONLINE)
+        if online == 0 or self.online_fill_slack is None:
+            return True
+        alone = self.batch_seconds.get((key, online))
+        if alone is None:
+            return False
+        return self._expected_s(key, len(batch) + 1) <= (1 + self.online_fill_slack) * alone
+
+    def _expected_s(self, key: Any, images: int) -> float:
+        """Expected seconds of an engine call of `images` in bucket `key`, from the calls this
+        scheduler has timed: measured, interpolated, or (above the largest measured size)
+        grown in proportion, the cautious guess."""
+        points = sorted((n, s) for (k, n), s in self.batch_seconds.items() if k == key)
+        below = [p for p in points if p[0] <= images]
+        above = [p for p in points if p[0] > images]
+        if not below:  # callers know a smaller size's cost
+            return above[0][1]
+        (n0, s0) = below[-1]
+        if n0 == images or not above:
+            return s0 * images / n0
+        (n1, s1) = above[0]
+        return s0 + (s1 - s0) * (images - n0) / (n1 - n0)
+
+    def _timed(self, key: Any, images: int, seconds: float) -> None:
+        """Learn an engine call's cost (a moving average per bucket and batch size)."""
+        known = self.batch_seconds.get((key, images))
+        self.batch_seconds[(key, images)] = seconds if known is None else 0.7 * known + 0.3 * seconds
+
     async def _run(self, batch: list[_Waiting]) -> None:
         self.running, self.running_since = len(batch), time.monotonic()
+        started = self.clock()
         try:
             results = await self.run_batch([w.request for w in batch])
         except Exception as exc:  # the engine call itself broke: its requests fail, then the loop
@@ -213,6 +254,7 @@ class EngineScheduler:
                     waiting.future.set_exception(EngineLoopFailed(f"the engine call failed: {exc}"))
             raise
         self.running, self.running_since = 0, None
+        self._timed(batch[0].key, len(batch), self.clock() - started)
         self.batch_sizes[len(batch)] += 1
         self.images += len(batch)
         self.images_by_priority.update(w.priority for w in batch)
@@ -231,6 +273,7 @@ class EngineDeployment:
         batch_wait_timeout_s: float,
         storage_config: StorageConfig | None = None,
         max_replicas: int = 1,
+        online_fill_slack: float | None = 0.25,
     ):
         import ray
 
@@ -248,7 +291,7 @@ class EngineDeployment:
         )
         self.scheduler = EngineScheduler(
             self._thread.generate_each_async, engine.bucket_key, engine.config.max_batch_size,
-            batch_wait_timeout_s,
+            batch_wait_timeout_s, online_fill_slack=online_fill_slack,
         )  # fmt: skip
         self.description = {
             "model": engine.model.name, "weights_hash": engine.model.weights_hash,

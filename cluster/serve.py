@@ -78,7 +78,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
         deployment = EngineDeployment.options(**deployment_options(model, cluster_gpus))
         engines[model.served_name] = deployment.bind(
             engine.model_dump(mode="json"), model.batch_wait_timeout_s, config.storage,
-            model.max_replicas,
+            model.max_replicas, model.online_fill_slack,
         )  # fmt: skip
     ingress = ApiIngress.options(
         num_replicas=config.ingress_replicas,

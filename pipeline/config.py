@@ -147,6 +147,14 @@ class ModelDeploymentConfig(BaseModel):
         description="How long a replica waits for more requests before running a batch. 0 runs at "
         "once; requests arriving while the engine is busy join the next batch anyway.",
     )
+    online_fill_slack: float | None = Field(
+        0.25,
+        ge=0,
+        description="Batch-job work joins an online request's engine batch only while the "
+        "batch's expected time stays within this fraction over the online work's alone (costs "
+        "learned per bucket and batch size; on a GPU a fuller batch costs little, on a CPU each "
+        "image adds its time). null: always fill.",
+    )
     min_replicas: int = Field(1, ge=0, description="Replicas kept alive (0 allows scale to zero).")
     max_replicas: int = Field(1, ge=1, description="Replicas Serve may scale up to.")
     target_ongoing_requests: float | None = Field(

@@ -149,7 +149,8 @@ def test_online_goes_first_and_batch_work_fills_the_rest():
     async def main():
         engine = Engine()
         engine.gate.clear()
-        s = scheduler(engine, batch=4)
+        s = EngineScheduler(engine.run, lambda r: r.steps, max_batch_size=4,
+                            online_fill_slack=None)  # always fill: the cost rule is tested below
         running = asyncio.create_task(s.generate([request(0)], BATCH))
         await until(lambda: engine.calls, "the running batch")
         jobs = [asyncio.create_task(s.generate([request(i, steps=4 + i % 2)], BATCH))
@@ -164,3 +165,76 @@ def test_online_goes_first_and_batch_work_fills_the_rest():
     assert calls[1] == ["r20", "r21", "r1", "r3"]  # online first, its bucket filled by batch work
     assert calls[2] == ["r2", "r4", "r6", "r8"]  # then the oldest batch bucket
     assert stats["images_online"] == 2 and stats["images_batch"] == 11
+
+
+class TimedEngine(Engine):
+    """An engine whose call takes `cost(n)` seconds for n images (a fake clock, advanced by
+    the scheduler's own timer), so the scheduler learns each batch size's cost."""
+
+    def __init__(self, cost):
+        super().__init__()
+        self.cost, self.now = cost, 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    async def run(self, requests: list[ImageRequest]) -> list[str]:
+        self.now += self.cost(len(requests))
+        return await super().run(requests)
+
+
+def _online_under_batch_load(cost, slack: float | None) -> list[list[str]]:
+    """Teach the scheduler (online alone, then full batch work), then send an online request
+    while batch work waits: the engine calls that follow."""
+    from daguerre.cluster.replica import BATCH
+
+    async def main():
+        engine = TimedEngine(cost)
+        s = EngineScheduler(engine.run, lambda r: r.steps, max_batch_size=4,
+                            online_fill_slack=slack, clock=engine.clock)  # fmt: skip
+        await s.generate([request(0)])  # the cost of one online image alone
+        await s.generate([request(i) for i in range(1, 5)], BATCH)  # ... and of a full batch
+        engine.calls.clear()
+        engine.gate.clear()
+        running = asyncio.create_task(s.generate([request(5)], BATCH))
+        await until(lambda: engine.calls, "the running batch")
+        jobs = [asyncio.create_task(s.generate([request(i)], BATCH)) for i in range(6, 12)]
+        online = asyncio.create_task(s.generate([request(20)]))
+        await until(lambda: s.stats()["pending"] == 7, "seven waiting")
+        engine.gate.set()
+        await asyncio.gather(running, online, *jobs)
+        return engine.calls
+
+    return asyncio.run(main())
+
+
+def test_batch_work_fills_an_online_batch_only_where_that_costs_little():
+    """Where a batch of 4 costs about what 1 image costs (a GPU), batch work fills the online
+    request's batch; where the cost grows with the images (a CPU), the online request runs
+    alone, so it waits behind one engine batch and then only its own image."""
+    flat = _online_under_batch_load(lambda n: 1.0 + 0.02 * n, slack=0.25)
+    assert flat[1] == ["r20", "r6", "r7", "r8"]
+    linear = _online_under_batch_load(lambda n: 0.5 * n, slack=0.25)
+    assert linear[1] == ["r20"] and linear[2] == ["r6", "r7", "r8", "r9"]
+    always = _online_under_batch_load(lambda n: 0.5 * n, slack=None)  # None: always fill
+    assert always[1] == ["r20", "r6", "r7", "r8"]
+
+
+def test_an_unmeasured_online_batch_runs_alone_once_to_learn_its_cost():
+    from daguerre.cluster.replica import BATCH
+
+    async def main():
+        engine = TimedEngine(lambda n: 1.0)
+        s = EngineScheduler(engine.run, lambda r: r.steps, max_batch_size=4, clock=engine.clock)
+        engine.gate.clear()
+        running = asyncio.create_task(s.generate([request(0, steps=5)], BATCH))
+        await until(lambda: engine.calls, "the running batch")
+        jobs = [asyncio.create_task(s.generate([request(i)], BATCH)) for i in range(1, 8)]
+        online = asyncio.create_task(s.generate([request(20)]))
+        await until(lambda: s.stats()["pending"] == 8, "eight waiting")
+        engine.gate.set()
+        await asyncio.gather(running, online, *jobs)
+        return engine.calls
+
+    calls = asyncio.run(main())
+    assert calls[1] == ["r20"]  # nothing known of one image's cost yet: alone, once
