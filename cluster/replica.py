@@ -201,8 +201,10 @@ class EngineScheduler:
         for priority in (ONLINE, BATCH):
             rest: collections.deque[_Waiting] = collections.deque()
             for waiting in self.waiting[priority]:
-                if waiting.key == key and len(batch) < self.max_batch_size and (
-                    priority == ONLINE or self._fill_pays(key, batch)
+                if (
+                    waiting.key == key
+                    and len(batch) < self.max_batch_size
+                    and (priority == ONLINE or self._fill_pays(key, batch))
                 ):
                     batch.append(waiting)
                 else:
@@ -241,7 +243,9 @@ class EngineScheduler:
     def _timed(self, key: Any, images: int, seconds: float) -> None:
         """Learn an engine call's cost (a moving average per bucket and batch size)."""
         known = self.batch_seconds.get((key, images))
-        self.batch_seconds[(key, images)] = seconds if known is None else 0.7 * known + 0.3 * seconds
+        self.batch_seconds[(key, images)] = (
+            seconds if known is None else 0.7 * known + 0.3 * seconds
+        )
 
     async def _run(self, batch: list[_Waiting]) -> None:
         self.running, self.running_since = len(batch), time.monotonic()

@@ -149,8 +149,9 @@ def test_online_goes_first_and_batch_work_fills_the_rest():
     async def main():
         engine = Engine()
         engine.gate.clear()
-        s = EngineScheduler(engine.run, lambda r: r.steps, max_batch_size=4,
-                            online_fill_slack=None)  # always fill: the cost rule is tested below
+        s = EngineScheduler(
+            engine.run, lambda r: r.steps, max_batch_size=4, online_fill_slack=None
+        )  # always fill: the cost rule is tested below
         running = asyncio.create_task(s.generate([request(0)], BATCH))
         await until(lambda: engine.calls, "the running batch")
         jobs = [asyncio.create_task(s.generate([request(i, steps=4 + i % 2)], BATCH))
