@@ -15,7 +15,7 @@ RUN_STAMP := $(VENV)/.daguerre-run
 DEV_STAMP := $(VENV)/.daguerre-dev
 PYTEST_ARGS ?=
 
-.PHONY: install install-dev demo serve test lint bench clean
+.PHONY: install install-dev demo serve test lint bench gpu-wheels gpu-check clean
 
 install: $(RUN_STAMP)
 install-dev: $(DEV_STAMP)
@@ -51,5 +51,30 @@ bench: install-dev
 	$(PY) benchmarks/pipeline_efficiency.py --images 256 --json benchmarks/results/pipeline_efficiency.json
 	$(PY) benchmarks/serve_load.py --clients 1,2,4,8,16 --seconds 30 --json benchmarks/results/serve_load.json
 
+# The wheels a bare GPU machine lacks for benchmarks/gpu_check.sh (CPython 3.12, x86-64
+# manylinux, no deps resolved there): the engine's stack at the versions installed here,
+# and this project. Fails when they would not travel (60 MiB).
+GPU_WHEELS ?= .whl
+GPU_PYTHON ?= 3.12
+GPU_WHEELS_MAX_MIB ?= 60
+gpu-wheels: install
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PY) benchmarks/gpu_wheels.py > $(GPU_WHEELS)/requirements.txt
+	$(PY) -m pip download -q --disable-pip-version-check --no-deps --only-binary=:all: \
+		--python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform any \
+		-d $(GPU_WHEELS) -r $(GPU_WHEELS)/requirements.txt
+	$(PY) -m pip wheel -q --disable-pip-version-check --no-deps --no-build-isolation -w $(GPU_WHEELS) .
+	@mib=$$(du -cm $(GPU_WHEELS)/*.whl | tail -1 | cut -f1); \
+	echo "$(GPU_WHEELS): $$(ls $(GPU_WHEELS)/*.whl | wc -l) wheels, $$mib MiB"; \
+	if [ $$mib -gt $(GPU_WHEELS_MAX_MIB) ]; then \
+		echo "make gpu-wheels: $$mib MiB of wheels is over the $(GPU_WHEELS_MAX_MIB) MiB that may travel"; exit 2; fi
+
+# Every GPU claim in one command (on a CPU machine: the CPU-runnable part, the rest skipped
+# with reasons). On a bare GPU machine: carry .whl and run `bash benchmarks/gpu_check.sh`.
+gpu-check: install-dev
+	bash benchmarks/gpu_check.sh
+
 clean:
-	rm -rf $(VENV) output .pytest_cache
+	rm -rf $(VENV) output .pytest_cache $(GPU_WHEELS)

@@ -18,19 +18,11 @@ import sys
 from pathlib import Path
 
 from _common import environment, time_call, write_result
+from daguerre.kernels.attention import UNET_ATTENTION_SHAPES
 
 GOAL = 1.3  # Triton vs the best SDPA kernel, head dim 40 at 4096 tokens (GPU)
 
-# (model, layer, heads, query tokens, key tokens, head dim)
-SHAPES = [
-    ("sd15", "down0 self", 8, 4096, 4096, 40),
-    ("sd15", "down0 cross", 8, 4096, 77, 40),
-    ("sd15", "down1 self", 8, 1024, 1024, 80),
-    ("sd15", "down2 self", 8, 256, 256, 160),
-    ("sdxl", "down1 self", 10, 4096, 4096, 64),
-    ("sdxl", "down2 self", 20, 1024, 1024, 64),
-    ("sdxl", "down2 cross", 20, 1024, 77, 64),
-]
+SHAPES = UNET_ATTENTION_SHAPES
 
 
 def candidates(cuda: bool) -> dict[str, tuple]:

@@ -28,6 +28,20 @@ logger = logging.getLogger("daguerre.kernels")
 ENV_VAR = "DAGUERRE_ATTENTION_BACKEND"
 
 
+# The UNets' real attention shapes (SD1.5 at 512x512, SDXL at 1024x1024), batch 2 = one
+# image with CFG: what benchmarks/attention.py times and tests/gpu checks.
+# (model, layer, heads, query tokens, key tokens, head dim)
+UNET_ATTENTION_SHAPES = [
+    ("sd15", "down0 self", 8, 4096, 4096, 40),
+    ("sd15", "down0 cross", 8, 4096, 77, 40),
+    ("sd15", "down1 self", 8, 1024, 1024, 80),
+    ("sd15", "down2 self", 8, 256, 256, 160),
+    ("sdxl", "down1 self", 10, 4096, 4096, 64),
+    ("sdxl", "down2 self", 20, 1024, 1024, 64),
+    ("sdxl", "down2 cross", 20, 1024, 77, 64),
+]
+
+
 class AttentionBackend(str, Enum):
     sdpa = "sdpa"
     xformers = "xformers"

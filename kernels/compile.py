@@ -16,9 +16,12 @@ request bucket), made on first use or ahead of time with `daguerre compile`.
 from __future__ import annotations
 
 import importlib.util
+import os
 from typing import Any
 
 from .unet import UNET_BACKENDS, UNetBackend, UNetRunner, batch_buckets
+
+COMPILE_MODE_ENV = "DAGUERRE_COMPILE_MODE"  # torch.compile's mode, overriding the default
 
 
 class TorchCompileUNet(UNetRunner):
@@ -35,7 +38,10 @@ class TorchCompileUNet(UNetRunner):
         cuda = next(unet.parameters()).is_cuda
         # max-autotune on GPU includes CUDA graphs, recorded once per input shape (batch
         # bucket); on CPU the default mode (autotuning there costs minutes for little).
-        self.compiled = torch.compile(unet, mode="max-autotune" if cuda else None, dynamic=False)
+        # DAGUERRE_COMPILE_MODE overrides it (e.g. reduce-overhead: CUDA graphs without the
+        # minutes of autotuning, what a time-boxed GPU check can afford).
+        self.mode = os.environ.get(COMPILE_MODE_ENV) or ("max-autotune" if cuda else None)
+        self.compiled = torch.compile(unet, mode=self.mode, dynamic=False)
 
     def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
         batch = sample.shape[0]

@@ -1,0 +1,243 @@
+"""Every GPU claim in one run, most important first, each result in the JSON as it comes.
+
+Run through `bash benchmarks/gpu_check.sh` (which installs the carried wheels on a bare GPU
+machine). Stages, in order, while the budget lasts (a case that would start after it is
+spent is recorded as skipped, never silently dropped):
+  1. correctness: pytest over tests/gpu (the Triton kernel vs SDPA vs float64 on the real
+     attention shapes, sd15/sdxl fp16 images, alone vs in a batch of 8, eager vs compile vs
+     onnxruntime, TensorRT where importable) and the kernels' own numerics tests; every
+     test's outcome (and a skip's reason) is written as soon as it ends;
+  2. throughput, the fast-starting baseline: `daguerre bench` eager for sd15 512x512 30
+     steps and sdxl 1024x1024 20 steps over batch sizes;
+  3. attention: benchmarks/attention.py on SD1.5's and SDXL's shapes;
+  4. throughput, the other backends (torch.compile, whose warm-up is measured and
+     reported, the Triton attention kernel, onnxruntime) while time remains.
+Without CUDA the GPU-only tests skip with their reason, and stages 2-4 run small stand-ins
+(marked "stand_in") so the machinery itself is exercised: that is what CI runs.
+
+    bash benchmarks/gpu_check.sh [--budget 420] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+# (case, model, size, steps, batch sizes, unet backend, attention backend); GPU and stand-in
+BASELINE = [
+    ("sd15 eager", "sd15", "512x512", 30, "1,4,8", "eager", "sdpa"),
+    ("sdxl eager", "sdxl", "1024x1024", 20, "1,4", "eager", "sdpa"),
+]
+OTHERS = [
+    ("sd15 triton attention", "sd15", "512x512", 30, "1,8", "eager", "triton"),
+    ("sd15 torch.compile", "sd15", "512x512", 30, "8", "compile", "sdpa"),
+    ("sd15 onnxruntime", "sd15", "512x512", 30, "1,8", "onnxruntime", "sdpa"),
+    ("sdxl torch.compile", "sdxl", "1024x1024", 20, "4", "compile", "sdpa"),
+    ("sdxl onnxruntime", "sdxl", "1024x1024", 20, "4", "onnxruntime", "sdpa"),
+]
+STAND_IN = {"model": "tiny", "size": "64x64", "steps": 4, "batch_sizes": "1,2"}
+
+
+class Evidence:
+    """The check's JSON, rewritten (atomically) after every result."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path, self.data = path, {**header, "stages": {}}
+        self.write()
+
+    def add(self, stage: str, item: dict) -> None:
+        self.data["stages"].setdefault(stage, []).append(item)
+        self.write()
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        tmp.replace(self.path)
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.seconds, self.start = seconds, time.monotonic()
+
+    def left(self) -> float:
+        return self.seconds - (time.monotonic() - self.start)
+
+
+def header(args: argparse.Namespace) -> dict:
+    import torch
+    from daguerre.pipeline.bench import environment
+
+    info = environment()
+    cuda = torch.cuda.is_available()
+    info.update(
+        check="gpu_check", budget_s=args.budget, python=sys.version.split()[0],
+        driver=_driver_version() if cuda else None,
+        gpu_memory_gib=torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None,
+        stand_in=not cuda,
+    )  # fmt: skip
+    return info
+
+
+def _driver_version() -> str | None:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)  # fmt: skip
+        return out.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def run(cmd: list[str], budget: Budget, env: dict | None = None) -> tuple[int | None, str, float]:
+    """Run `cmd` for at most the budget left: (exit code or None if cut off, output tail, s)."""
+    t0 = time.monotonic()
+    try:
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env,
+                              timeout=max(budget.left(), 1))  # fmt: skip
+        code, output = done.returncode, done.stdout + done.stderr
+    except subprocess.TimeoutExpired as exc:
+        code, output = None, _text(exc.stdout) + _text(exc.stderr)
+    return code, output[-3000:], time.monotonic() - t0
+
+
+def _text(data: bytes | str | None) -> str:
+    return data.decode(errors="replace") if isinstance(data, bytes) else (data or "")
+
+
+def correctness(evidence: Evidence, budget: Budget) -> None:
+    """pytest over the GPU tests and the kernels' numerics; each outcome lands as it ends."""
+    env = {**os.environ, "GPU_CHECK_JSON": str(evidence.path),
+           "PYTHONPATH": os.pathsep.join([str(BENCHMARKS), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "gpu_check_plugin", "-p",
+           "no:cacheprovider", "tests/gpu", "tests/cpu/test_attention.py"]  # fmt: skip
+    code, output, seconds = run(cmd, budget, env)
+    evidence.data = json.loads(evidence.path.read_text())  # the plugin added the tests
+    summary = re.findall(r"^[= ]*(\d+ (?:passed|failed|skipped|error).*?) in [\d.]+s", output, re.M)
+    evidence.add("correctness_summary", {"exit_code": code, "seconds": round(seconds, 1),
+                                         "summary": summary[-1] if summary else None,
+                                         "cut_off": code is None,
+                                         **({"output_tail": output} if code else {})})  # fmt: skip
+
+
+def throughput(evidence: Evidence, budget: Budget, cases: list[tuple], cuda: bool) -> None:
+    """One `daguerre bench` process per case, so each result lands as it ends."""
+    out = evidence.path.parent / "throughput"
+    for name, model, size, steps, batches, unet, attention in cases:
+        item = {"case": name, "model": model, "size": size, "steps": steps,
+                "unet_backend": unet, "attention_backend": attention}  # fmt: skip
+        if not cuda:  # exercise the machinery on a small stand-in
+            model, size, steps, batches = (STAND_IN[k] for k in ("model", "size", "steps",
+                                                                 "batch_sizes"))  # fmt: skip
+            item.update(stand_in=STAND_IN)
+        if budget.left() <= 0:
+            evidence.add("throughput", {**item, "skipped": "the budget was spent"})
+            continue
+        path = out / f"{re.sub(r'[^a-z0-9]+', '_', name)}.json"
+        cmd = [sys.executable, str(BENCHMARKS / "throughput.py"), "--model", model, "--size",
+               size, "--steps", str(steps), "--batch-sizes", batches, "--backends", unet,
+               "--attention-backends", attention, "--repeats", "3", "--json", str(path)]  # fmt: skip
+        code, output, seconds = run(cmd, budget)
+        item.update(exit_code=code, seconds=round(seconds, 1), cut_off=code is None)
+        if path.exists():
+            report = json.loads(path.read_text())
+            item.update(images_per_s=report.get("images_per_s"), mfu=report.get("mfu"),
+                        results=report.get("results"), notes=report.get("notes"))  # fmt: skip
+        else:
+            item["output_tail"] = output
+        evidence.add("throughput", item)
+
+
+def attention(evidence: Evidence, budget: Budget) -> None:
+    path = evidence.path.parent / "attention.json"
+    if budget.left() <= 0:
+        evidence.add("attention", {"skipped": "the budget was spent"})
+        return
+    cmd = [sys.executable, str(BENCHMARKS / "attention.py"), "--json", str(path)]
+    code, output, seconds = run(cmd, budget)
+    item = {"exit_code": code, "seconds": round(seconds, 1), "cut_off": code is None}
+    if path.exists():
+        item.update(json.loads(path.read_text()))
+    else:
+        item["output_tail"] = output
+    evidence.add("attention", item)
+
+
+def plot(evidence: Evidence) -> None:
+    """images/s per throughput case and batch size (a PNG beside the JSON)."""
+    try:
+        import matplotlib
+    except ImportError:
+        evidence.data["plot"] = "matplotlib is not installed: no PNG"
+        evidence.write()
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for item in evidence.data["stages"].get("throughput", []):
+        points = [(r["batch_size"], r["images_per_s"]) for r in item.get("results") or []
+                  if "images_per_s" in r]  # fmt: skip
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", label=item["case"])
+    ax.set_xlabel("engine batch size")
+    ax.set_ylabel("images/s")
+    ax.set_title(f"{evidence.data['device']} ({evidence.data['date']})", fontsize=9)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(evidence.path.with_suffix(".png"), dpi=100)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=float, default=420.0,
+                        help="seconds after which no new case starts (default 420)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "gpu")
+    args = parser.parse_args()
+    import torch
+
+    cuda = torch.cuda.is_available()
+    budget = Budget(args.budget)
+    info = header(args)
+    stamp = info["date"][:10]
+    device = re.sub(r"[^a-z0-9]+", "-", info["device"].lower()).strip("-")
+    evidence = Evidence(args.out / f"gpu_check_{stamp}_{device}.json", info)
+    print(f"gpu_check: {info['device']}, budget {args.budget:.0f} s -> {evidence.path}")
+    correctness(evidence, budget)
+    throughput(evidence, budget, BASELINE, cuda)
+    attention(evidence, budget)
+    throughput(evidence, budget, OTHERS if cuda else OTHERS[:1], cuda)
+    evidence.data["seconds"] = round(time.monotonic() - budget.start, 1)
+    evidence.write()
+    plot(evidence)
+    _print_summary(evidence)
+    return 0
+
+
+def _print_summary(evidence: Evidence) -> None:
+    stages = evidence.data["stages"]
+    tests = stages.get("correctness", [])
+    outcomes = {
+        o: sum(1 for t in tests if t["outcome"] == o) for o in ("passed", "failed", "skipped")
+    }
+    print(f"correctness: {outcomes}")
+    for item in stages.get("throughput", []):
+        figure = item.get("images_per_s")
+        shown = f"{figure:.3f} images/s" if figure else item.get("skipped") or "no figure"
+        stand_in = " (stand-in: {model} {size}, {steps} steps)".format(**item["stand_in"]) \
+            if "stand_in" in item else ""  # fmt: skip
+        print(f"throughput {item['case']}{stand_in}: {shown}")
+    print(f"wrote {evidence.path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
