@@ -25,4 +25,7 @@ if ! (cd / && "$python" -c "import daguerre.pipeline.engine") 2>/dev/null; then
   export PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled
+# the checkout's commit for the evidence (a copy without .git: pass DAGUERRE_GIT_COMMIT)
+commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || true)
+export DAGUERRE_GIT_COMMIT=${DAGUERRE_GIT_COMMIT:-$commit}
 exec "$python" "$root/benchmarks/gpu_check.py" --out "$out" "$@"

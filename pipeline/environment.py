@@ -31,7 +31,10 @@ def software_versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
-    """The short commit of the checkout daguerre runs from ('' for an installed wheel)."""
+    """The short commit of the checkout daguerre runs from; for an installed wheel or a copy
+    without .git, DAGUERRE_GIT_COMMIT where the launcher set it, else ''."""
+    if os.environ.get("DAGUERRE_GIT_COMMIT"):
+        return os.environ["DAGUERRE_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
                              capture_output=True, text=True, timeout=5)  # fmt: skip
