@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..pipeline.bench import bench_engine, environment, parse_size, plot
+from ..pipeline.config import HOT_PATH_OPTIONS, ConfigError
 
 NOTHING_MEASURED = (
     "no engine-alone point was measured (every backend and batch size was "
@@ -170,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
                    help="auto: float16 on CUDA, float32 on CPU")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="timed generations per point")
+    p.add_argument("--hot-path", default="",
+                   help="comma-separated engine hot-path switches to turn on: "
+                   "fuse_qkv, channels_last, noise_on_device")  # fmt: skip
     p.add_argument("--through", choices=("batch", "serve"), action="append", default=[],
                    help="also run the workload through the batch job or Serve (repeatable)")  # fmt: skip
     p.add_argument("--through-images", type=int, default=32, help="images per --through run")
@@ -191,6 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     args.batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",")})
     args.backends = args.backends.split(",")
     args.attention_backends = args.attention_backends.split(",")
+    args.hot_path = [name for name in args.hot_path.split(",") if name]
+    unknown = sorted(set(args.hot_path) - set(HOT_PATH_OPTIONS))
+    if unknown:
+        raise ConfigError(f"--hot-path: unknown {', '.join(unknown)} "
+                          f"(known: {', '.join(HOT_PATH_OPTIONS)})")  # fmt: skip
     args.through = list(dict.fromkeys(args.through))
 
     engine = bench_engine(args)
@@ -233,6 +242,7 @@ def build_report(args: argparse.Namespace, engine: dict, size_text: str) -> dict
             "backends": args.backends,
             "attention_backends": args.attention_backends,
             "batch_sizes": args.batch_sizes,
+            "hot_path": args.hot_path,
             "repeats": args.repeats,
             **environment(),
         },  # fmt: skip

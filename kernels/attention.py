@@ -248,13 +248,7 @@ class DaguerreAttnProcessor:
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
+        query, key, value = _project(attn, hidden_states, encoder_hidden_states)
         head_dim = key.shape[-1] // attn.heads
         # [B, S, H*D] -> [B, H, S, D]
         query = query.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
@@ -278,6 +272,35 @@ class DaguerreAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def _project(attn: Any, hidden_states: Any, encoder_hidden_states: Any) -> tuple[Any, Any, Any]:
+    """q, k, v: one matmul each, or where the projections were fused (`fuse_qkv`), one for
+    q, k and v in self-attention and one for k and v in cross-attention."""
+    if encoder_hidden_states is None and getattr(attn, "to_qkv", None) is not None:
+        return attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    if getattr(attn, "to_kv", None) is not None and encoder_hidden_states is not hidden_states:
+        key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        return query, key, value
+    return query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+
+
+def fuse_qkv(unet: Any) -> int:
+    """Fuse every attention module's projections (diffusers' `Attention.fuse_projections`),
+    keeping this module's processors; returns how many modules were fused."""
+    from diffusers.models.attention_processor import Attention
+
+    fused = 0
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.fuse_projections()
+            fused += 1
+    return fused
 
 
 def install(unet: Any, requested: str | None, device_type: str) -> AttentionDispatch:

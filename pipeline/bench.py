@@ -199,7 +199,8 @@ def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
     for unet_backend, attention, batch in points:
         config = EngineConfig(model=args.model, device=str(device), dtype=args.dtype,
                               unet_backend=unet_backend, attention_backend=attention,
-                              max_batch_size=batch)  # fmt: skip
+                              max_batch_size=batch,
+                              **dict.fromkeys(getattr(args, "hot_path", []), True))  # fmt: skip
         row: dict[str, Any] = {"unet_backend": unet_backend, "attention_backend": attention,
                                "batch_size": batch}  # fmt: skip
         results.append(row)

@@ -76,12 +76,29 @@ class EngineConfig(BaseModel):
     max_batch_size: int = Field(
         8, ge=1, description="Most images denoised together in one UNet call (before CFG doubling)."
     )
+    fuse_qkv: bool = Field(
+        False,
+        description="Hot path: one matmul for q, k and v in self-attention (k and v in "
+        "cross-attention) instead of three.",
+    )
+    channels_last: bool = Field(
+        False, description="Hot path: the UNet and VAE in channels-last memory format."
+    )
+    noise_on_device: bool = Field(
+        False,
+        description="Hot path: each request's noise from a generator on the engine's device (no "
+        "host work per ancestral step). Still per request (batch-independent), but a seed gives "
+        "another image than with the default CPU generators; recorded in the metadata.",
+    )
     prompt_cache_size: int = Field(
         1024, ge=0, description="Prompt embeddings kept (LRU); 0 disables the cache."
     )
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads on CPU (set by the engine); default: all cores."
     )
+
+
+HOT_PATH_OPTIONS = ("fuse_qkv", "channels_last", "noise_on_device")  # EngineConfig switches
 
 
 class JobConfig(BaseModel):

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .config import EngineConfig, StorageConfig
+from .config import HOT_PATH_OPTIONS, EngineConfig, StorageConfig
 from .models import SDXL_TIME_IDS, ModelComponents, load_model
 from .schema import GeneratedImage, ImageRequest, Scheduler, StageTimings
 from .tokenizer import TEXT_MAX_LENGTH
@@ -80,9 +80,14 @@ class DiffusionEngine:
         self.model = components or load_model(
             self.config.model, device=self.device, dtype=self.dtype, storage_config=storage_config
         )
-        from ..kernels.attention import install
+        from ..kernels.attention import fuse_qkv, install
         from ..kernels.compile import make_runner
 
+        if self.config.fuse_qkv:
+            fuse_qkv(self.model.unet)
+        if self.config.channels_last:
+            self.model.unet.to(memory_format=torch.channels_last)
+            self.model.vae.to(memory_format=torch.channels_last)
         self.attention = install(self.model.unet, self.config.attention_backend, self.device.type)
         self.unet = make_runner(
             self.model.unet, self.config.unet_backend, self.model.weights_hash,
@@ -97,12 +102,16 @@ class DiffusionEngine:
     @property
     def backend(self) -> dict[str, str]:
         """What runs the math, recorded in every image's metadata."""
-        return {
+        backend = {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.attention.backend.value,
             "unet": self.unet.backend.value,
         }
+        hot_path = [name for name in HOT_PATH_OPTIONS if getattr(self.config, name)]
+        if hot_path:
+            backend["hot_path"] = ",".join(hot_path)
+        return backend
 
     def bucket_key(self, request: ImageRequest) -> BucketKey:
         """Requests with equal keys can share one denoising loop."""
@@ -158,10 +167,12 @@ class DiffusionEngine:
             added_cond = {"text_embeds": pooled, "time_ids": time_ids.repeat(2 * batch, 1)}
         t1 = self._clock()
 
-        # 2. Per-request initial noise from per-request CPU generators: [B, 4, h, w].
-        generators = [torch.Generator("cpu").manual_seed(r.resolved_seed) for r in requests]
+        # 2. Per-request initial noise from per-request generators (CPU by default): [B, 4, h, w].
+        noise_device = self.device if self.config.noise_on_device else torch.device("cpu")
+        generators = [torch.Generator(noise_device).manual_seed(r.resolved_seed) for r in requests]
         latent_shape = (1, model.unet.config.in_channels, height // factor, width // factor)
-        latents = torch.cat([torch.randn(latent_shape, generator=g) for g in generators])
+        latents = torch.cat([torch.randn(latent_shape, generator=g, device=noise_device)
+                             for g in generators])  # fmt: skip
         latents = latents.to(self.device, self.dtype)
 
         # 3. Timesteps. A scheduler instance is stateful: one per chunk.

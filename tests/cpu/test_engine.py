@@ -181,3 +181,31 @@ def test_sd_matches_diffusers_pipeline(tmp_path, tiny_engine):
                   width=64, output_type="np",
                   generator=torch.Generator("cpu").manual_seed(5)).images[0]  # fmt: skip
     assert np.abs(ours - (theirs * 255).round().astype(int)).mean() <= 1.0
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
+@pytest.mark.parametrize("option", ["fuse_qkv", "channels_last", "noise_on_device"])
+def test_hot_path_options_keep_the_images(model, option):
+    """Each hot-path switch gives the default path's images (within 1/255 on the CPU, where
+    the device's generator is the CPU's) and is recorded with the backend."""
+    requests = [req(i, scheduler=s) for i, s in enumerate(("ddim", "euler_a"))]
+    default = DiffusionEngine(EngineConfig(model=model)).generate(requests)
+    engine = DiffusionEngine(EngineConfig(model=model, **{option: True}))
+    fast = engine.generate(requests)
+    assert engine.backend["hot_path"] == option
+    for a, b in zip(default, fast, strict=True):
+        assert max_diff(a.image, b.image) <= 1
+
+
+def test_fused_projections_are_used_not_only_made():
+    from diffusers.models.attention_processor import Attention
+
+    engine = DiffusionEngine(EngineConfig(model="tiny", fuse_qkv=True))
+    modules = [m for m in engine.model.unet.modules() if isinstance(m, Attention)]
+    calls = []
+    for m in modules:
+        fused = getattr(m, "to_qkv", None) or m.to_kv
+        fused.register_forward_hook(lambda *_: calls.append(1))
+        m.to_k.register_forward_hook(lambda *_: pytest.fail("to_k ran beside a fused projection"))
+    engine.generate([req(0)])
+    assert len(calls) == len(modules) * STEPS

@@ -28,7 +28,11 @@ def test_gpu_check_on_a_cpu_leaves_evidence_for_every_stage(tmp_path):
     assert not [t for t in tests if t["outcome"] == "failed"]
     assert "passed" in result["stages"]["correctness_summary"][0]["summary"]
     throughput = result["stages"]["throughput"]
-    assert [t["case"] for t in throughput][:2] == ["sd15 eager", "sdxl eager"]
+    assert [t["case"] for t in throughput][:3] == [
+        "sd15 eager",
+        "sdxl eager",
+        "sd15 eager hot path",
+    ]
     assert all(t["images_per_s"] > 0 and t["stand_in"]["model"] == "tiny" for t in throughput)
     assert result["stages"]["attention"][0]["shapes"]
     assert path.with_suffix(".png").stat().st_size > 0

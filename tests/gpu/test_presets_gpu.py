@@ -68,3 +68,20 @@ def _ort_providers() -> list[str]:
     except ImportError:
         return []
     return onnxruntime.get_available_providers()
+
+
+def test_hot_path_keeps_the_images_and_noise_on_device_stays_per_request():
+    """fuse_qkv + channels_last give eager's images (fp16: within 2/255); noise_on_device
+    gives other images for a seed, but the same alone and in a batch (within 1/255)."""
+    requests = _requests(4)
+    config = dict(model="small", device="cuda", max_batch_size=4)
+    default = DiffusionEngine(EngineConfig(**config)).generate(requests)
+    fast = DiffusionEngine(EngineConfig(**config, fuse_qkv=True, channels_last=True))
+    for a, b in zip(default, fast.generate(requests), strict=True):
+        assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 2
+    on_device = DiffusionEngine(EngineConfig(**config, noise_on_device=True))
+    target = ImageRequest(id="t", prompt="a red kite", seed=5, steps=STEPS, scheduler="euler_a")
+    alone = on_device.generate([target])[0].image
+    together = on_device.generate([*requests[:3], target])[3].image
+    assert np.abs(alone.astype(int) - together.astype(int)).max() <= 1
+    assert on_device.backend["hot_path"] == "noise_on_device"
