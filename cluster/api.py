@@ -28,6 +28,7 @@ from ..pipeline.schema import (
     ImageRequest,
     RequestLimits,
     Scheduler,
+    Speed,
     validate_request,
 )
 
@@ -69,6 +70,7 @@ class ImagesGenerationRequest(BaseModel):
     steps: int | None = Field(None, description="Denoising steps (default 30).")
     guidance_scale: float | None = Field(None, description="Classifier-free guidance scale.")
     scheduler: Scheduler | None = Field(None, description="Sampler.")
+    speed: Speed | None = Field(None, description="exact (default) or cached (step caching).")
 
     @field_validator("size")
     @classmethod
@@ -96,6 +98,7 @@ class ImagesGenerationRequest(BaseModel):
             "width": width,
             "height": height,
             "scheduler": self.scheduler,
+            "speed": self.speed,
             "metadata": {"user": self.user} if self.user else {},
         }
         requests: list[ImageRequest] = []

@@ -23,6 +23,7 @@ from ..pipeline.schema import (
     ImageRequest,
     RequestLimits,
     StageTimings,
+    bucket_key,
     engine_row_schema,
     validate_request,
 )
@@ -39,7 +40,7 @@ def prepare_batch(
     default_side: int,
 ) -> Any:  # fmt: skip
     """Drop finished rows; validate the rest. Valid rows carry their request as JSON, sorted
-    by bucket (size, steps, scheduler) so engine batches share one denoising loop; invalid
+    by bucket (size, steps, scheduler, speed) so engine batches share one denoising loop; invalid
     ones carry their first error (the errors table gets one row per invalid request)."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -59,8 +60,7 @@ def prepare_batch(
     for row in batch.to_pylist():
         result = check_row(row, limits_model, duplicates, model_names)
         if isinstance(result, ImageRequest):
-            key = (*result.resolved_size(default_side), result.steps, result.scheduler.value)
-            valid.append((key, result))
+            valid.append((bucket_key(result, default_side), result))
         else:
             invalid.append((row, result))
     out: dict[str, list[Any]] = {c: [] for c in PREPARED_COLUMNS}

@@ -84,6 +84,12 @@ class EngineConfig(BaseModel):
     channels_last: bool = Field(
         False, description="Hot path: the UNet and VAE in channels-last memory format."
     )
+    cache_interval: int = Field(
+        3,
+        ge=2,
+        description="speed: cached requests run the whole UNet every this many steps and only "
+        "its shallow branch in between (step caching).",
+    )
     noise_on_device: bool = Field(
         False,
         description="Hot path: each request's noise from a generator on the engine's device (no "

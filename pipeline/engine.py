@@ -23,10 +23,16 @@ import torch
 
 from .config import HOT_PATH_OPTIONS, EngineConfig, StorageConfig
 from .models import SDXL_TIME_IDS, ModelComponents, load_model
-from .schema import GeneratedImage, ImageRequest, Scheduler, StageTimings
+from .schema import (
+    BucketKey,
+    GeneratedImage,
+    ImageRequest,
+    Scheduler,
+    Speed,
+    StageTimings,
+    bucket_key,
+)
 from .tokenizer import TEXT_MAX_LENGTH
-
-BucketKey = tuple[int, int, int, str]  # width, height, steps, scheduler
 
 
 def _scheduler(name: str, base_config: dict[str, Any]) -> Any:
@@ -96,6 +102,7 @@ class DiffusionEngine:
         self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
             OrderedDict()
         )
+        self._deep_cache: Any = None  # kernels/deep_cache.py, made at the first cached request
         self.prompt_cache_hits = 0
         self.prompt_cache_misses = 0
 
@@ -145,7 +152,7 @@ class DiffusionEngine:
         return out  # type: ignore[return-value]
 
     def _generate_chunk(self, key: BucketKey, requests: list[ImageRequest]) -> list[GeneratedImage]:
-        width, height, steps, scheduler_name = key
+        width, height, steps, scheduler_name, speed = key
         batch = len(requests)
         model = self.model
         factor = model.vae_scale_factor
@@ -184,12 +191,16 @@ class DiffusionEngine:
         )
         guidance = guidance.view(batch, 1, 1, 1)
 
-        # 4. Denoising loop.
-        for t in scheduler.timesteps:
+        # 4. Denoising loop (speed: cached runs the whole UNet every cache_interval steps).
+        unet = self._step_cache() if speed == Speed.cached.value else None
+        for index, t in enumerate(scheduler.timesteps):
             latent_in = scheduler.scale_model_input(
                 torch.cat([latents, latents]), t
             )  # [2B, 4, h, w]
-            noise = self.unet(latent_in, t, text_embeds, added_cond)
+            if unet is None:
+                noise = self.unet(latent_in, t, text_embeds, added_cond)
+            else:
+                noise = unet(index, latent_in, t, text_embeds, added_cond)
             noise_uncond, noise_cond = noise.chunk(2)
             noise = noise_uncond + guidance * (noise_cond - noise_uncond)
             # Ancestral samplers draw fresh noise per step: each request from its own generator.
@@ -268,16 +279,19 @@ class DiffusionEngine:
         pooled = out_2.text_embeds
         return list(zip(hidden, pooled, strict=True))
 
+    def _step_cache(self) -> Any:
+        """The step-caching runner over the eager UNet (made once), its cache emptied."""
+        from ..kernels.deep_cache import DeepCacheUNet
+
+        if self._deep_cache is None:
+            self._deep_cache = DeepCacheUNet(self.model.unet, self.config.cache_interval)
+        self._deep_cache.reset()
+        return self._deep_cache
+
     def _clock(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
-
-
-def bucket_key(request: ImageRequest, default_side: int) -> BucketKey:
-    """Requests with equal keys can share one denoising loop (size, steps, scheduler)."""
-    width, height = request.resolved_size(default_side)
-    return width, height, request.steps, request.scheduler.value
 
 
 def generate_each(

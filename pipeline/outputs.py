@@ -70,9 +70,11 @@ def image_record(
 ) -> ImageRecord:
     """The metadata row of one image: the request with defaults resolved, and its provenance."""
     request = generated.request
-    fields = request.model_dump(exclude={"seed", "width", "height", "scheduler", "model"})
+    fields = request.model_dump(exclude={"seed", "width", "height", "scheduler", "model",
+                                         "speed"})  # fmt: skip
     return ImageRecord(
         **fields,
+        speed=request.speed.value,
         seed=generated.seed,
         width=generated.width,
         height=generated.height,

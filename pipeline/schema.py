@@ -40,6 +40,16 @@ class Scheduler(str, Enum):
 
 
 SCHEDULERS = tuple(s.value for s in Scheduler)
+
+
+class Speed(str, Enum):
+    """A request's speed tier: every UNet step computed, or the deep features of
+    neighbouring steps reused (step caching, the DeepCache method; a little less exact)."""
+
+    exact = "exact"
+    cached = "cached"
+
+
 SEED_LIMIT = 2**63  # seeds are int64 in the manifest: 0 <= seed < SEED_LIMIT
 
 # An id becomes a storage key (`images/<id>.png`): path segments of these characters only.
@@ -90,6 +100,11 @@ class ImageRequest(BaseModel):
         None, description="Image height in pixels; the model's default when missing."
     )
     scheduler: Scheduler = Field(Scheduler.ddim, description=f"One of {', '.join(SCHEDULERS)}.")
+    speed: Speed = Field(
+        Speed.exact,
+        description="exact (every UNet step computed) or cached (deep features reused across "
+        "neighbouring steps: faster, a little less exact; never batched with exact requests).",
+    )
     model: str | None = Field(
         None, description="Model the row is meant for; must match the job's model when set."
     )
@@ -212,7 +227,19 @@ class ImageRequest(BaseModel):
             "height": height,
             "scheduler": self.scheduler.value,
         }
+        if self.speed is not Speed.exact:  # exact requests keep the fingerprints they had
+            fields["speed"] = self.speed.value
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+
+
+BucketKey = tuple[int, int, int, str, str]  # width, height, steps, scheduler, speed
+
+
+def bucket_key(request: ImageRequest, default_side: int) -> BucketKey:
+    """Requests with equal keys can share one denoising loop (size, steps, scheduler, speed
+    tier: exact and cached requests never share a batch)."""
+    width, height = request.resolved_size(default_side)
+    return width, height, request.steps, request.scheduler.value, request.speed.value
 
 
 def seed_from_id(request_id: str) -> int:
@@ -342,6 +369,7 @@ class ImageRecord(BaseModel):
     scheduler: str
     model: str
     metadata: dict[str, str]
+    speed: str = Speed.exact.value  # the speed tier it was made in
     # The output.
     uri: str
     sha256: str
