@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..pipeline.bench import bench_engine, environment, parse_size, plot
+from ..pipeline.bench import bench_cache, bench_engine, environment, parse_size, plot
 from ..pipeline.config import HOT_PATH_OPTIONS, ConfigError
 
 NOTHING_MEASURED = (
@@ -130,22 +130,6 @@ def _through_serve(engine: Any, rows: list[dict], batch: int, output: str) -> fl
         return len(rows) / (time.perf_counter() - t0)
     finally:
         serve.shutdown()
-
-
-def bench_cache(model: str) -> Path:
-    """Where the last `daguerre bench` result for `model` is kept on this machine."""
-    from ..kernels.unet import cache_root
-
-    return cache_root() / "bench" / f"{Path(model.rstrip('/')).name}.json"
-
-
-def last_bench(model: str) -> dict[str, Any] | None:
-    """The last `daguerre bench` result for `model` on this machine, or None."""
-    path = bench_cache(model)
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,10 +15,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..pipeline.bench import last_bench
 from ..pipeline.config import JobConfig
 from ..pipeline.schema import ImageRequest
 from ..pipeline.storage import Storage
-from .bench import last_bench
 from .plan import check_inputs, plan_resume, served_engine
 from .stages import check_row
 

@@ -94,6 +94,8 @@ def make_runner(unet: Any, backend: str, weights_hash: str, max_batch_size: int 
         raise ValueError(
             f"unet_backend: {backend!r} is not valid; use one of {', '.join(UNET_BACKENDS)}"
         ) from None
+    if kind is UNetBackend.auto:
+        raise ValueError("unet_backend auto is resolved by the engine before a runner is made")
     if kind is UNetBackend.onnxruntime and importlib.util.find_spec("onnxruntime") is None:
         raise RuntimeError(
             "unet_backend onnxruntime: install the onnx extra (pip install 'daguerre[onnx]')"

@@ -25,6 +25,7 @@ class BackendUnavailable(RuntimeError):
 
 
 class UNetBackend(str, Enum):
+    auto = "auto"  # the engine picks (pipeline/bench.py: fastest_unet_backend)
     eager = "eager"
     compile = "compile"
     onnxruntime = "onnxruntime"

@@ -15,6 +15,7 @@ the report carries a note. benchmarks/throughput.py is this same code.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import time
@@ -223,6 +224,42 @@ def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
     return {"results": results, "flops": flops, "peak_flops": peak,
             "notes": mfu_notes(results, peak),
             "device": str(device), "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+
+
+def bench_cache(model: str) -> Path:
+    """Where the last `daguerre bench` result for `model` is kept on this machine."""
+    from ..kernels.unet import cache_root
+
+    return cache_root() / "bench" / f"{Path(model.rstrip('/')).name}.json"
+
+
+def last_bench(model: str) -> dict[str, Any] | None:
+    """The last `daguerre bench` result for `model` on this machine, or None."""
+    try:
+        return json.loads(bench_cache(model).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def fastest_unet_backend(model: str, device: Any) -> tuple[str, str]:
+    """`unet_backend: auto`: (backend, why). On a GPU, the UNet backend with the most
+    images/s in the last `daguerre bench` of this model on this very device (name and
+    all); eager when there is none. On a CPU always eager (a CPU is for tests and demos)."""
+    import torch
+
+    if device.type != "cuda":
+        return "eager", "auto on a CPU is eager"
+    bench = last_bench(model) or {}
+    here = f"cuda: {torch.cuda.get_device_name(device)}"
+    if bench.get("conditions", {}).get("device") != here:
+        return "eager", f"no daguerre bench result for {model} on {here}: eager"
+    measured = [r for r in bench.get("results", []) if r.get("images_per_s")]
+    if not measured:
+        return "eager", f"the last daguerre bench of {model} measured nothing: eager"
+    best = max(measured, key=lambda r: r["images_per_s"])
+    return best["unet_backend"], (f"fastest in the last daguerre bench of {model} on {here} "
+                                  f"({best['images_per_s']:.2f} images/s at batch "
+                                  f"{best['batch_size']})")  # fmt: skip
 
 
 def environment() -> dict[str, Any]:

@@ -69,9 +69,10 @@ class EngineConfig(BaseModel):
         "back to sdpa with a warning. DAGUERRE_ATTENTION_BACKEND overrides it.",
     )
     unet_backend: UNetBackend = Field(
-        UNetBackend.eager,
+        UNetBackend.auto,
         description="How the UNet runs (kernels/compile.py): eager torch, torch.compile, ONNX "
-        "Runtime or TensorRT; compiled graphs are cached under $DAGUERRE_CACHE.",
+        "Runtime or TensorRT; compiled graphs are cached under $DAGUERRE_CACHE. auto: on a GPU "
+        "the fastest in this machine's last `daguerre bench` of the model, else eager.",
     )
     max_batch_size: int = Field(
         8, ge=1, description="Most images denoised together in one UNet call (before CFG doubling)."

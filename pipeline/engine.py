@@ -14,6 +14,7 @@ so the accelerator never waits for I/O.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -33,6 +34,8 @@ from .schema import (
     bucket_key,
 )
 from .tokenizer import TEXT_MAX_LENGTH
+
+logger = logging.getLogger(__name__)
 
 
 def _scheduler(name: str, base_config: dict[str, Any]) -> Any:
@@ -95,8 +98,14 @@ class DiffusionEngine:
             self.model.unet.to(memory_format=torch.channels_last)
             self.model.vae.to(memory_format=torch.channels_last)
         self.attention = install(self.model.unet, self.config.attention_backend, self.device.type)
+        unet_backend = self.config.unet_backend.value
+        if unet_backend == "auto":
+            from .bench import fastest_unet_backend
+
+            unet_backend, why = fastest_unet_backend(self.config.model, self.device)
+            logger.info("unet_backend auto -> %s (%s)", unet_backend, why)
         self.unet = make_runner(
-            self.model.unet, self.config.unet_backend, self.model.weights_hash,
+            self.model.unet, unet_backend, self.model.weights_hash,
             max_batch_size=self.config.max_batch_size,
         )  # fmt: skip
         self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
