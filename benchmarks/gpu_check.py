@@ -10,9 +10,11 @@ spent is recorded as skipped, never silently dropped):
   2. throughput, the fast-starting baseline: `daguerre bench` eager for sd15 512x512 30
      steps and sdxl 1024x1024 20 steps over batch sizes;
   3. attention: benchmarks/attention.py on SD1.5's and SDXL's shapes;
-  4. throughput, the other backends (torch.compile, whose warm-up is measured and
+  4. fast paths: benchmarks/fast_paths.py (step caching, int8/fp8, the hot path) against
+     the default, images/s and mean abs pixel difference on the same seeds;
+  5. throughput, the other backends (torch.compile, whose warm-up is measured and
      reported, the Triton attention kernel, onnxruntime) while time remains.
-Without CUDA the GPU-only tests skip with their reason, and stages 2-4 run small stand-ins
+Without CUDA the GPU-only tests skip with their reason, and stages 2-5 run small stand-ins
 (marked "stand_in") so the machinery itself is exercised: that is what CI runs.
 
     bash benchmarks/gpu_check.sh [--budget 420] [--out DIR]
@@ -47,6 +49,14 @@ OTHERS = [
     ("sdxl torch.compile", "sdxl", "1024x1024", 20, "4", "compile", "sdpa", HOT),
     ("sdxl onnxruntime", "sdxl", "1024x1024", 20, "4", "onnxruntime", "sdpa", ""),
 ]
+FAST_PATHS = [
+    ("sd15 512x512 30 steps", ["--model", "sd15", "--size", "512", "--steps", "30",
+                               "--batch-size", "8", "--intervals", "3"]),
+    ("sdxl 1024x1024 20 steps", ["--model", "sdxl", "--size", "1024", "--steps", "20",
+                                 "--batch-size", "4", "--intervals", "3"]),
+]  # fmt: skip
+STAND_IN_FAST = ("tiny 64x64 6 steps (stand-in)", ["--model", "tiny", "--size", "64", "--steps",
+                                                   "6", "--repeats", "1", "--intervals", "3"])  # fmt: skip
 COMPILE_MODE = "reduce-overhead"  # CUDA graphs without minutes of autotuning: fits the budget
 STAND_IN = {"model": "tiny", "size": "64x64", "steps": 4, "batch_sizes": "1,2"}
 
@@ -164,6 +174,26 @@ def throughput(evidence: Evidence, budget: Budget, cases: list[tuple], cuda: boo
         evidence.add("throughput", item)
 
 
+def fast_paths(evidence: Evidence, budget: Budget, cuda: bool) -> None:
+    """benchmarks/fast_paths.py: step caching, int8/fp8 and the hot path against the
+    default: images/s and the mean abs pixel difference on the same seeds."""
+    cases = FAST_PATHS if cuda else [STAND_IN_FAST]
+    for name, args in cases:
+        if budget.left() <= 0:
+            evidence.add("fast_paths", {"case": name, "skipped": "the budget was spent"})
+            continue
+        path = evidence.path.parent / f"fast_paths_{re.sub(r'[^a-z0-9]+', '_', name)}.json"
+        cmd = [sys.executable, str(BENCHMARKS / "fast_paths.py"), *args, "--json", str(path)]
+        code, output, seconds = run(cmd, budget)
+        item = {"case": name, "exit_code": code, "seconds": round(seconds, 1),
+                "cut_off": code is None, "stand_in": not cuda}  # fmt: skip
+        if path.exists():
+            item["results"] = json.loads(path.read_text())["results"]
+        else:
+            item["output_tail"] = output
+        evidence.add("fast_paths", item)
+
+
 def attention(evidence: Evidence, budget: Budget) -> None:
     path = evidence.path.parent / "attention.json"
     if budget.left() <= 0:
@@ -223,6 +253,7 @@ def main() -> int:
     correctness(evidence, budget)
     throughput(evidence, budget, BASELINE, cuda)
     attention(evidence, budget)
+    fast_paths(evidence, budget, cuda)
     throughput(evidence, budget, OTHERS if cuda else OTHERS[:2], cuda)
     evidence.data["seconds"] = round(time.monotonic() - budget.start, 1)
     evidence.write()

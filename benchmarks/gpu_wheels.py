@@ -17,7 +17,7 @@ import sys
 from importlib import metadata
 
 # What the engine-level check imports (their requirements are followed from here).
-ROOTS = ["diffusers", "transformers", "pydantic", "pyyaml", "fsspec", "matplotlib"]
+ROOTS = ["diffusers", "transformers", "pydantic", "pyyaml", "fsspec", "matplotlib", "torchao"]
 # Installed here with --no-deps (its own requirements would replace torch); only its
 # bundled CLIP vocabulary is used.
 NO_DEPS = ["open_clip_torch"]

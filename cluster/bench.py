@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
                    help="auto: float16 on CUDA, float32 on CPU")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="timed generations per point")
+    p.add_argument("--quantize", default="none", choices=("none", "int8", "fp8"),
+                   help="8-bit UNet (torchao): int8, or fp8 on CUDA compute capability 8.9+")  # fmt: skip
     p.add_argument("--hot-path", default="",
                    help="comma-separated engine hot-path switches to turn on: "
                    "fuse_qkv, channels_last, noise_on_device")  # fmt: skip
@@ -227,6 +229,7 @@ def build_report(args: argparse.Namespace, engine: dict, size_text: str) -> dict
             "attention_backends": args.attention_backends,
             "batch_sizes": args.batch_sizes,
             "hot_path": args.hot_path,
+            "quantize": args.quantize,
             "repeats": args.repeats,
             **environment(),
         },  # fmt: skip

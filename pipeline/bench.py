@@ -201,6 +201,7 @@ def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
         config = EngineConfig(model=args.model, device=str(device), dtype=args.dtype,
                               unet_backend=unet_backend, attention_backend=attention,
                               max_batch_size=batch,
+                              quantize=getattr(args, "quantize", "none"),
                               **dict.fromkeys(getattr(args, "hot_path", []), True))  # fmt: skip
         row: dict[str, Any] = {"unet_backend": unet_backend, "attention_backend": attention,
                                "batch_size": batch}  # fmt: skip
@@ -241,7 +242,9 @@ def last_bench(model: str) -> dict[str, Any] | None:
         return None
 
 
-def fastest_unet_backend(model: str, device: Any) -> tuple[str, str]:
+def fastest_unet_backend(
+    model: str, device: Any, allowed: tuple[str, ...] | None = None
+) -> tuple[str, str]:
     """`unet_backend: auto`: (backend, why). On a GPU, the UNet backend with the most
     images/s in the last `daguerre bench` of this model on this very device (name and
     all); eager when there is none. On a CPU always eager (a CPU is for tests and demos)."""
@@ -253,7 +256,8 @@ def fastest_unet_backend(model: str, device: Any) -> tuple[str, str]:
     here = f"cuda: {torch.cuda.get_device_name(device)}"
     if bench.get("conditions", {}).get("device") != here:
         return "eager", f"no daguerre bench result for {model} on {here}: eager"
-    measured = [r for r in bench.get("results", []) if r.get("images_per_s")]
+    measured = [r for r in bench.get("results", []) if r.get("images_per_s")
+                and (allowed is None or r["unet_backend"] in allowed)]  # fmt: skip
     if not measured:
         return "eager", f"the last daguerre bench of {model} measured nothing: eager"
     best = max(measured, key=lambda r: r["images_per_s"])

@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from ..kernels.attention import AttentionBackend
+from ..kernels.quantize import Quantization
 from ..kernels.unet import UNetBackend
 from .schema import RequestLimits, field_error
 
@@ -85,6 +86,11 @@ class EngineConfig(BaseModel):
     channels_last: bool = Field(
         False, description="Hot path: the UNet and VAE in channels-last memory format."
     )
+    quantize: Quantization = Field(
+        Quantization.none,
+        description="8-bit UNet (kernels/quantize.py, torchao): none, int8 (dynamic, any device) "
+        "or fp8 (CUDA, compute capability 8.9+); with the eager or compile UNet backends.",
+    )
     cache_interval: int = Field(
         3,
         ge=2,
@@ -103,6 +109,14 @@ class EngineConfig(BaseModel):
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads on CPU (set by the engine); default: all cores."
     )
+
+    @model_validator(mode="after")
+    def _check_quantize(self) -> EngineConfig:
+        exported = (UNetBackend.onnxruntime, UNetBackend.tensorrt)
+        if self.quantize is not Quantization.none and self.unet_backend in exported:
+            raise ValueError(f"quantize: {self.quantize.value} runs with the eager, compile or "
+                             f"auto UNet backends, not {self.unet_backend.value}")  # fmt: skip
+        return self
 
 
 HOT_PATH_OPTIONS = ("fuse_qkv", "channels_last", "noise_on_device")  # EngineConfig switches

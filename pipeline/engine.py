@@ -91,18 +91,24 @@ class DiffusionEngine:
         )
         from ..kernels.attention import fuse_qkv, install
         from ..kernels.compile import make_runner
+        from ..kernels.quantize import Quantization, quantize_unet
 
         if self.config.fuse_qkv:
             fuse_qkv(self.model.unet)
         if self.config.channels_last:
             self.model.unet.to(memory_format=torch.channels_last)
             self.model.vae.to(memory_format=torch.channels_last)
+        if self.config.quantize is not Quantization.none:
+            quantize_unet(self.model.unet, self.config.quantize, self.device)
         self.attention = install(self.model.unet, self.config.attention_backend, self.device.type)
         unet_backend = self.config.unet_backend.value
         if unet_backend == "auto":
             from .bench import fastest_unet_backend
 
-            unet_backend, why = fastest_unet_backend(self.config.model, self.device)
+            quantized = self.config.quantize is not Quantization.none
+            unet_backend, why = fastest_unet_backend(
+                self.config.model, self.device, ("eager", "compile") if quantized else None
+            )
             logger.info("unet_backend auto -> %s (%s)", unet_backend, why)
         self.unet = make_runner(
             self.model.unet, unet_backend, self.model.weights_hash,
@@ -127,6 +133,8 @@ class DiffusionEngine:
         hot_path = [name for name in HOT_PATH_OPTIONS if getattr(self.config, name)]
         if hot_path:
             backend["hot_path"] = ",".join(hot_path)
+        if self.config.quantize.value != "none":
+            backend["quantize"] = self.config.quantize.value
         return backend
 
     def bucket_key(self, request: ImageRequest) -> BucketKey:

@@ -22,6 +22,7 @@ import importlib.metadata
 import importlib.resources
 import importlib.util
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,6 +34,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from .config import ConfigError, validate_config
 from .model_files import WEIGHT_SUFFIXES, fetch_model, folder_weights_hash
 from .tokenizer import clip_tokenizer
+
+# Where torchao is installed (engine.quantize), diffusers imports it with every model and it
+# logs five lines that concern neither us nor the user (CUDA-only kernels it cannot load on
+# this machine, torch deprecation notes, a checkpoint-format note): kept to errors only.
+for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 if TYPE_CHECKING:
     from .config import StorageConfig

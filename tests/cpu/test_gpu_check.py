@@ -35,6 +35,9 @@ def test_gpu_check_on_a_cpu_leaves_evidence_for_every_stage(tmp_path):
     ]
     assert all(t["images_per_s"] > 0 and t["stand_in"]["model"] == "tiny" for t in throughput)
     assert result["stages"]["attention"][0]["shapes"]
+    [fast] = result["stages"]["fast_paths"]
+    variants = {r["variant"]: r for r in fast["results"]}
+    assert variants["cached /3"]["images_per_s"] > 0 and "fp8" in variants["fp8"]["skipped"]
     assert path.with_suffix(".png").stat().st_size > 0
 
 
