@@ -159,11 +159,10 @@ def throughput(evidence: Evidence, budget: Budget, cases: list[tuple], cuda: boo
         cmd = [sys.executable, str(BENCHMARKS / "throughput.py"), "--model", model, "--size",
                size, "--steps", str(steps), "--batch-sizes", batches, "--backends", unet,
                "--attention-backends", attention, "--hot-path", hot_path, "--repeats", "3",
-               "--json", str(path)]  # fmt: skip
-        env = {**os.environ, "DAGUERRE_COMPILE_MODE": COMPILE_MODE} if unet == "compile" else None
-        if env:
+               "--compile-mode", COMPILE_MODE, "--json", str(path)]  # fmt: skip
+        if unet == "compile":
             item["compile_mode"] = COMPILE_MODE
-        code, output, seconds = run(cmd, budget, env)
+        code, output, seconds = run(cmd, budget)
         item.update(exit_code=code, seconds=round(seconds, 1), cut_off=code is None)
         if path.exists():
             report = json.loads(path.read_text())

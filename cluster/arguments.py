@@ -69,9 +69,9 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
     from ..kernels.unet import UNET_BACKENDS
 
     p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
-                   help="attention inside the UNet (config default: sdpa)")  # fmt: skip
+                   help="attention inside the UNet (config default: auto)")  # fmt: skip
     p.add_argument("--unet-backend", choices=UNET_BACKENDS,
-                   help="how the UNet runs (config default: eager)")  # fmt: skip
+                   help="how the UNet runs (config default: auto)")  # fmt: skip
 
 
 def _sub(sub: Any, name: str, help: str, description: str, example: str) -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..pipeline.bench import bench_cache, bench_engine, environment, parse_size, plot
-from ..pipeline.config import HOT_PATH_OPTIONS, ConfigError
+from ..pipeline.config import COMPILE_MODES, HOT_PATH_OPTIONS, ConfigError
 
 NOTHING_MEASURED = (
     "no engine-alone point was measured (every backend and batch size was "
@@ -155,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
                    help="auto: float16 on CUDA, float32 on CPU")  # fmt: skip
     p.add_argument("--repeats", type=int, default=3, help="timed generations per point")
+    p.add_argument("--compile-mode", default="auto", choices=COMPILE_MODES,
+                   help="torch.compile's mode for --backends compile")  # fmt: skip
     p.add_argument("--quantize", default="none", choices=("none", "int8", "fp8"),
                    help="8-bit UNet (torchao): int8, or fp8 on CUDA compute capability 8.9+")  # fmt: skip
     p.add_argument("--hot-path", default="",
@@ -230,6 +232,7 @@ def build_report(args: argparse.Namespace, engine: dict, size_text: str) -> dict
             "batch_sizes": args.batch_sizes,
             "hot_path": args.hot_path,
             "quantize": args.quantize,
+            "compile_mode": args.compile_mode,
             "repeats": args.repeats,
             **environment(),
         },  # fmt: skip

@@ -151,8 +151,8 @@ def resolve(requested: str | None, device_type: str) -> AttentionBackend:
         raise ValueError(
             f"attention_backend: {name!r} is not valid; use one of {', '.join(ATTENTION_BACKENDS)}"
         ) from None
-    if backend is AttentionBackend.auto:
-        return backend
+    if backend is AttentionBackend.auto:  # timed per shape on CUDA; elsewhere only sdpa runs
+        return backend if device_type == "cuda" else AttentionBackend.sdpa
     reason = REGISTRY[backend].unavailable(device_type)
     if reason is not None:
         logger.warning("attention backend %s unavailable (%s); using sdpa", backend.value, reason)
@@ -162,6 +162,12 @@ def resolve(requested: str | None, device_type: str) -> AttentionBackend:
 
 class AttentionDispatch:
     """Runs attention on one backend (or, for auto, the fastest per shape, timed once)."""
+
+    def describe(self) -> str:
+        """What runs, for the metadata: the backend, or for auto the backends it chose."""
+        if self.backend is not AttentionBackend.auto:
+            return self.backend.value
+        return f"auto: {'+'.join(sorted(self.calls)) or 'not yet run'}"
 
     def __init__(self, backend: AttentionBackend, device_type: str):
         self.backend = backend

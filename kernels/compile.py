@@ -16,12 +16,9 @@ request bucket), made on first use or ahead of time with `daguerre compile`.
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Any
 
 from .unet import UNET_BACKENDS, UNetBackend, UNetRunner, batch_buckets
-
-COMPILE_MODE_ENV = "DAGUERRE_COMPILE_MODE"  # torch.compile's mode, overriding the default
 
 
 class TorchCompileUNet(UNetRunner):
@@ -30,18 +27,21 @@ class TorchCompileUNet(UNetRunner):
 
     backend = UNetBackend.compile
 
-    def __init__(self, unet: Any, weights_hash: str = "", max_batch_size: int = 1):
+    def __init__(self, unet: Any, weights_hash: str = "", max_batch_size: int = 1,
+                 mode: str = "auto"):  # fmt: skip
         import torch
 
         super().__init__(unet, weights_hash, max_batch_size)
         self.buckets = tuple(2 * b for b in batch_buckets(max_batch_size))  # CFG-doubled
         cuda = next(unet.parameters()).is_cuda
-        # max-autotune on GPU includes CUDA graphs, recorded once per input shape (batch
-        # bucket); on CPU the default mode (autotuning there costs minutes for little).
-        # DAGUERRE_COMPILE_MODE overrides it (e.g. reduce-overhead: CUDA graphs without the
-        # minutes of autotuning, what a time-boxed GPU check can afford).
-        self.mode = os.environ.get(COMPILE_MODE_ENV) or ("max-autotune" if cuda else None)
-        self.compiled = torch.compile(unet, mode=self.mode, dynamic=False)
+        # auto: max-autotune on GPU, which includes CUDA graphs recorded once per input shape
+        # (batch bucket); on CPU the default mode (autotuning there costs minutes for
+        # little). reduce-overhead: CUDA graphs without the minutes of autotuning.
+        if mode == "auto":
+            mode = "max-autotune" if cuda else "default"
+        self.mode = mode
+        self.compiled = torch.compile(unet, mode=None if mode == "default" else mode,
+                                      dynamic=False)  # fmt: skip
 
     def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
         batch = sample.shape[0]
@@ -86,7 +86,8 @@ RUNNERS: dict[UNetBackend, Any] = {
 }
 
 
-def make_runner(unet: Any, backend: str, weights_hash: str, max_batch_size: int = 1) -> UNetRunner:
+def make_runner(unet: Any, backend: str, weights_hash: str, max_batch_size: int = 1,
+                compile_mode: str = "auto") -> UNetRunner:  # fmt: skip
     """The runner for `backend` (a UNetBackend value); errors name the backend and the reason."""
     try:
         kind = UNetBackend(backend)
@@ -100,4 +101,6 @@ def make_runner(unet: Any, backend: str, weights_hash: str, max_batch_size: int 
         raise RuntimeError(
             "unet_backend onnxruntime: install the onnx extra (pip install 'daguerre[onnx]')"
         )
+    if kind is UNetBackend.compile:
+        return TorchCompileUNet(unet, weights_hash, max_batch_size, mode=compile_mode)
     return RUNNERS[kind]()(unet, weights_hash, max_batch_size)

@@ -202,6 +202,7 @@ def bench_engine(args: argparse.Namespace) -> dict[str, Any]:
                               unet_backend=unet_backend, attention_backend=attention,
                               max_batch_size=batch,
                               quantize=getattr(args, "quantize", "none"),
+                              compile_mode=getattr(args, "compile_mode", "auto"),
                               **dict.fromkeys(getattr(args, "hot_path", []), True))  # fmt: skip
         row: dict[str, Any] = {"unet_backend": unet_backend, "attention_backend": attention,
                                "batch_size": batch}  # fmt: skip

@@ -7,7 +7,7 @@ a default. Light to import (no torch, ray or diffusers).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
@@ -50,6 +50,12 @@ class StorageConfig(BaseModel):
     max_attempts: int = Field(5, ge=1, description="Tries per request (botocore retries).")
 
 
+CompileMode = Literal[
+    "auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"
+]  # torch.compile's modes; auto: max-autotune on GPU, default on CPU
+COMPILE_MODES = get_args(CompileMode)
+
+
 class EngineConfig(BaseModel):
     """How one `DiffusionEngine` runs its model."""
 
@@ -65,15 +71,21 @@ class EngineConfig(BaseModel):
         "auto", description="'auto' is float16 on CUDA and float32 on CPU."
     )
     attention_backend: AttentionBackend = Field(
-        AttentionBackend.sdpa,
+        AttentionBackend.auto,
         description="Attention inside the UNet (kernels/attention.py); an unavailable one falls "
-        "back to sdpa with a warning. DAGUERRE_ATTENTION_BACKEND overrides it.",
+        "back to sdpa with a warning. auto: on CUDA the fastest per shape (timed once), "
+        "elsewhere sdpa. DAGUERRE_ATTENTION_BACKEND overrides it.",
     )
     unet_backend: UNetBackend = Field(
         UNetBackend.auto,
         description="How the UNet runs (kernels/compile.py): eager torch, torch.compile, ONNX "
         "Runtime or TensorRT; compiled graphs are cached under $DAGUERRE_CACHE. auto: on a GPU "
         "the fastest in this machine's last `daguerre bench` of the model, else eager.",
+    )
+    compile_mode: CompileMode = Field(
+        "auto",
+        description="unet_backend compile: torch.compile's mode. auto: max-autotune (with CUDA "
+        "graphs) on GPU, default on CPU; reduce-overhead: CUDA graphs without autotuning.",
     )
     max_batch_size: int = Field(
         8, ge=1, description="Most images denoised together in one UNet call (before CFG doubling)."

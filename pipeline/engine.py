@@ -112,7 +112,7 @@ class DiffusionEngine:
             logger.info("unet_backend auto -> %s (%s)", unet_backend, why)
         self.unet = make_runner(
             self.model.unet, unet_backend, self.model.weights_hash,
-            max_batch_size=self.config.max_batch_size,
+            max_batch_size=self.config.max_batch_size, compile_mode=self.config.compile_mode,
         )  # fmt: skip
         self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
             OrderedDict()
@@ -127,7 +127,7 @@ class DiffusionEngine:
         backend = {
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "attention": self.attention.backend.value,
+            "attention": self.attention.describe(),
             "unet": self.unet.backend.value,
         }
         hot_path = [name for name in HOT_PATH_OPTIONS if getattr(self.config, name)]

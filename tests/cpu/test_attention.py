@@ -152,13 +152,17 @@ def test_platform_patched_to_cuda(monkeypatch):
         dispatch(q, q, q)
     assert [shape for shape, _ in timed] == [(1, 2, 8, 16), (1, 2, 32, 16)]  # once per shape
     assert dispatch.calls == {"sdpa": 4}
+    assert dispatch.describe() == "auto: sdpa"  # what the metadata records: what it chose
+    assert resolve("auto", "cuda") is AttentionBackend.auto
 
 
-def test_auto_on_cpu_is_sdpa():
+def test_auto_on_cpu_is_sdpa(monkeypatch):
     dispatch = AttentionDispatch(AttentionBackend.auto, "cpu")
     q = torch.randn(1, 1, 4, 16)
     dispatch(q, q, q)
     assert dispatch.calls == {"sdpa": 1} and not dispatch.choice
+    monkeypatch.delenv(attn.ENV_VAR, raising=False)
+    assert resolve("auto", "cpu") is AttentionBackend.sdpa  # so the metadata says sdpa
 
 
 # -- inside the UNet ---------------------------------------------------------------------------

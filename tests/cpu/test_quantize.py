@@ -3,6 +3,8 @@ unquantized images and batch-independent; fp8 and exported backends are refused 
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,11 @@ from daguerre.pipeline.config import ConfigError, EngineConfig, validate_config
 from daguerre.pipeline.engine import DiffusionEngine
 from daguerre.pipeline.schema import ImageRequest
 
-pytest.importorskip("torchao")
+# Not importorskip: importing torchao at collection would set Triton up before the kernel
+# tests' interpreter (tests/cpu/test_attention.py) is on.
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("torchao") is None, reason="torchao is not installed"
+)
 
 
 def req(i: int) -> ImageRequest:

@@ -48,16 +48,16 @@ def test_fp16_images_are_sane_and_do_not_depend_on_batch_mates(preset_engine):
 
 
 @pytest.mark.parametrize("backend", ["compile", "onnxruntime", "tensorrt"])
-def test_unet_backends_agree_with_eager(backend, monkeypatch):
+def test_unet_backends_agree_with_eager(backend):
     if backend == "tensorrt" and importlib.util.find_spec("tensorrt") is None:
         pytest.skip("tensorrt is not installed on this machine")
     if backend == "onnxruntime" and "CUDAExecutionProvider" not in _ort_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider here")
-    monkeypatch.setenv("DAGUERRE_COMPILE_MODE", "reduce-overhead")  # minutes less to compile
     requests = _requests(2)
     config = dict(model="small", device="cuda", max_batch_size=2)
     eager = DiffusionEngine(EngineConfig(**config)).generate(requests)
-    other = DiffusionEngine(EngineConfig(**config, unet_backend=backend)).generate(requests)
+    other = DiffusionEngine(EngineConfig(**config, unet_backend=backend,
+                                         compile_mode="reduce-overhead")).generate(requests)  # fmt: skip
     for a, b in zip(eager, other, strict=True):
         assert np.abs(a.image.astype(int) - b.image.astype(int)).max() <= 2
 
