@@ -159,6 +159,18 @@ def test_url_response_writes_image_and_metadata(server):
     assert row["uri"] == (server["out"] / "images" / f"{image_id}.png").as_uri()
     assert dict(row["metadata"]) == {"user": "user-42"} and row["model"] == "tiny"
     assert row["timings"]["denoise_s"] > 0 and row["timings"]["encode_png_s"] > 0
+    assert row["speed"] == "exact"
+
+
+def test_the_cached_speed_tier_is_asked_for_and_recorded(server):
+    resp = client(server["url"]).images.generate(
+        prompt="a lighthouse", response_format="url", size="64x64",
+        extra_body={"steps": 4, "speed": "cached"},
+    )  # fmt: skip
+    image_id = resp.data[0].model_extra["id"]
+    table = pads.dataset(server["out"] / "metadata", format="parquet").to_table()
+    [row] = [r for r in table.to_pylist() if r["id"] == image_id]
+    assert row["speed"] == "cached"
 
 
 def test_online_image_equals_batch_job_image(server, tmp_path):
@@ -268,6 +280,7 @@ BAD_REQUESTS = {
     "prompt too long": ({"prompt": "x" * 2001}, 400, "prompt", "at most 2000"),
     "steps too many": ({"prompt": "a cat", "steps": 151}, 400, "steps", "steps <= 150"),
     "bad scheduler": ({"prompt": "a cat", "scheduler": "plms"}, 400, "scheduler", "one of"),
+    "bad speed": ({"prompt": "a cat", "speed": "turbo"}, 400, "speed", "exact"),
     "bad response_format": ({"prompt": "a cat", "response_format": "jpg"}, 400, "response_format", "b64_json"),
     "unknown model": ({"prompt": "a cat", "model": "dall-e-3"}, 404, "model", "not served here"),
 }  # fmt: skip
