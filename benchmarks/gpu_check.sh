@@ -23,6 +23,12 @@ if ! (cd / && "$python" -c "import daguerre.pipeline.engine") 2>/dev/null; then
   "$python" -m pip install -q --disable-pip-version-check --no-deps --no-index \
     --target "$target" "$root"/.whl/*.whl
   export PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
+  # diffusers imports torchao wherever it is installed: one that does not import with this
+  # machine's torch would stop every model, so it goes, and the 8-bit cases skip.
+  if ! (cd / && "$python" -c "import torchao") >/dev/null 2>&1; then
+    echo "gpu_check: torchao does not import with this torch; removed, the 8-bit cases will skip"
+    rm -rf "$target"/torchao "$target"/torchao-*.dist-info
+  fi
 fi
 export HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled
 # the checkout's commit for the evidence (a copy without .git: pass DAGUERRE_GIT_COMMIT)
