@@ -40,10 +40,19 @@ def write_result(
     result: dict, json_path: Any, plot: Callable[[dict, Any], None], plot_path: Any = None
 ) -> None:
     """Write `result` as JSON and its plot (default: the JSON's name with .png)."""
-    import json
-
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(json_path, result)
     plot_path = plot_path or json_path.with_suffix(".png")
     plot(result, plot_path)
     print(f"wrote {json_path} and {plot_path}")
+
+
+def write_json(path: Any, data: dict) -> None:
+    """Write `data` as JSON atomically (a reader never sees half a file)."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from _common import environment, time_call, write_result
+from _common import environment, time_call, write_json, write_result
 
 
 def requests(args: argparse.Namespace, speed: str) -> list:
@@ -43,8 +43,9 @@ def measure(args: argparse.Namespace) -> dict:
     from daguerre.pipeline.engine import DiffusionEngine, resolve_device, resolve_dtype
     from daguerre.pipeline.models import load_model
 
+    # pinned, so every variant differs from the baseline in what it names only
     base = {"model": args.model, "device": args.device, "max_batch_size": args.batch_size,
-            "torch_threads": args.threads}  # fmt: skip
+            "torch_threads": args.threads, "unet_backend": "eager", "attention_backend": "sdpa"}  # fmt: skip
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
     # One model build (minutes for sdxl on a CPU); variants that change it get a copy.
@@ -61,6 +62,7 @@ def measure(args: argparse.Namespace) -> dict:
         reason = unavailable(quantize, resolve_device(args.device))
         if reason:
             rows.append({"variant": label, "skipped": reason})
+            write_json(args.json, {"results": rows, "partial": True})
             print(f"{label}: skipped ({reason})")
             continue
         changes_model = set(changes) - {"cache_interval"}
@@ -74,6 +76,7 @@ def measure(args: argparse.Namespace) -> dict:
                         for a, b in zip(default_images, images, strict=True)])  # fmt: skip
         rows.append({"variant": label, "images_per_s": args.batch_size / seconds,
                      "speedup": default_s / seconds, "mean_abs_pixel_diff": float(diff)})  # fmt: skip
+        write_json(args.json, {"results": rows, "partial": True})  # kept if cut off later
         print(
             f"{label}: {default_s / seconds:.2f}x the default, mean abs pixel difference "
             f"{diff:.2f} levels"

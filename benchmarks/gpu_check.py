@@ -80,11 +80,22 @@ class Evidence:
 
 
 class Budget:
+    """Seconds left; counted from when gpu_check.sh started (wheel install included)."""
+
     def __init__(self, seconds: float):
-        self.seconds, self.start = seconds, time.monotonic()
+        started = float(os.environ.get("GPU_CHECK_STARTED") or time.time())
+        self.seconds, self.start = seconds, time.monotonic() - max(time.time() - started, 0)
 
     def left(self) -> float:
         return self.seconds - (time.monotonic() - self.start)
+
+
+def read_json(path: Path) -> dict | None:
+    """A case's JSON, or None where it wrote none (or was cut off while writing)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def header(args: argparse.Namespace) -> dict:
@@ -129,17 +140,19 @@ def _text(data: bytes | str | None) -> str:
 
 def correctness(evidence: Evidence, budget: Budget) -> None:
     """pytest over the GPU tests and the kernels' numerics; each outcome lands as it ends."""
-    env = {**os.environ, "GPU_CHECK_JSON": str(evidence.path),
-           "PYTHONPATH": os.pathsep.join([str(BENCHMARKS), os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    # no empty entry: it would put the working directory (and the repository's daguerre/
+    # folder, which is not the package) on sys.path
+    paths = [str(BENCHMARKS), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "GPU_CHECK_JSON": str(evidence.path), "PYTHONPATH": os.pathsep.join(paths)}
     cmd = [sys.executable, "-P", "-m", "pytest", "-q", "-p", "gpu_check_plugin", "-p",
            "no:cacheprovider", "tests/gpu", "tests/cpu/test_attention.py"]  # fmt: skip
     code, output, seconds = run(cmd, budget, env)
-    evidence.data = json.loads(evidence.path.read_text())  # the plugin added the tests
+    evidence.data = read_json(evidence.path) or evidence.data  # the plugin added the tests
     summary = re.findall(r"^[= ]*(\d+ (?:passed|failed|skipped|error).*?) in [\d.]+s", output, re.M)
     evidence.add("correctness_summary", {"exit_code": code, "seconds": round(seconds, 1),
                                          "summary": summary[-1] if summary else None,
                                          "cut_off": code is None,
-                                         **({"output_tail": output} if code else {})})  # fmt: skip
+                                         **({"output_tail": output} if code != 0 else {})})  # fmt: skip
 
 
 def throughput(evidence: Evidence, budget: Budget, cases: list[tuple], cuda: bool) -> None:
@@ -164,8 +177,8 @@ def throughput(evidence: Evidence, budget: Budget, cases: list[tuple], cuda: boo
             item["compile_mode"] = COMPILE_MODE
         code, output, seconds = run(cmd, budget)
         item.update(exit_code=code, seconds=round(seconds, 1), cut_off=code is None)
-        if path.exists():
-            report = json.loads(path.read_text())
+        report = read_json(path)
+        if report is not None:
             item.update(images_per_s=report.get("images_per_s"), mfu=report.get("mfu"),
                         results=report.get("results"), notes=report.get("notes"))  # fmt: skip
         else:
@@ -186,8 +199,9 @@ def fast_paths(evidence: Evidence, budget: Budget, cuda: bool) -> None:
         code, output, seconds = run(cmd, budget)
         item = {"case": name, "exit_code": code, "seconds": round(seconds, 1),
                 "cut_off": code is None, "stand_in": not cuda}  # fmt: skip
-        if path.exists():
-            item["results"] = json.loads(path.read_text())["results"]
+        partial = read_json(path)
+        if partial is not None:
+            item["results"] = partial.get("results")
         else:
             item["output_tail"] = output
         evidence.add("fast_paths", item)
@@ -201,8 +215,9 @@ def attention(evidence: Evidence, budget: Budget) -> None:
     cmd = [sys.executable, str(BENCHMARKS / "attention.py"), "--json", str(path)]
     code, output, seconds = run(cmd, budget)
     item = {"exit_code": code, "seconds": round(seconds, 1), "cut_off": code is None}
-    if path.exists():
-        item.update(json.loads(path.read_text()))
+    report = read_json(path)
+    if report is not None:
+        item.update(report)
     else:
         item["output_tail"] = output
     evidence.add("attention", item)

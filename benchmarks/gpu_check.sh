@@ -7,6 +7,7 @@
 # (a checkout after `make install-dev`, any GPU box with the project installed) it uses that.
 # Results: $OUT (the device tool's folder that comes back) or benchmarks/results/gpu/.
 set -euo pipefail
+export GPU_CHECK_STARTED=${GPU_CHECK_STARTED:-$(date +%s)}  # the budget counts from here
 root=$(cd "$(dirname "$0")/.." && pwd)
 python=${PYTHON:-}
 if [ -z "$python" ]; then
@@ -20,7 +21,7 @@ if ! (cd / && "$python" -c "import daguerre.pipeline.engine") 2>/dev/null; then
   fi
   target=$(mktemp -d /tmp/daguerre-gpu-check.XXXXXX)
   echo "gpu_check: installing $(ls "$root"/.whl/*.whl | wc -l) wheels into $target (--no-deps)"
-  "$python" -m pip install -q --disable-pip-version-check --no-deps --no-index \
+  "$python" -m pip install -q --disable-pip-version-check --no-deps --no-index --no-compile \
     --target "$target" "$root"/.whl/*.whl
   export PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}"
   # diffusers imports torchao wherever it is installed: one that does not import with this
@@ -31,6 +32,9 @@ if ! (cd / && "$python" -c "import daguerre.pipeline.engine") 2>/dev/null; then
   fi
 fi
 export HF_HUB_OFFLINE=1 RAY_AUTH_MODE=disabled
+# A cache of its own: compiled graphs and bench results of an earlier run on this machine
+# must not change this run's baseline (unet_backend auto reads the last bench result).
+export DAGUERRE_CACHE=${GPU_CHECK_CACHE:-$(mktemp -d /tmp/daguerre-gpu-cache.XXXXXX)}
 # the checkout's commit for the evidence (a copy without .git: pass DAGUERRE_GIT_COMMIT)
 commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || true)
 export DAGUERRE_GIT_COMMIT=${DAGUERRE_GIT_COMMIT:-$commit}

@@ -197,12 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                         if "note" in report[f"through_{k}"]]  # fmt: skip
     print_report(report)
     text = json.dumps(report, indent=2, default=str) + "\n"
-    cached = bench_cache(args.model)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text)
+    for path in [bench_cache(args.model), *([args.json] if args.json else [])]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")  # atomic: a reader never sees half a report
+        tmp.write_text(text)
+        tmp.replace(path)
     if args.plot or args.json:
         plot(report, args.plot or args.json.with_suffix(".png"))
     return 0

@@ -82,6 +82,7 @@ class EngineScheduler:
         self.run_batch, self.bucket_key = run_batch, bucket_key
         self.online_fill_slack, self.clock = online_fill_slack, clock
         self.batch_seconds: dict[tuple[Any, int], float] = {}  # (bucket, images) -> seconds
+        self.timings_seen: dict[tuple[Any, int], int] = {}
         self.max_batch_size, self.batch_wait_timeout_s = max_batch_size, batch_wait_timeout_s
         self.max_failures, self.stuck_after_s = max_failures, stuck_after_s
         self.waiting: dict[str, collections.deque[_Waiting]] = {
@@ -241,11 +242,13 @@ class EngineScheduler:
         return s0 + (s1 - s0) * (images - n0) / (n1 - n0)
 
     def _timed(self, key: Any, images: int, seconds: float) -> None:
-        """Learn an engine call's cost (a moving average per bucket and batch size)."""
-        known = self.batch_seconds.get((key, images))
-        self.batch_seconds[(key, images)] = (
-            seconds if known is None else 0.7 * known + 0.3 * seconds
-        )
+        """Learn an engine call's cost: a moving average per bucket and batch size, whose
+        first sample (a cold call: kernel timing, compilation, graph capture) the second
+        replaces."""
+        slot = (key, images)
+        seen = self.timings_seen[slot] = self.timings_seen.get(slot, 0) + 1
+        known = self.batch_seconds.get(slot)
+        self.batch_seconds[slot] = seconds if seen <= 2 else 0.7 * known + 0.3 * seconds
 
     async def _run(self, batch: list[_Waiting]) -> None:
         self.running, self.running_since = len(batch), time.monotonic()

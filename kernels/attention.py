@@ -167,32 +167,52 @@ class AttentionDispatch:
         """What runs, for the metadata: the backend, or for auto the backends it chose."""
         if self.backend is not AttentionBackend.auto:
             return self.backend.value
-        return f"auto: {'+'.join(sorted(self.calls)) or 'not yet run'}"
+        # eager calls, and the choices a traced graph used (no choice made: sdpa there)
+        ran = set(self.calls) | {c.value for c in self.choice.values()}
+        return f"auto: {'+'.join(sorted(ran)) or 'sdpa'}"
 
     def __init__(self, backend: AttentionBackend, device_type: str):
         self.backend = backend
         self.device_type = device_type
         self.choice: dict[tuple, AttentionBackend] = {}  # auto: shape -> fastest backend
-        self.calls: dict[str, int] = {}  # backend that actually ran -> calls
+        self.calls: dict[str, int] = {}  # backend that actually ran -> calls (eager only)
 
     def __call__(self, q: Any, k: Any, v: Any) -> Any:
+        import torch
+
+        tracing = torch.compiler.is_compiling()  # torch.compile, or a dynamo ONNX export
         backend = self.backend
         if backend is AttentionBackend.auto:
-            backend = self._auto(q, k, v)
+            backend = self._auto(q, k, v, tracing)
         spec = REGISTRY[backend]
         if backend is not AttentionBackend.sdpa and spec.unsupported(q, k, v) is not None:
             spec = REGISTRY[AttentionBackend.sdpa]
-        self.calls[spec.name.value] = self.calls.get(spec.name.value, 0) + 1
+        if not tracing:  # state changed inside a graph fails its guards: a recompile a call
+            self.calls[spec.name.value] = self.calls.get(spec.name.value, 0) + 1
         return spec.run(q, k, v)
 
-    def _auto(self, q: Any, k: Any, v: Any) -> AttentionBackend:
+    def _auto(self, q: Any, k: Any, v: Any, tracing: bool = False) -> AttentionBackend:
+        """The fastest backend for this shape, timed once (eagerly). Keyed without the batch
+        size, so an image runs on the same kernels alone and in a batch; inside a graph
+        being traced only a choice already made (else sdpa) is used, nothing is timed."""
         if self.device_type != "cuda":
             return AttentionBackend.sdpa
-        key = (tuple(q.shape), tuple(k.shape), q.dtype)
+        if tracing:
+            try:
+                return self.choice.get(self._key(q, k), AttentionBackend.sdpa)
+            except TypeError:  # a symbolic dim beyond the batch: nothing to look up
+                return AttentionBackend.sdpa
+        key = self._key(q, k)
         if key not in self.choice:
             self.choice[key] = fastest(q, k, v, available_backends("cuda"))
             logger.info("attention auto: %s -> %s", key, self.choice[key].value)
         return self.choice[key]
+
+    @staticmethod
+    def _key(q: Any, k: Any) -> tuple:
+        """(heads, query len, head dim, key len, dtype): the batch (dynamic in exported
+        graphs) left out, so an image runs on the same kernels alone and in a batch."""
+        return (*(int(d) for d in q.shape[1:]), int(k.shape[2]), str(q.dtype))
 
 
 def fastest(q: Any, k: Any, v: Any, candidates: list[AttentionBackend], repeats: int = 5):

@@ -107,6 +107,14 @@ class OnnxRuntimeUNet(UNetRunner):
                 "unet_backend onnxruntime: bfloat16 has no ONNX Runtime kernels for the UNet; "
                 "use dtype float16 or float32 (or another unet_backend)"
             )
+        if self.device.type == "cuda":
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise BackendUnavailable(
+                    "unet_backend onnxruntime: this onnxruntime has no CUDAExecutionProvider "
+                    "(install onnxruntime-gpu), so it cannot run a CUDA UNet"
+                )
         self.sessions: dict[UNetSignature, Any] = {}
 
     def prepare(self, latent_height, latent_width, text_len, time_ids=None) -> list[Path]:

@@ -201,3 +201,32 @@ def test_engine_records_the_backend_that_runs(monkeypatch):
     monkeypatch.delenv(attn.ENV_VAR, raising=False)
     engine = DiffusionEngine(EngineConfig(model="tiny", device="cpu", attention_backend="xformers"))
     assert engine.backend["attention"] == "sdpa"  # xformers has no CPU kernels: fell back
+
+
+def test_the_dispatch_compiles_once_and_auto_ignores_the_batch(monkeypatch):
+    """Inside torch.compile the dispatch keeps no per-call counter (it would fail the graph's
+    guards and recompile on every call); auto's choice is keyed without the batch size, so
+    an image runs on the same kernels alone and in a batch."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    dispatch = AttentionDispatch(AttentionBackend.sdpa, "cpu")
+    compiled = torch.compile(lambda q: dispatch(q, q, q), backend="eager", dynamic=False)
+    q = torch.randn(1, 2, 8, 16)
+    compiled(q)
+    first = counters["stats"]["unique_graphs"]
+    for _ in range(3):
+        compiled(q)
+    assert counters["stats"]["unique_graphs"] == first  # no recompiles
+    assert dispatch.calls == {} and dispatch.describe() == "sdpa"
+    timed = []
+    monkeypatch.setattr(
+        attn, "fastest", lambda q, *_: timed.append(q.shape) or AttentionBackend.sdpa
+    )
+    auto = AttentionDispatch(AttentionBackend.auto, "cuda")
+    for batch in (1, 8, 2):
+        x = torch.randn(batch, 2, 8, 16)
+        auto(x, x, x)
+    assert len(timed) == 1

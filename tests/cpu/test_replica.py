@@ -239,3 +239,35 @@ def test_an_unmeasured_online_batch_runs_alone_once_to_learn_its_cost():
 
     calls = asyncio.run(main())
     assert calls[1] == ["r20"]  # nothing known of one image's cost yet: alone, once
+
+
+def test_a_cold_first_call_does_not_decide_the_fill():
+    """The first engine call of a size is cold (kernel timing, compilation): its time is
+    replaced by the second's, so a slow start does not keep batches from filling."""
+    from daguerre.cluster.replica import BATCH
+
+    seen: set[int] = set()
+
+    def cost(n: int) -> float:
+        cold = n not in seen
+        seen.add(n)
+        return 10.0 if cold else 1.0 + 0.02 * n
+
+    async def main():
+        engine = TimedEngine(cost)
+        s = EngineScheduler(engine.run, lambda r: r.steps, max_batch_size=4, clock=engine.clock)
+        for _ in range(2):
+            await s.generate([request(0)])
+            await s.generate([request(i) for i in range(1, 5)], BATCH)
+        engine.calls.clear()
+        engine.gate.clear()
+        running = asyncio.create_task(s.generate([request(5)], BATCH))
+        await until(lambda: engine.calls, "the running batch")
+        jobs = [asyncio.create_task(s.generate([request(i)], BATCH)) for i in range(6, 12)]
+        online = asyncio.create_task(s.generate([request(20)]))
+        await until(lambda: s.stats()["pending"] == 7, "seven waiting")
+        engine.gate.set()
+        await asyncio.gather(running, online, *jobs)
+        return engine.calls
+
+    assert asyncio.run(main())[1] == ["r20", "r6", "r7", "r8"]

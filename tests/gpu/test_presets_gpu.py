@@ -23,7 +23,8 @@ STEPS = 4  # enough to run every part of the loop; the speed is benchmarks' busi
 
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
 def preset_engine(request):
-    engine = DiffusionEngine(EngineConfig(model=request.param, device="cuda", max_batch_size=8))
+    engine = DiffusionEngine(EngineConfig(model=request.param, device="cuda", max_batch_size=8,
+                                          attention_backend="sdpa", unet_backend="eager"))  # fmt: skip
     yield engine
     del engine
     torch.cuda.empty_cache()
@@ -54,7 +55,7 @@ def test_unet_backends_agree_with_eager(backend):
     if backend == "onnxruntime" and "CUDAExecutionProvider" not in _ort_providers():
         pytest.skip("onnxruntime has no CUDAExecutionProvider here")
     requests = _requests(2)
-    config = dict(model="small", device="cuda", max_batch_size=2)
+    config = dict(model="small", device="cuda", max_batch_size=2, attention_backend="sdpa")
     eager = DiffusionEngine(EngineConfig(**config)).generate(requests)
     other = DiffusionEngine(EngineConfig(**config, unet_backend=backend,
                                          compile_mode="reduce-overhead")).generate(requests)  # fmt: skip
@@ -74,7 +75,8 @@ def test_hot_path_keeps_the_images_and_noise_on_device_stays_per_request():
     """fuse_qkv + channels_last give eager's images (fp16: within 2/255); noise_on_device
     gives other images for a seed, but the same alone and in a batch (within 1/255)."""
     requests = _requests(4)
-    config = dict(model="small", device="cuda", max_batch_size=4)
+    config = dict(model="small", device="cuda", max_batch_size=4, attention_backend="sdpa",
+                  unet_backend="eager")  # fmt: skip
     default = DiffusionEngine(EngineConfig(**config)).generate(requests)
     fast = DiffusionEngine(EngineConfig(**config, fuse_qkv=True, channels_last=True))
     for a, b in zip(default, fast.generate(requests), strict=True):
