@@ -269,6 +269,11 @@ def main() -> int:
     attention(evidence, budget)
     fast_paths(evidence, budget, cuda)
     throughput(evidence, budget, OTHERS if cuda else OTHERS[:2], cuda)
+    if not cuda:  # recorded, never silently dropped
+        for case in OTHERS[2:]:
+            evidence.add(
+                "throughput", {"case": case[0], "skipped": "needs a CUDA GPU (no stand-in)"}
+            )
     evidence.data["seconds"] = round(time.monotonic() - budget.start, 1)
     evidence.write()
     plot(evidence)

@@ -255,8 +255,14 @@ def fastest_unet_backend(
         return "eager", "auto on a CPU is eager"
     bench = last_bench(model) or {}
     here = f"cuda: {torch.cuda.get_device_name(device)}"
-    if bench.get("conditions", {}).get("device") != here:
+    conditions = bench.get("conditions", {})
+    if conditions.get("device") != here:
         return "eager", f"no daguerre bench result for {model} on {here}: eager"
+    if conditions.get("quantize", "none") != "none" or conditions.get("hot_path"):
+        return (
+            "eager",
+            f"the last daguerre bench of {model} ran a quantized or hot-path UNet: eager",
+        )
     measured = [r for r in bench.get("results", []) if r.get("images_per_s")
                 and (allowed is None or r["unet_backend"] in allowed)]  # fmt: skip
     if not measured:

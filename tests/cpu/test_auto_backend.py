@@ -12,10 +12,10 @@ from daguerre.pipeline.bench import bench_cache, fastest_unet_backend
 CUDA = types.SimpleNamespace(type="cuda")
 
 
-def _bench(model: str, device: str, rows: list[dict]) -> None:
+def _bench(model: str, device: str, rows: list[dict], **conditions) -> None:
     path = bench_cache(model)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"conditions": {"device": device}, "results": rows}))
+    path.write_text(json.dumps({"conditions": {"device": device, **conditions}, "results": rows}))
 
 
 def test_on_a_cpu_auto_is_eager(tiny_engine):
@@ -37,3 +37,5 @@ def test_on_a_gpu_auto_takes_the_fastest_this_gpu_measured(monkeypatch, tmp_path
     _bench("sd15", "cuda: NVIDIA H200", rows)
     backend, why = fastest_unet_backend("sd15", CUDA)
     assert backend == "compile" and "14.00 images/s" in why
+    _bench("sd15", "cuda: NVIDIA H200", rows, quantize="int8")
+    assert fastest_unet_backend("sd15", CUDA)[0] == "eager"  # not the default engine's numbers
