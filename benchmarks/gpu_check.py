@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import write_json
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
 
@@ -73,10 +75,7 @@ class Evidence:
         self.write()
 
     def write(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
-        tmp.replace(self.path)
+        write_json(self.path, self.data)
 
 
 class Budget:
@@ -155,6 +154,20 @@ def correctness(evidence: Evidence, budget: Budget) -> None:
                                          **({"output_tail": output} if code != 0 else {})})  # fmt: skip
 
 
+def case(evidence: Evidence, budget: Budget, stage: str, item: dict, cmd: list[str],
+         path: Path, keep) -> None:  # fmt: skip
+    """One case into `stage`: skipped once the budget is spent; else its exit code and time,
+    and what `keep` takes from the JSON it wrote (its output's tail where it wrote none)."""
+    if budget.left() <= 0:
+        evidence.add(stage, {**item, "skipped": "the budget was spent"})
+        return
+    code, output, seconds = run(cmd, budget)
+    item.update(exit_code=code, seconds=round(seconds, 1), cut_off=code is None)
+    report = read_json(path)
+    item.update(keep(report) if report is not None else {"output_tail": output})
+    evidence.add(stage, item)
+
+
 def throughput(evidence: Evidence, budget: Budget, cases: list[tuple], cuda: bool) -> None:
     """One `daguerre bench` process per case, so each result lands as it ends."""
     out = evidence.path.parent / "throughput"
@@ -165,62 +178,31 @@ def throughput(evidence: Evidence, budget: Budget, cases: list[tuple], cuda: boo
             model, size, steps, batches = (STAND_IN[k] for k in ("model", "size", "steps",
                                                                  "batch_sizes"))  # fmt: skip
             item.update(stand_in=STAND_IN)
-        if budget.left() <= 0:
-            evidence.add("throughput", {**item, "skipped": "the budget was spent"})
-            continue
+        if unet == "compile":
+            item["compile_mode"] = COMPILE_MODE
         path = out / f"{re.sub(r'[^a-z0-9]+', '_', name)}.json"
         cmd = [sys.executable, str(BENCHMARKS / "throughput.py"), "--model", model, "--size",
                size, "--steps", str(steps), "--batch-sizes", batches, "--backends", unet,
                "--attention-backends", attention, "--hot-path", hot_path, "--repeats", "3",
                "--compile-mode", COMPILE_MODE, "--json", str(path)]  # fmt: skip
-        if unet == "compile":
-            item["compile_mode"] = COMPILE_MODE
-        code, output, seconds = run(cmd, budget)
-        item.update(exit_code=code, seconds=round(seconds, 1), cut_off=code is None)
-        report = read_json(path)
-        if report is not None:
-            item.update(images_per_s=report.get("images_per_s"), mfu=report.get("mfu"),
-                        results=report.get("results"), notes=report.get("notes"))  # fmt: skip
-        else:
-            item["output_tail"] = output
-        evidence.add("throughput", item)
+        case(evidence, budget, "throughput", item, cmd, path,
+             lambda r: {k: r.get(k) for k in ("images_per_s", "mfu", "results", "notes")})  # fmt: skip
 
 
 def fast_paths(evidence: Evidence, budget: Budget, cuda: bool) -> None:
     """benchmarks/fast_paths.py: step caching, int8/fp8 and the hot path against the
     default: images/s and the mean abs pixel difference on the same seeds."""
-    cases = FAST_PATHS if cuda else [STAND_IN_FAST]
-    for name, args in cases:
-        if budget.left() <= 0:
-            evidence.add("fast_paths", {"case": name, "skipped": "the budget was spent"})
-            continue
+    for name, args in FAST_PATHS if cuda else [STAND_IN_FAST]:
         path = evidence.path.parent / f"fast_paths_{re.sub(r'[^a-z0-9]+', '_', name)}.json"
         cmd = [sys.executable, str(BENCHMARKS / "fast_paths.py"), *args, "--json", str(path)]
-        code, output, seconds = run(cmd, budget)
-        item = {"case": name, "exit_code": code, "seconds": round(seconds, 1),
-                "cut_off": code is None, "stand_in": not cuda}  # fmt: skip
-        partial = read_json(path)
-        if partial is not None:
-            item["results"] = partial.get("results")
-        else:
-            item["output_tail"] = output
-        evidence.add("fast_paths", item)
+        case(evidence, budget, "fast_paths", {"case": name, "stand_in": not cuda}, cmd, path,
+             lambda r: {"results": r.get("results")})  # fmt: skip
 
 
 def attention(evidence: Evidence, budget: Budget) -> None:
     path = evidence.path.parent / "attention.json"
-    if budget.left() <= 0:
-        evidence.add("attention", {"skipped": "the budget was spent"})
-        return
     cmd = [sys.executable, str(BENCHMARKS / "attention.py"), "--json", str(path)]
-    code, output, seconds = run(cmd, budget)
-    item = {"exit_code": code, "seconds": round(seconds, 1), "cut_off": code is None}
-    report = read_json(path)
-    if report is not None:
-        item.update(report)
-    else:
-        item["output_tail"] = output
-    evidence.add("attention", item)
+    case(evidence, budget, "attention", {}, cmd, path, lambda r: r)
 
 
 def plot(evidence: Evidence) -> None:

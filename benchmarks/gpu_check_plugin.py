@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from _common import write_json
+
 
 def pytest_runtest_logreport(report) -> None:
     if not _finished(report):
@@ -21,9 +23,7 @@ def pytest_runtest_logreport(report) -> None:
     path = Path(os.environ["GPU_CHECK_JSON"])
     data = json.loads(path.read_text())
     data["stages"].setdefault("correctness", []).append(item)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_json(path, data)
 
 
 def _finished(report) -> bool:

@@ -231,10 +231,8 @@ class EngineScheduler:
         scheduler has timed: measured, interpolated, or (above the largest measured size)
         grown in proportion, the cautious guess."""
         points = sorted((n, s) for (k, n), s in self.batch_seconds.items() if k == key)
-        below = [p for p in points if p[0] <= images]
+        below = [p for p in points if p[0] <= images]  # never empty: the online size is known
         above = [p for p in points if p[0] > images]
-        if not below:  # callers know a smaller size's cost
-            return above[0][1]
         (n0, s0) = below[-1]
         if n0 == images or not above:
             return s0 * images / n0

@@ -23,6 +23,10 @@ class Quantization(str, Enum):
     fp8 = "fp8"
 
 
+# The UNet backends a quantized UNet runs on (the exported ones rebuild it from ONNX).
+QUANTIZABLE_UNET_BACKENDS = ("eager", "compile")
+
+
 def unavailable(kind: Quantization, device: Any) -> str | None:
     """Why `kind` cannot run on `device` here (None when it can)."""
     if kind is Quantization.none:
@@ -41,12 +45,16 @@ def unavailable(kind: Quantization, device: Any) -> str | None:
 
 
 def quantize_unet(unet: Any, kind: Quantization, device: Any) -> int:
-    """Quantize the UNet's linear layers in place; returns how many were quantized."""
+    """Quantize the UNet's linear layers in place; returns how many were quantized. Once per
+    UNet: engines sharing one model (`daguerre bench` over batch sizes) find it done."""
     reason = unavailable(kind, device)
     if reason is not None:
         raise RuntimeError(f"quantize {kind.value}: {reason}")
-    if kind is Quantization.none:
+    done = getattr(unet, "_daguerre_quantized", Quantization.none)
+    if kind is done:
         return 0
+    if done is not Quantization.none:
+        raise RuntimeError(f"quantize {kind.value}: this UNet is already quantized to {done.value}")
     import torch
 
     logging.getLogger("torchao").setLevel(logging.ERROR)  # its CUDA-only kernels' load lines
@@ -70,4 +78,5 @@ def quantize_unet(unet: Any, kind: Quantization, device: Any) -> int:
         return ok
 
     quantize_(unet, config, filter_fn=linear)
+    unet._daguerre_quantized = kind
     return len(chosen)

@@ -12,7 +12,7 @@ from typing import Any, Literal, TypeVar, get_args
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from ..kernels.attention import AttentionBackend
-from ..kernels.quantize import Quantization
+from ..kernels.quantize import QUANTIZABLE_UNET_BACKENDS, Quantization
 from ..kernels.unet import UNetBackend
 from .schema import RequestLimits, field_error
 
@@ -124,10 +124,11 @@ class EngineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_quantize(self) -> EngineConfig:
-        exported = (UNetBackend.onnxruntime, UNetBackend.tensorrt)
-        if self.quantize is not Quantization.none and self.unet_backend in exported:
-            raise ValueError(f"quantize: {self.quantize.value} runs with the eager, compile or "
-                             f"auto UNet backends, not {self.unet_backend.value}")  # fmt: skip
+        allowed = (*QUANTIZABLE_UNET_BACKENDS, UNetBackend.auto.value)
+        if self.quantize is not Quantization.none and self.unet_backend.value not in allowed:
+            raise ValueError(f"quantize: {self.quantize.value} runs with the "
+                             f"{', '.join(QUANTIZABLE_UNET_BACKENDS)} or auto UNet backends, "
+                             f"not {self.unet_backend.value}")  # fmt: skip
         return self
 
 

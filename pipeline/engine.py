@@ -91,7 +91,7 @@ class DiffusionEngine:
         )
         from ..kernels.attention import fuse_qkv, install
         from ..kernels.compile import make_runner
-        from ..kernels.quantize import Quantization, quantize_unet
+        from ..kernels.quantize import QUANTIZABLE_UNET_BACKENDS, Quantization, quantize_unet
 
         if self.config.fuse_qkv:
             fuse_qkv(self.model.unet)
@@ -107,7 +107,7 @@ class DiffusionEngine:
 
             quantized = self.config.quantize is not Quantization.none
             unet_backend, why = fastest_unet_backend(
-                self.config.model, self.device, ("eager", "compile") if quantized else None
+                self.config.model, self.device, QUANTIZABLE_UNET_BACKENDS if quantized else None
             )
             logger.info("unet_backend auto -> %s (%s)", unet_backend, why)
         self.unet = make_runner(

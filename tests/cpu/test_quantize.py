@@ -46,3 +46,15 @@ def test_fp8_without_a_recent_cuda_gpu_is_one_clear_error():
 def test_quantize_with_an_exported_backend_is_refused_naming_both():
     with pytest.raises(ConfigError, match="quantize: int8 runs with the eager"):
         validate_config(EngineConfig, {"quantize": "int8", "unet_backend": "onnxruntime"})
+
+
+def test_engines_sharing_one_model_quantize_it_once():
+    """`daguerre bench` builds one model and an engine per batch size: the second engine
+    finds the UNet quantized already (quantizing quantized weights used to crash)."""
+    from daguerre.pipeline.models import load_model
+
+    components = load_model("tiny", device=torch.device("cpu"), dtype=torch.float32)
+    for batch in (1, 2):
+        engine = DiffusionEngine(EngineConfig(model="tiny", quantize="int8", max_batch_size=batch),
+                                 components)  # fmt: skip
+        assert engine.generate([req(batch)])[0].image.std() > 0

@@ -184,17 +184,18 @@ class TimedEngine(Engine):
         return await super().run(requests)
 
 
-def _online_under_batch_load(cost, slack: float | None) -> list[list[str]]:
-    """Teach the scheduler (online alone, then full batch work), then send an online request
-    while batch work waits: the engine calls that follow."""
+def _online_under_batch_load(cost, slack: float | None = 0.25, lessons: int = 1) -> list[list[str]]:
+    """Teach the scheduler `lessons` times (online alone, then full batch work), then send an
+    online request while batch work waits: the engine calls that follow."""
     from daguerre.cluster.replica import BATCH
 
     async def main():
         engine = TimedEngine(cost)
         s = EngineScheduler(engine.run, lambda r: r.steps, max_batch_size=4,
                             online_fill_slack=slack, clock=engine.clock)  # fmt: skip
-        await s.generate([request(0)])  # the cost of one online image alone
-        await s.generate([request(i) for i in range(1, 5)], BATCH)  # ... and of a full batch
+        for _ in range(lessons):
+            await s.generate([request(0)])  # the cost of one online image alone
+            await s.generate([request(i) for i in range(1, 5)], BATCH)  # ... and of a full batch
         engine.calls.clear()
         engine.gate.clear()
         running = asyncio.create_task(s.generate([request(5)], BATCH))
@@ -244,8 +245,6 @@ def test_an_unmeasured_online_batch_runs_alone_once_to_learn_its_cost():
 def test_a_cold_first_call_does_not_decide_the_fill():
     """The first engine call of a size is cold (kernel timing, compilation): its time is
     replaced by the second's, so a slow start does not keep batches from filling."""
-    from daguerre.cluster.replica import BATCH
-
     seen: set[int] = set()
 
     def cost(n: int) -> float:
@@ -253,21 +252,4 @@ def test_a_cold_first_call_does_not_decide_the_fill():
         seen.add(n)
         return 10.0 if cold else 1.0 + 0.02 * n
 
-    async def main():
-        engine = TimedEngine(cost)
-        s = EngineScheduler(engine.run, lambda r: r.steps, max_batch_size=4, clock=engine.clock)
-        for _ in range(2):
-            await s.generate([request(0)])
-            await s.generate([request(i) for i in range(1, 5)], BATCH)
-        engine.calls.clear()
-        engine.gate.clear()
-        running = asyncio.create_task(s.generate([request(5)], BATCH))
-        await until(lambda: engine.calls, "the running batch")
-        jobs = [asyncio.create_task(s.generate([request(i)], BATCH)) for i in range(6, 12)]
-        online = asyncio.create_task(s.generate([request(20)]))
-        await until(lambda: s.stats()["pending"] == 7, "seven waiting")
-        engine.gate.set()
-        await asyncio.gather(running, online, *jobs)
-        return engine.calls
-
-    assert asyncio.run(main())[1] == ["r20", "r6", "r7", "r8"]
+    assert _online_under_batch_load(cost, lessons=2)[1] == ["r20", "r6", "r7", "r8"]
