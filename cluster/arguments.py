@@ -115,7 +115,12 @@ def _generate_parser(sub: Any) -> None:
                      "other request fields (otherwise such a rerun is refused)")  # fmt: skip
     gen.add_argument("--dry-run", action="store_true", help="check and count, generate nothing: "
                      "valid and invalid rows, batches, estimated time")  # fmt: skip
-    gen.add_argument("--limit", type=_positive, metavar="N", help="only the first N manifest rows")
+    gen.add_argument(
+        "--limit",
+        type=_positive,
+        metavar="N",
+        help="only the first N rows not yet finished (a trial; a later run does the rest)",
+    )
     gen.add_argument("--verbose", action="store_true", help="Ray's own logs and progress bars")
     gen.add_argument("--no-progress", action="store_true", help="no progress lines")
 
@@ -160,6 +165,17 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("output", help="output prefix (folder or s3://...)")
     ins.add_argument("--config", type=Path, help="job YAML whose storage: settings to use")
     ins.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    cpt = _sub(
+        sub, "compact", "merge an output's metadata and errors fragments into large files",
+        "Rewrite the small Parquet fragments under metadata/ and errors/ as files of about\n"
+        "compact_target_mb (128 MiB), atomically: readers and resumes see every row exactly\n"
+        "once throughout. Jobs do this at their end; run it after a job was stopped.",
+        "daguerre compact output/demo",
+    )  # fmt: skip
+    cpt.add_argument("output", help="output prefix (folder or s3://...)")
+    cpt.add_argument("--config", type=Path, help="job YAML (its storage: and compact_target_mb)")
+    cpt.add_argument("--target-mb", type=float, help="size of the merged files (default 128)")
 
     comp = _sub(
         sub, "compile", "prebuild and cache a compiled UNet (ONNX / TensorRT)",

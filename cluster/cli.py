@@ -1,4 +1,4 @@
-"""The `daguerre` command: generate, manifest, serve, inspect, compile, bench, demo.
+"""The `daguerre` command: generate, manifest, serve, inspect, compact, compile, bench, demo.
 
 Heavy imports (torch, ray, diffusers) happen inside the commands that need them, so
 `daguerre --help` and input errors answer at once. Every error a user can cause ends
@@ -147,6 +147,29 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compact(args: argparse.Namespace) -> int:
+    from ..pipeline.lease import OutputLease
+    from ..pipeline.outputs import new_run_id
+    from ..pipeline.storage import Storage, StorageError
+    from .job import finish_output
+
+    config = load_yaml(args.config, JobConfig) if args.config else JobConfig()
+    storage = Storage(args.output, config.storage)
+    if not storage.fs.exists(storage.root) or not storage.is_output():
+        raise StorageError(f"{args.output}: not a daguerre output (no metadata/ or runs/)")
+    target_mb = args.target_mb or config.compact_target_mb
+    lease = OutputLease(storage, new_run_id(kind="compact"))
+    lease.acquire()  # no job writes while the fragments move
+    try:
+        done = finish_output(storage, int(target_mb * 2**20))
+    finally:
+        lease.release()
+    for table, result in done["compacted"].items():
+        print(f"{table}: {result['sources']} fragments -> {result['outputs']} files "
+              f"({result['rows_out']} rows; {result['files_after']} files now)")  # fmt: skip
+    return 0
+
+
 def cmd_manifest(args: argparse.Namespace) -> int:
     from ..pipeline.manifest import build_manifest, write_manifest
 
@@ -222,6 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "generate": cmd_generate, "manifest": cmd_manifest, "serve": cmd_serve,
         "inspect": cmd_inspect, "compile": cmd_compile, "demo": cmd_demo,
+        "compact": cmd_compact,
     }  # fmt: skip
     if args.command in ("generate", "serve", "demo") and not getattr(args, "verbose", False):
         from .runtime import quiet_native_stderr

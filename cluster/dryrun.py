@@ -17,9 +17,10 @@ from typing import Any
 
 from ..pipeline.bench import last_bench
 from ..pipeline.config import JobConfig
+from ..pipeline.id_index import id_digests
 from ..pipeline.schema import ImageRequest
 from ..pipeline.storage import Storage
-from .plan import check_inputs, plan_resume, served_engine
+from .plan import check_inputs, manifest_rows, plan_resume, served_engine
 from .stages import check_row
 
 
@@ -45,30 +46,38 @@ class DryRun:
 def dry_run(manifest: str, output: str, config: JobConfig, *, address: str | None = None,
             overwrite: bool = False, limit: int | None = None) -> DryRun:  # fmt: skip
     """Check and count what `run_job` would do with these arguments."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     served = served_engine(config, address)
     plan = check_inputs(manifest, config, local=address is None, served=served)
     storage = Storage(output, plan.config.storage)
-    if storage.fs.exists(storage.root) and storage.is_output():
-        plan_resume(plan, storage, overwrite)
-    rows = _manifest_table(plan).to_pylist()[:limit]
-    duplicates, names = plan.manifest.duplicate_ids, [plan.config.engine.model, plan.model.name]
+    plan_resume(plan, storage, overwrite, distributed=False)  # no Ray in a dry run
+    table = manifest_rows(plan)
+    table = table.slice(0, limit) if limit is not None else table
+    digests = id_digests(pc.cast(table.column("id"), pa.string()))
+    duplicated, finished_mask = (
+        plan.ids.duplicates.contains(digests),
+        plan.ids.skip.contains(digests),
+    )
+    names = [plan.config.engine.model, plan.model.name]
     invalid: collections.Counter[str] = collections.Counter()
     buckets: collections.Counter[tuple] = collections.Counter()
     valid = finished = 0
-    for row in rows:
-        result = check_row(row, plan.config.limits, duplicates, names)
+    for row, duplicate, done in zip(table.to_pylist(), duplicated, finished_mask, strict=True):
+        result = check_row(row, plan.config.limits, names, duplicate=bool(duplicate))
         if not isinstance(result, ImageRequest):
             invalid[result[0].field] += 1
             continue
         valid += 1
-        if result.id in plan.skip_ids:
+        if done:
             finished += 1
             continue
         side = plan.model.default_size
         buckets[(*result.resolved_size(side), result.steps, result.scheduler.value)] += 1
     size = min(plan.config.batch_size, plan.config.engine.max_batch_size)
     report = DryRun(
-        manifest_rows=len(rows), valid=valid, invalid=sum(invalid.values()),
+        manifest_rows=table.num_rows, valid=valid, invalid=sum(invalid.values()),
         invalid_by_field=dict(invalid), finished=finished, to_generate=sum(buckets.values()),
         buckets={f"{w}x{h}, {s} steps, {k}": n for (w, h, s, k), n in sorted(buckets.items())},
         engine_batches=sum(math.ceil(n / size) for n in buckets.values()), batch_size=size,
@@ -76,16 +85,6 @@ def dry_run(manifest: str, output: str, config: JobConfig, *, address: str | Non
     )  # fmt: skip
     _estimate(report, plan.model.name, buckets, size, plan.config.max_actors)
     return report
-
-
-def _manifest_table(plan: Any) -> Any:
-    import pyarrow.dataset as pads
-
-    if plan.manifest.table is not None:
-        return plan.manifest.table
-    storage = Storage(plan.manifest.uri, plan.config.storage)
-    return pads.dataset(storage.root, format="parquet", filesystem=storage.fs,
-                        ignore_prefixes=[".", "_"]).to_table()  # fmt: skip
 
 
 def _estimate(report: DryRun, model: str, buckets: collections.Counter, batch: int,

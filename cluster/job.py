@@ -15,6 +15,7 @@ fragments hold one row per id too.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import sys
@@ -27,9 +28,9 @@ from ..pipeline.config import JobConfig
 from ..pipeline.environment import git_commit, host, software_versions
 from ..pipeline.lease import OutputLease
 from ..pipeline.outputs import new_run_id
-from ..pipeline.report import mean_engine_batch, speed_figures
+from ..pipeline.report import mean_engine_batch_counts, speed_figures_s
 from ..pipeline.schema import StageTimings
-from ..pipeline.storage import RUNS, Storage
+from ..pipeline.storage import METADATA, RUNS, Storage, StorageError
 from .plan import JobPlan, check_inputs, plan_resume, rejects_only, served_engine
 from .runtime import ResourceError, engine_resources, init_ray
 from .stages import EngineWorker, ServeEngineClient, prepare_batch, write_batch
@@ -63,6 +64,14 @@ class JobSummary:
     # [seconds since start, engine actors that delivered images in the 10 s before]
     engine_actors_over_time: list[list[float]] = field(default_factory=list)
     superseded_rows_pruned: dict[str, int] = field(default_factory=dict)
+    compacted: dict[str, Any] = field(default_factory=dict)  # fragments merged at the end
+    status: str = "running"  # until the run ends (runs/<id>.json is rewritten as it goes)
+    progress: dict[str, Any] = field(default_factory=dict)  # rows done/total, images/s, ETA
+    engine_busy_fraction: dict[str, float] = field(default_factory=dict)  # per engine actor
+    engine_busy_fraction_mean: float | None = None  # all actors' busy time over their spans
+    gpu_seconds_per_image: float | None = None  # engine actors' time per image x their GPUs
+    cost_per_1000_images: float | None = None  # at cost.gpu_hour_usd (None without a price)
+    cost: dict[str, Any] = field(default_factory=dict)  # the price it used
     notices: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -102,7 +111,7 @@ def run_job(
     lease.acquire()
     try:
         # 2. Resume: what is finished, and was it made as this run asks?
-        plan_resume(plan, storage, overwrite)
+        plan_resume(plan, storage, overwrite, address=address, verbose=verbose)
         if lease.took_over and lease.took_over != "released":
             plan.notices.append(
                 f"took over the output lease of a run that is gone ({lease.took_over})"
@@ -110,12 +119,12 @@ def run_job(
         for line in plan.notices:
             say(line)
         summary.notices = plan.notices
-        summary.skipped_done = len(plan.skip_ids)
-        summary.regenerated = len(plan.redo_ids)
+        summary.skipped_done = plan.ids.skipped
+        summary.regenerated = plan.ids.redone
         todo = plan.manifest.rows - summary.skipped_done
         if limit is not None:
             todo = min(todo, limit)
-        written: list[float] = []
+        tally: Tally | None = None
         rejects = rejects_only(plan) if todo > 0 and limit is None else None
         if rejects is not None:  # nothing to generate: record the bad rows, no Ray
             _record_rejects(rejects, storage, summary)
@@ -123,17 +132,44 @@ def run_job(
         if todo > 0:
             # 3. The Ray Data pipeline, driven with progress.
             batches = _run_pipeline(plan, storage, summary, address, verbose, limit)
-            written = _tally(summary, batches, todo, progress, lease, t_start)
-        # 4. One row per id in the fragments too; the run's record.
-        summary.superseded_rows_pruned = prune_superseded(storage)
+
+            def record() -> None:  # the live record: best effort, the run goes on without it
+                with contextlib.suppress(OSError, TimeoutError, StorageError):
+                    write_run_record(storage, summary, plan, command)
+
+            tally = _tally(summary, batches, todo, progress, lease, t_start, record)
+        # 4. Few large fragments, one row per id in them; the run's record.
+        done = finish_output(storage, int(plan.config.compact_target_mb * 2**20),
+                             on_ray=todo > 0)  # fmt: skip
+        summary.compacted, summary.superseded_rows_pruned = done["compacted"], done["pruned"]
     finally:
         lease.release()
     ended = dt.datetime.now(dt.timezone.utc)
     summary.ended_at = ended.isoformat()
     summary.wall_s = time.perf_counter() - t_start
-    _finish_figures(summary, written, started, ended)
+    summary.status = "finished"
+    _finish_figures(summary, tally, started, ended, plan)
     write_run_record(storage, summary, plan, command)
     return summary
+
+
+def finish_output(storage: Storage, target_bytes: int, on_ray: bool = False) -> dict[str, Any]:
+    """Compact the output's fragments, then prune superseded rows from what is left (few
+    files by then). With `on_ray`, in a Ray task: the driver's memory stays the same
+    whatever the output's size."""
+    from ..pipeline.compaction import compact_output
+
+    def finish() -> dict[str, Any]:
+        compacted = compact_output(storage, target_bytes)
+        pruned = prune_superseded(storage)  # superseded rows removed, by either
+        pruned[METADATA] += compacted[METADATA]["rows_in"] - compacted[METADATA]["rows_out"]
+        return {"compacted": compacted, "pruned": pruned}
+
+    if not on_ray:
+        return finish()
+    import ray
+
+    return ray.get(ray.remote(num_cpus=0.25)(finish).remote())
 
 
 def _run_pipeline(
@@ -141,7 +177,6 @@ def _run_pipeline(
     limit: int | None,
 ) -> Any:  # fmt: skip
     """Build and start the Ray Data pipeline; return its iterator of summary batches."""
-    import pyarrow as pa
     import ray
     from ray.data import DataContext
 
@@ -158,14 +193,12 @@ def _run_pipeline(
     manifest_storage = Storage(uri, config.storage)
     ds = ray.data.read_parquet(uri, filesystem=None if manifest_storage.is_local else
                                manifest_storage.fs)  # fmt: skip
-    if limit is not None:
-        ds = ds.limit(limit)
-    strings = lambda ids: ray.put(pa.array(sorted(ids), type=pa.string()))  # noqa: E731
+    as_ref = lambda index: index if isinstance(index, ray.ObjectRef) else ray.put(index)  # noqa: E731
     ds = ds.map_batches(
         prepare_batch,
         fn_kwargs={
-            "skip_ids": strings(plan.skip_ids),
-            "duplicate_ids": strings(plan.manifest.duplicate_ids),
+            "skip": as_ref(plan.ids.skip),
+            "duplicates": as_ref(plan.ids.duplicates),
             "limits": config.limits.model_dump(),
             "model_names": [config.engine.model, plan.model.name, plan.model.spec],
             "default_side": plan.model.default_size,
@@ -173,6 +206,8 @@ def _run_pipeline(
         batch_format="pyarrow",
         num_cpus=config.writer_num_cpus,
     )
+    if limit is not None:  # --limit counts rows still to do, not finished ones
+        ds = ds.limit(limit)
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     ds = _engine_stage(ds, plan, address)
     ds = ds.map_batches(
@@ -269,14 +304,42 @@ def _check_cluster(config: JobConfig, cluster_gpus: float) -> None:
         )
 
 
+class Tally:
+    """What the driver keeps of a running job: counts and per-actor figures, never a row
+    per image (a 10M-row job's tally is a few arrays of floats)."""
+
+    def __init__(self) -> None:
+        import array
+        import collections
+
+        self.written = array.array("d")  # when each image was written (Unix seconds)
+        self.batch_sizes: collections.Counter[int] = collections.Counter()
+        self.last_seen: dict[str, float] = {}  # engine actor -> when it last delivered
+        self.busy: dict[str, list[float]] = {}  # engine actor -> [busy_s, since, until]
+
+    def add_busy(self, actor: str | None, busy_s: float | None, since: float | None,
+                 until: float | None) -> None:  # fmt: skip
+        if not actor or busy_s is None or since is None or until is None:
+            return
+        seen = self.busy.setdefault(actor, [0.0, since, until])
+        seen[0], seen[1], seen[2] = max(seen[0], busy_s), min(seen[1], since), max(seen[2], until)
+
+    def busy_fractions(self) -> dict[str, float]:
+        """Per engine actor: the fraction of its wall time (first call to last) inside generate."""
+        return {a: round(b / (u - s), 4) for a, (b, s, u) in self.busy.items() if u > s}
+
+    def engine_seconds(self) -> float:
+        return sum(u - s for _, s, u in self.busy.values())
+
+
 def _tally(summary: JobSummary, batches: Any, todo: int, progress: bool,
-           lease: OutputLease, t_start: float) -> list[float]:  # fmt: skip
+           lease: OutputLease, t_start: float, on_progress: Any = None) -> Tally:  # fmt: skip
     """Drive the pipeline, counting images and errors, sampling the engine actors at work
-    and printing a progress line every few seconds; return when each image was written."""
+    and printing a progress line every few seconds (and calling `on_progress`)."""
     from ..pipeline.lease import LeaseLost
 
     stage_s = dict.fromkeys(StageTimings.model_fields, 0.0)
-    written, sizes, last_seen = [], [], {}
+    tally = Tally()
     shown = float("-inf")  # the first batch gets a line at once: start-up is over
     for batch in batches:
         if lease.lost.is_set():
@@ -284,9 +347,11 @@ def _tally(summary: JobSummary, batches: Any, todo: int, progress: bool,
         for row in batch.to_pylist():
             if row["status"] == "ok":
                 summary.generated += 1
-                written.append(row["written_at"])
-                sizes.append(row["batch_size"])
-                last_seen[row["actor_id"]] = time.time()
+                tally.written.append(row["written_at"])
+                tally.batch_sizes[row["batch_size"]] += 1
+                tally.last_seen[row["actor_id"]] = time.time()
+                tally.add_busy(row["actor_id"], row["engine_busy_s"], row["engine_since"],
+                               row["engine_until"])  # fmt: skip
             else:
                 summary.errors += 1
                 stage = row["stage"]
@@ -295,22 +360,45 @@ def _tally(summary: JobSummary, batches: Any, todo: int, progress: bool,
                 stage_s[name] += row[name]
         if time.perf_counter() - shown >= PROGRESS_EVERY_S:
             shown = time.perf_counter()
-            busy = sum(1 for t in last_seen.values() if time.time() - t <= 2 * PROGRESS_EVERY_S)
+            now = time.time()
+            busy = sum(1 for t in tally.last_seen.values() if now - t <= 2 * PROGRESS_EVERY_S)
             summary.engine_actors_over_time.append([round(shown - t_start, 1), busy])
+            _update_progress(summary, todo, tally.written)
             if progress:
-                print(progress_line(summary, todo, written, busy), file=sys.stderr, flush=True)
+                print(progress_line(summary, todo, tally.written, busy), file=sys.stderr,
+                      flush=True)  # fmt: skip
+            if on_progress is not None:
+                on_progress()
     summary.stage_s = stage_s
-    summary.engine_actors = len(last_seen)
-    summary.mean_engine_batch = mean_engine_batch(sizes)
-    return written
+    summary.engine_actors = len(tally.last_seen)
+    summary.mean_engine_batch = mean_engine_batch_counts(tally.batch_sizes)
+    _update_progress(summary, todo, tally.written)
+    return tally
 
 
-def progress_line(summary: JobSummary, todo: int, written: list[float], actors: int = 0) -> str:
+def _update_progress(summary: JobSummary, todo: int, written: Any) -> None:
+    done = summary.generated + summary.errors
+    rate = _rate(written)
+    summary.progress = {
+        "rows_done": done, "rows_total": todo, "images": summary.generated,
+        "errors": summary.errors, "images_per_s": None if rate is None else round(rate, 4),
+        "eta_s": None if not rate else round(max(todo - done, 0) / rate, 1),
+        "updated_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }  # fmt: skip
+
+
+def _rate(written: Any) -> float | None:
+    """Images/s since the first image was written (start-up left out)."""
+    if len(written) < 2:
+        return None
+    first, last = min(written), max(written)
+    return sum(1 for t in written if t > first) / (last - first) if last > first else None
+
+
+def progress_line(summary: JobSummary, todo: int, written: Any, actors: int = 0) -> str:
     """`daguerre: 122/1000 rows done (120 images, 2 errors), 3.20 images/s, ETA 4m35s, 2 engine actors`"""
     done = summary.generated + summary.errors
-    rate = None
-    if len(written) > 1 and max(written) > min(written):
-        rate = sum(1 for t in written if t > min(written)) / (max(written) - min(written))
+    rate = _rate(written)
     text = (f"daguerre: {done}/{todo} rows done ({summary.generated} images, "
             f"{summary.errors} errors)")  # fmt: skip
     if rate:
@@ -321,13 +409,37 @@ def progress_line(summary: JobSummary, todo: int, written: list[float], actors: 
     return text
 
 
-def _finish_figures(summary: JobSummary, written: list[float], started: dt.datetime,
-                    ended: dt.datetime) -> None:  # fmt: skip
-    stamps = [dt.datetime.fromtimestamp(t, dt.timezone.utc) for t in written]
-    figures = speed_figures(stamps, started, ended)
+def _finish_figures(summary: JobSummary, tally: Tally | None, started: dt.datetime,
+                    ended: dt.datetime, plan: JobPlan) -> None:  # fmt: skip
+    written = tally.written if tally is not None else []
+    figures = speed_figures_s(written, started.timestamp(), ended.timestamp())
     summary.startup_s = figures["startup_s"]
     summary.steady_images_per_s = figures["steady_images_per_s"]
     summary.end_to_end_images_per_s = figures["end_to_end_images_per_s"]
+    if tally is None or not tally.busy:
+        return
+    fractions = tally.busy_fractions()
+    summary.engine_busy_fraction = fractions
+    busy_total = sum(b for b, _, _ in tally.busy.values())
+    span_total = tally.engine_seconds()
+    summary.engine_busy_fraction_mean = round(busy_total / span_total, 4) if span_total else None
+    summary.cost = cost_figures(span_total, summary.generated, plan.config)
+    summary.gpu_seconds_per_image = summary.cost.pop("gpu_seconds_per_image")
+    summary.cost_per_1000_images = summary.cost.pop("cost_per_1000_images")
+
+
+def cost_figures(engine_seconds: float, images: int, config: JobConfig) -> dict[str, Any]:
+    """GPU-seconds per image (engine actors' time from their first call to their last, times
+    the GPUs each holds; model loading left out) and, with a price, cost per 1,000 images."""
+    gpus = config.actor_num_gpus if config.engine.device != "cpu" else 1.0
+    per_image = engine_seconds * (gpus or 1.0) / images if images else None
+    price = config.cost.gpu_hour_usd
+    per_1000 = None if per_image is None or price is None else per_image * 1000 / 3600 * price
+    return {
+        "gpu_seconds_per_image": None if per_image is None else round(per_image, 4),
+        "gpu_hour_price": price, "currency": config.cost.currency,
+        "cost_per_1000_images": None if per_1000 is None else round(per_1000, 4),
+    }  # fmt: skip
 
 
 def write_run_record(storage: Storage, summary: JobSummary, plan: JobPlan,

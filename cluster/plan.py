@@ -15,12 +15,12 @@ from typing import Any
 
 from ..kernels.tensorrt import tensorrt_unavailable
 from ..kernels.unet import UNetBackend
-from ..pipeline.catalog import read_metadata
 from ..pipeline.config import ConfigError, JobConfig
 from ..pipeline.manifest import ManifestInfo, inspect_manifest
 from ..pipeline.models import ModelInfo, describe_model
-from ..pipeline.schema import ImageRequest, validate_request
+from ..pipeline.schema import ImageRequest
 from ..pipeline.storage import Storage
+from .planning import IdSets
 from .runtime import ResourceError, local_gpus, node_model_path, uses_gpu
 
 
@@ -46,8 +46,7 @@ class JobPlan:
     model: ModelInfo
     config: JobConfig  # the engine pool fitted to the machine
     notices: list[str] = field(default_factory=list)
-    skip_ids: set[str] = field(default_factory=set)  # finished, and made as asked
-    redo_ids: set[str] = field(default_factory=set)  # finished differently: --overwrite redoes
+    ids: IdSets | None = None  # duplicates, finished ids to skip (cluster/planning.py)
     served: ServedEngine | None = None  # engine_pool serve: where the batches go
 
 
@@ -160,64 +159,42 @@ def fit_pool(config: JobConfig, cpus: float, gpus: float) -> tuple[JobConfig, st
     return fitted, notice
 
 
-def plan_resume(plan: JobPlan, storage: Storage, overwrite: bool) -> None:
-    """Compare the ids already finished under the output with what this run asks; fill
-    `skip_ids` and `redo_ids`, or raise ResumeConflict naming the difference."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+def plan_resume(plan: JobPlan, storage: Storage, overwrite: bool, *,
+                address: str | None = None, distributed: bool | None = None,
+                verbose: bool = False) -> None:  # fmt: skip
+    """Find the manifest's duplicated ids and compare what is already finished under the
+    output with what this run asks: fill `plan.ids`, or raise ResumeConflict naming the
+    difference. A manifest over `plan_in_driver_rows` is planned through Ray Data."""
+    from .planning import ManifestSource, plan_id_sets
 
-    columns = ["id", "model", "weights_hash", "request_fingerprint"]
-    finished = read_metadata(storage, columns)
-    if finished is None:
-        return
-    ids = pa.array(sorted(set(plan.manifest.ids)), type=pa.string())
-    finished = finished.filter(pc.is_in(finished["id"], value_set=ids))
-    if finished.num_rows == 0:
-        return
+    if distributed is None:
+        distributed = plan.manifest.rows > plan.config.plan_in_driver_rows
+    if distributed:
+        from .runtime import init_ray
+
+        init_ray(address, verbose=verbose)
+    source = ManifestSource(Storage(plan.manifest.uri, plan.config.storage), plan.manifest.files,
+                            plan.manifest.table, distributed=distributed)  # fmt: skip
     asked_hash = plan.model.weights_hash()
-    rows = finished.to_pylist()
-    other_model = [r for r in rows if r["weights_hash"] != asked_hash]
-    asked = _asked_fingerprints(plan, {r["id"] for r in rows} - {r["id"] for r in other_model})
-    changed = [r for r in rows if r["id"] in asked and asked[r["id"]] != r["request_fingerprint"]]
-    redo = {r["id"] for r in other_model} | {r["id"] for r in changed}
-    if redo and not overwrite:
-        raise ResumeConflict(_conflict_line(plan, other_model, changed, asked_hash))
-    plan.redo_ids = redo
-    plan.skip_ids = {r["id"] for r in rows} - redo
-    if redo:
+    sets = plan_id_sets(source, storage, asked_hash, plan.config.limits.model_dump(),
+                        plan.model.default_size, distributed)  # fmt: skip
+    if sets.redone and not overwrite:
+        raise ResumeConflict(_conflict_line(plan, sets.findings, asked_hash))
+    plan.ids = sets
+    if sets.redone:
         plan.notices.append(
-            f"--overwrite: {len(redo)} finished ids made differently are made again"
+            f"--overwrite: {sets.redone} finished ids made differently are made again"
         )
 
 
-def _asked_fingerprints(plan: JobPlan, ids: set[str]) -> dict[str, str]:
-    """Fingerprints of the manifest's valid rows among `ids` (the rest are not compared)."""
-    rows = manifest_rows(plan, ids)
-    side = plan.model.default_size
-    out = {}
-    for row in rows:
-        request = validate_request(row, plan.config.limits)
-        if isinstance(request, ImageRequest):
-            out[request.id] = request.fingerprint(*request.resolved_size(side))
-    return out
-
-
-def manifest_rows(plan: JobPlan, ids: set[str]) -> list[dict[str, Any]]:
-    import pyarrow as pa
-    import pyarrow.compute as pc
+def manifest_rows(plan: JobPlan) -> Any:
+    """The manifest as one Arrow table (small manifests only: the dry run, rejects_only)."""
     import pyarrow.dataset as pads
 
-    if not ids:
-        return []
-    wanted = pa.array(sorted(ids), type=pa.string())
     if plan.manifest.table is not None:
-        table = plan.manifest.table
-    else:
-        storage = Storage(plan.manifest.uri, plan.config.storage)
-        table = pads.dataset(
-            storage.root, format="parquet", filesystem=storage.fs, ignore_prefixes=[".", "_"]
-        ).to_table()
-    return table.filter(pc.is_in(pc.cast(table["id"], pa.string()), value_set=wanted)).to_pylist()
+        return plan.manifest.table
+    storage = Storage(plan.manifest.uri, plan.config.storage)
+    return pads.dataset(plan.manifest.files, format="parquet", filesystem=storage.fs).to_table()
 
 
 DRIVER_CHECK_ROWS = 10_000  # a rerun with at most this many rows left checks them here first
@@ -226,32 +203,40 @@ DRIVER_CHECK_ROWS = 10_000  # a rerun with at most this many rows left checks th
 def rejects_only(plan: JobPlan) -> list[tuple[dict[str, Any], list[Any]]] | None:
     """When every row left to do is invalid (a rerun of a finished job with bad rows), those
     rows and their errors, so the run records them without starting Ray; else None."""
+    from ..pipeline.id_index import id_digests
     from .stages import check_row
 
-    left = set(plan.manifest.ids) - plan.skip_ids
-    if not left or len(left) > DRIVER_CHECK_ROWS:
+    sets = plan.ids
+    if sets is None or sets.distributed:
         return None
+    left = plan.manifest.rows - sets.skipped
+    if left <= 0 or left > DRIVER_CHECK_ROWS:
+        return None
+    table = manifest_rows(plan)
+    digests = id_digests(table.column("id"))
+    keep = ~sets.skip.contains(digests)
+    duplicated = sets.duplicates.contains(digests)
     names = [plan.config.engine.model, plan.model.name]
     out = []
-    for row in manifest_rows(plan, left):
-        result = check_row(row, plan.config.limits, plan.manifest.duplicate_ids, names)
+    for row, duplicate in zip(table.filter(keep).to_pylist(), duplicated[keep], strict=True):
+        result = check_row(row, plan.config.limits, names, duplicate=bool(duplicate))
         if isinstance(result, ImageRequest):
             return None
         out.append((row, result))
     return out
 
 
-def _conflict_line(plan: JobPlan, other_model: list[dict], changed: list[dict], asked: str) -> str:
+def _conflict_line(plan: JobPlan, findings: Any, asked: str) -> str:
     fix = "use a new --out or pass --overwrite"
-    if other_model:
-        first = other_model[0]
+    if findings.other_model:
+        weights, model = next(iter(findings.other_models.items()), ("?", "another model"))
         return (
-            f"{len(other_model)} finished ids were made with {first['model']} "
-            f"(weights {first['weights_hash'][:19]}...), this run asks for {plan.model.name} "
+            f"{findings.other_model} finished ids were made with {model} "
+            f"(weights {weights[:19]}...), this run asks for {plan.model.name} "
             f"(weights {asked[:19]}...): {fix}"
         )
-    example = changed[0]["id"]
+    example = findings.examples[0] if findings.examples else "?"
     return (
-        f"{len(changed)} finished ids were made from other request fields than the manifest "
+        f"{findings.changed} finished ids were made from other request fields than the manifest "
         f"now gives (prompt, seed, steps, guidance, size or scheduler; e.g. {example!r}): {fix}"
     )

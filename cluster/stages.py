@@ -36,34 +36,48 @@ PREPARED_COLUMNS = ("id", "request", "error_field", "error_reason", "row")
 
 
 def prepare_batch(
-    batch: Any, skip_ids: Any, duplicate_ids: Any, limits: dict[str, Any], model_names: list[str],
+    batch: Any, skip: Any, duplicates: Any, limits: dict[str, Any], model_names: list[str],
     default_side: int,
 ) -> Any:  # fmt: skip
     """Drop finished rows; validate the rest. Valid rows carry their request as JSON, sorted
     by bucket (size, steps, scheduler, speed) so engine batches share one denoising loop; invalid
-    ones carry their first error (the errors table gets one row per invalid request)."""
+    ones carry their first error (the errors table gets one row per invalid request).
+
+    `skip` and `duplicates` are object refs to IdIndexes (cluster/planning.py): mapped from
+    the object store without a copy, one searchsorted per block."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     import ray
 
-    # Big id sets travel once through the object store; Ray Data does not resolve refs in fn_kwargs.
-    skip_ids, duplicate_ids = ray.get([skip_ids, duplicate_ids])
+    from ..pipeline.id_index import id_digests
+
+    # Ray Data does not resolve refs in fn_kwargs.
+    skip, duplicates = ray.get([skip, duplicates])
     if batch.schema.field("id").type != pa.string():
         batch = batch.set_column(
             batch.schema.get_field_index("id"), "id", pc.cast(batch.column("id"), pa.string())
         )
-    if len(skip_ids):
-        batch = batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=skip_ids)))
+    digests = id_digests(batch.column("id"))
+    if len(skip):
+        keep = ~skip.contains(digests)
+        batch, digests = batch.filter(pa.array(keep)), digests[keep]
+    duplicated = duplicates.contains(digests) if len(duplicates) else np.zeros(len(digests), bool)
     limits_model = RequestLimits(**limits)
-    duplicates = set(duplicate_ids.to_pylist()) if len(duplicate_ids) else set()
     valid, invalid = [], []
-    for row in batch.to_pylist():
-        result = check_row(row, limits_model, duplicates, model_names)
+    for row, duplicate in zip(batch.to_pylist(), duplicated, strict=True):
+        result = check_row(row, limits_model, model_names, duplicate=bool(duplicate))
         if isinstance(result, ImageRequest):
             valid.append((bucket_key(result, default_side), result))
         else:
             invalid.append((row, result))
     out: dict[str, list[Any]] = {c: [] for c in PREPARED_COLUMNS}
+    for _, request in sorted(valid, key=lambda item: item[0]):
+        out["id"].append(request.id)
+        out["request"].append(request.model_dump_json())
+        out["error_field"].append(None)
+        out["error_reason"].append(None)
+        out["row"].append(None)
     for row, errors in invalid:
         field, reason = error_columns(errors)
         out["id"].append("" if row.get("id") is None else str(row["id"]))
@@ -71,12 +85,6 @@ def prepare_batch(
         out["error_field"].append(field)
         out["error_reason"].append(reason)
         out["row"].append(row_json(row))
-    for _, request in sorted(valid, key=lambda item: item[0]):
-        out["id"].append(request.id)
-        out["request"].append(request.model_dump_json())
-        out["error_field"].append(None)
-        out["error_reason"].append(None)
-        out["row"].append(None)
     return pa.table({c: pa.array(v, type=pa.string()) for c, v in out.items()})
 
 
@@ -92,13 +100,14 @@ def row_json(row: dict[str, Any]) -> str:
 
 
 def check_row(
-    row: dict[str, Any], limits: RequestLimits, duplicates: set[str], model_names: list[str]
+    row: dict[str, Any], limits: RequestLimits, model_names: list[str], *, duplicate: bool
 ) -> ImageRequest | list[FieldError]:
-    """A manifest row's request, or every reason it is rejected (the field first)."""
+    """A manifest row's request, or every reason it is rejected (the field first);
+    `duplicate`: its id appears more than once in the manifest."""
     result = validate_request(row, limits)
     if isinstance(result, list):
         return result
-    if result.id in duplicates:
+    if duplicate:
         return [FieldError(field="id", reason=f"{result.id!r} appears more than once in the "
                            "manifest; ids must be unique")]  # fmt: skip
     if result.model is not None and result.model not in model_names:
@@ -123,6 +132,7 @@ class EngineWorker:
         self._engine_thread = EngineThread(EngineConfig(**engine_config), storage_config)
         engine = self._engine_thread.engine
         context = ray.get_runtime_context()
+        self.busy = {"engine_busy_s": 0.0, "engine_since": None, "engine_until": None}
         self.provenance = {
             "model": engine.model.name,
             "weights_hash": engine.model.weights_hash,
@@ -134,9 +144,15 @@ class EngineWorker:
     def __call__(self, batch: Any) -> Any:
         rows = batch.to_pylist()
         requests = _requests(rows)
+        started = time.time()
         results = self._engine_thread.generate_each(requests)
+        ended = time.time()
+        if requests:  # a batch of rejected rows never reaches the engine
+            self.busy["engine_busy_s"] += ended - started
+            self.busy["engine_since"] = self.busy["engine_since"] or started
+            self.busy["engine_until"] = ended
         provenance = [self.provenance] * len(results)
-        return engine_rows(rows, requests, results, provenance, self.provenance)
+        return engine_rows(rows, requests, results, provenance, self.provenance, self.busy)
 
 
 class ServeEngineClient:
@@ -195,15 +211,19 @@ def _requests(rows: list[dict[str, Any]]) -> list[ImageRequest]:
 
 
 def engine_rows(rows: list[dict[str, Any]], requests: list[ImageRequest], results: list[Any],
-                provenance: list[dict[str, Any]], fallback: dict[str, Any]) -> Any:  # fmt: skip
+                provenance: list[dict[str, Any]], fallback: dict[str, Any],
+                busy: dict[str, Any] | None = None) -> Any:  # fmt: skip
     """The engine stage's output table: per input row, its raw image (with the provenance of
-    whatever made it) or why there is none."""
+    whatever made it) or why there is none; `busy`, the actor's busy time so far."""
     import pyarrow as pa
 
     made = {
         r.id: (result, prov) for r, result, prov in zip(requests, results, provenance, strict=True)
     }
-    out = [_engine_row(row, *made.get(row["id"], (None, fallback))).model_dump() for row in rows]
+    out = [
+        {**_engine_row(row, *made.get(row["id"], (None, fallback))).model_dump(), **(busy or {})}
+        for row in rows
+    ]
     return pa.Table.from_pylist(out, schema=engine_row_schema())
 
 
@@ -227,8 +247,9 @@ def _engine_row(row: dict[str, Any], result: Any, provenance: dict[str, Any]) ->
 
 # -- stage 3: encode and write (CPU tasks) ------------------------------------------------
 
+BUSY_COLUMNS = ("engine_busy_s", "engine_since", "engine_until")
 SUMMARY_COLUMNS = ("id", "status", "stage", "written_at", "batch_size", "actor_id",
-                   *StageTimings.model_fields)  # fmt: skip
+                   *BUSY_COLUMNS, *StageTimings.model_fields)  # fmt: skip
 
 
 def write_batch(batch: Any, output: Storage, run_id: str, version: str) -> Any:
@@ -261,16 +282,38 @@ def write_batch(batch: Any, output: Storage, run_id: str, version: str) -> Any:
                 reason=row["error_reason"], run_id=run_id, created_at=_utc(now),
                 row=row["row"] or (row["request"] or "")[:MAX_ERROR_ROW_CHARS],
             ))  # fmt: skip
-    stored = write_outputs(images, output, run_id=run_id, version=version)
+    stored, failed = _write_images(images, output, run_id, version, now)
+    errors += failed
     write_errors(errors, output, run_id)
+    busy = {row["id"]: {c: row[c] for c in BUSY_COLUMNS} for row in batch.to_pylist()}
     summary: dict[str, list[Any]] = {c: [] for c in SUMMARY_COLUMNS}
     for item in stored:
         record = item.record
         _summary_row(summary, record.id, "ok", None, record.created_at.timestamp(),
-                     record.batch_size, record.actor_id, record.timings)  # fmt: skip
+                     record.batch_size, record.actor_id, record.timings, busy[record.id])  # fmt: skip
     for error in errors:
-        _summary_row(summary, error.id, "error", error.stage, now, None, None, StageTimings())
+        _summary_row(summary, error.id, "error", error.stage, now, None, None, StageTimings(),
+                     busy.get(error.id, {}))  # fmt: skip
     return pa.table(summary, schema=summary_schema())
+
+
+def _write_images(images: list, output: Storage, run_id: str, version: str,
+                  now: float) -> tuple[list[Any], list[ErrorRecord]]:  # fmt: skip
+    """Write a batch's images and metadata fragment: (stored, []), or, when the storage
+    still fails after its retries, ([], one `write` error per image): without a metadata
+    row the next run makes them again, so nothing is lost and nothing is written twice."""
+    from ..pipeline.storage import explain, transient_errors
+
+    try:
+        return write_outputs(images, output, run_id=run_id, version=version), []
+    except (OSError, TimeoutError, *transient_errors()) as exc:  # recorded; the job goes on
+        reason = f"the write failed after retries: {explain(exc, output)}"
+        return [], [
+            ErrorRecord(id=generated.request.id, stage="write", field="storage", reason=reason,
+                        run_id=run_id, created_at=_utc(now),
+                        row=generated.request.model_dump_json()[:MAX_ERROR_ROW_CHARS])
+            for generated, _ in images
+        ]  # fmt: skip
 
 
 def summary_schema() -> Any:
@@ -280,13 +323,16 @@ def summary_schema() -> Any:
     fields = [("id", pa.string()), ("status", pa.string()), ("stage", pa.string()),
               ("written_at", pa.float64()), ("batch_size", pa.int64()),
               ("actor_id", pa.string())]  # fmt: skip
-    return pa.schema(fields + [(name, pa.float64()) for name in StageTimings.model_fields])
+    floats = [*BUSY_COLUMNS, *StageTimings.model_fields]
+    return pa.schema(fields + [(name, pa.float64()) for name in floats])
 
 
 def _summary_row(summary: dict, row_id: str, status: str, stage: str | None, written_at: float,
-                 batch_size: int | None, actor_id: str | None, timings: StageTimings) -> None:  # fmt: skip
+                 batch_size: int | None, actor_id: str | None, timings: StageTimings,
+                 busy: dict[str, Any]) -> None:  # fmt: skip
     values = {"id": row_id, "status": status, "stage": stage, "written_at": written_at,
-              "batch_size": batch_size, "actor_id": actor_id, **timings.model_dump()}  # fmt: skip
+              "batch_size": batch_size, "actor_id": actor_id,
+              **{c: busy.get(c) for c in BUSY_COLUMNS}, **timings.model_dump()}  # fmt: skip
     for name, value in values.items():
         summary[name].append(value)
 

@@ -14,6 +14,7 @@ at its end, under its lease.
 
 from __future__ import annotations
 
+import posixpath
 from typing import Any
 
 from .schema import error_schema, record_schema
@@ -41,6 +42,23 @@ def latest_rows(table: Any) -> Any:
     if "__filename" in table.column_names:
         order.append(("__filename", "ascending"))
     return _first_per_id(table.sort_by(order))
+
+
+def fragment_files(storage: Storage, prefix: str) -> list[str]:
+    """The Parquet fragments under `prefix` (paths), skipping names starting with '.' or '_'."""
+    path = storage.path(prefix)
+    try:
+        names = storage.fs.find(path)
+    except FileNotFoundError:
+        return []
+    return sorted(
+        n for n in names
+        if n.endswith(".parquet") and not posixpath.basename(n).startswith((".", "_"))
+    )  # fmt: skip
+
+
+def metadata_files(storage: Storage) -> list[str]:
+    return fragment_files(storage, METADATA)
 
 
 def read_metadata(storage: Storage, columns: list[str] | None = None) -> Any:
@@ -110,19 +128,22 @@ def prune_superseded(storage: Storage) -> dict[str, int]:
 
 
 def _drop_losers(storage: Storage, rows: Any, winners: Any) -> int:
-    """Rewrite each fragment holding rows that are not among `winners` (matched by fragment
-    and id) without them; delete fragments left empty. Return the rows dropped."""
+    """Rewrite each fragment holding rows that are not among `winners` (matched by fragment,
+    id and run: a compacted file holds rows of several runs) without them; delete fragments
+    left empty. Return the rows dropped."""
     import collections
 
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    def keys(table: Any) -> list[str]:
+        runs = pc.fill_null(table["run_id"], "").to_pylist()
+        return [f"{i}\x1f{r}" for i, r in zip(table["id"].to_pylist(), runs, strict=True)]
+
     kept: dict[str, set[str]] = collections.defaultdict(set)
-    for name, row_id in zip(
-        winners["__filename"].to_pylist(), winners["id"].to_pylist(), strict=True
-    ):
-        kept[name].add(row_id)
+    for name, key in zip(winners["__filename"].to_pylist(), keys(winners), strict=True):
+        kept[name].add(key)
     winners_per_file = collections.Counter(winners["__filename"].to_pylist())
     dropped = 0
     for name, count in collections.Counter(rows["__filename"].to_pylist()).items():
@@ -130,8 +151,8 @@ def _drop_losers(storage: Storage, rows: Any, winners: Any) -> int:
             continue
         with storage.fs.open(name, "rb") as fh:
             table = pq.read_table(fh)
-        ids = pa.array(sorted(kept.get(name, ())), type=pa.string())
-        remaining = table.filter(pc.is_in(table["id"], value_set=ids))
+        wanted = pa.array(sorted(kept.get(name, ())), type=pa.string())
+        remaining = table.filter(pc.is_in(pa.array(keys(table), pa.string()), value_set=wanted))
         if remaining.num_rows == table.num_rows:
             continue
         dropped += table.num_rows - remaining.num_rows

@@ -135,6 +135,19 @@ class EngineConfig(BaseModel):
 HOT_PATH_OPTIONS = ("fuse_qkv", "channels_last", "noise_on_device")  # EngineConfig switches
 
 
+class CostConfig(BaseModel):
+    """Prices that turn engine time into money in the run summary and `daguerre inspect`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpu_hour_usd: float | None = Field(
+        None, ge=0,
+        description="Price of one GPU-hour (an engine actor's or replica's hour on a CPU "
+        "machine); with it the summary gives the cost per 1,000 images.",
+    )  # fmt: skip
+    currency: str = Field("USD", description="What the price is in (a label only).")
+
+
 class JobConfig(BaseModel):
     """A batch job: where rows come from, where outputs go, how the actor pool is sized."""
 
@@ -172,6 +185,18 @@ class JobConfig(BaseModel):
         description="engine_pool serve: the job's engine calls in flight per replica (one "
         "running and one waiting keeps a replica busy; more only queue).",
     )  # fmt: skip
+    plan_in_driver_rows: int = Field(
+        200_000, ge=0,
+        description="Manifests up to this many rows are planned (duplicates, finished ids) in "
+        "the driver; bigger ones through Ray Data across the cluster, so the driver's memory "
+        "does not grow with the manifest.",
+    )  # fmt: skip
+    compact_target_mb: float = Field(
+        128, gt=0,
+        description="Metadata and errors fragments are merged into Parquet files of about "
+        "this size at the end of a job (and by `daguerre compact`).",
+    )  # fmt: skip
+    cost: CostConfig = Field(default_factory=lambda: CostConfig())
 
     @model_validator(mode="after")
     def _check_actors(self) -> JobConfig:

@@ -36,8 +36,7 @@ class ManifestInfo:
     uri: str
     rows: int
     columns: list[str]
-    ids: list[str]
-    duplicate_ids: set[str]
+    files: list[str]  # the Parquet files (filesystem paths); none for a parsed table
     table: Any = None  # a CSV / JSON Lines manifest, parsed (it is written as Parquet to run)
 
 
@@ -80,12 +79,12 @@ def inspect_manifest(uri: str, storage_config: StorageConfig | None = None) -> M
         raise ManifestError(f"{uri}: not a Parquet manifest ({first_line(exc)})") from None
     columns = list(schema.names)
     _check_columns(uri, columns)
-    ids_table = table.select(["id"]) if table is not None else dataset.to_table(columns=["id"])
-    ids = ["" if i is None else str(i) for i in ids_table.column("id").to_pylist()]
-    seen: set[str] = set()
-    duplicates = {i for i in ids if i in seen or seen.add(i)}
-    return ManifestInfo(uri=uri, rows=len(ids), columns=columns, ids=ids,
-                        duplicate_ids=duplicates, table=table)  # fmt: skip
+    if table is not None:
+        return ManifestInfo(uri=uri, rows=table.num_rows, columns=columns, files=[], table=table)
+    # Row counts come from the Parquet footers: no id is read here (cluster/planning.py
+    # finds duplicates block by block).
+    return ManifestInfo(uri=uri, rows=dataset.count_rows(), columns=columns,
+                        files=list(dataset.files))  # fmt: skip
 
 
 def _check_columns(uri: str, columns: list[str]) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,17 +32,27 @@ def speed_figures(
     written_at: list[dt.datetime], started_at: dt.datetime, ended_at: dt.datetime | None
 ) -> dict[str, float | None]:
     """startup_s, steady_images_per_s and end_to_end_images_per_s of one run's images."""
+    return speed_figures_s(
+        [t.timestamp() for t in written_at], started_at.timestamp(),
+        None if ended_at is None else ended_at.timestamp(),
+    )  # fmt: skip
+
+
+def speed_figures_s(
+    written_at: Sequence[float], started_at: float, ended_at: float | None
+) -> dict[str, float | None]:
+    """speed_figures over Unix seconds (a job's tally keeps its write times so, compactly)."""
     figures: dict[str, float | None] = dict.fromkeys(
         ("startup_s", "steady_images_per_s", "end_to_end_images_per_s")
     )
     if ended_at is not None:
-        wall = (ended_at - started_at).total_seconds()
+        wall = ended_at - started_at
         figures["end_to_end_images_per_s"] = len(written_at) / wall if wall > 0 else None
     if not written_at:
         return figures
     first, last = min(written_at), max(written_at)
-    figures["startup_s"] = (first - started_at).total_seconds()
-    span = (last - first).total_seconds()
+    figures["startup_s"] = first - started_at
+    span = last - first
     after_first = sum(1 for t in written_at if t > first)
     figures["steady_images_per_s"] = after_first / span if span > 0 else None
     return figures
@@ -49,8 +60,14 @@ def speed_figures(
 
 def mean_engine_batch(batch_sizes: list[int]) -> float | None:
     """Images per engine call: each image of a call of size b is 1/b of that call."""
-    calls = sum(1 / b for b in batch_sizes if b)
-    return len(batch_sizes) / calls if calls else None
+    return mean_engine_batch_counts(collections.Counter(batch_sizes))
+
+
+def mean_engine_batch_counts(images_per_batch_size: dict[int, int]) -> float | None:
+    """mean_engine_batch from {batch size: images made in calls of that size}."""
+    images = sum(n for b, n in images_per_batch_size.items() if b)
+    calls = sum(n / b for b, n in images_per_batch_size.items() if b)
+    return images / calls if calls else None
 
 
 @dataclass
@@ -141,7 +158,8 @@ def read_run_records(storage: Storage) -> list[dict[str, Any]]:
 def _last_run(record: dict[str, Any], rows: list[dict]) -> dict[str, Any]:
     """The figures of the latest run as its record states them (the summary it printed)."""
     keys = ("run_id", "started_at", "ended_at", "generated", "skipped_done", "errors",
-            "startup_s", "steady_images_per_s", "end_to_end_images_per_s", "mean_engine_batch")  # fmt: skip
+            "startup_s", "steady_images_per_s", "end_to_end_images_per_s", "mean_engine_batch",
+            "engine_busy_fraction_mean", "gpu_seconds_per_image", "cost_per_1000_images")  # fmt: skip
     out = {k: record.get(k) for k in keys}
     out["images_now"] = sum(1 for r in rows if r["run_id"] == record.get("run_id"))
     return out
@@ -161,6 +179,9 @@ FIGURES = (  # (label, key, unit, what it measures): the same words wherever fig
     ("steady images/s", "steady_images_per_s", "", "first to last image written"),
     ("end-to-end images/s", "end_to_end_images_per_s", "", "whole run"),
     ("mean engine batch", "mean_engine_batch", "", "images per engine call"),
+    ("engine busy", "engine_busy_fraction_mean", "", "engine actors' time inside generate"),
+    ("GPU-seconds/image", "gpu_seconds_per_image", " s", "engine actors' time per image"),
+    ("cost per 1,000 images", "cost_per_1000_images", "", "at cost.gpu_hour_usd"),
 )
 
 

@@ -346,6 +346,10 @@ class EngineRow(BaseModel):
     batch_size: int | None = None
     scheduler_config: str | None = None
     timings: StageTimings | None = None
+    # The engine actor's busy time so far (its busy fraction = busy_s / (until - since)).
+    engine_busy_s: float | None = None  # seconds inside generate, this call included
+    engine_since: float | None = None  # Unix time its first call started
+    engine_until: float | None = None  # Unix time this call ended
     # Provenance of the engine actor.
     model: str
     weights_hash: str

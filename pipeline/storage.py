@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .config import StorageConfig
 
 IMAGES, METADATA, ERRORS, RUNS = "images", "metadata", "errors", "runs"
+READ_RELISTS = 5  # a reader racing compaction lists again at most this often
 MARKER = "_daguerre"  # written at the output root when a job starts: proves write access
 
 
@@ -152,18 +153,26 @@ class Storage:
         """All Parquet fragments under `prefix` as one Arrow table, or None when there are none.
 
         With `schema`, fragments written before a column existed read it as nulls; the
-        column `__filename` names each row's fragment."""
+        column `__filename` names each row's fragment. A fragment that vanishes between
+        listing and reading (compaction replaced it) makes the read list again: compaction
+        writes its merged files before it removes what they replace, so a fresh listing
+        holds every row."""
         import pyarrow.dataset as pads
 
         path = self.path(prefix)
-        if not self.fs.exists(path):
-            return None
-        dataset = pads.dataset(
-            path, format="parquet", filesystem=self.fs, ignore_prefixes=[".", "_"], schema=schema
-        )
-        if not dataset.files:
-            return None
-        return dataset.to_table(columns=columns)
+        for attempt in range(READ_RELISTS):
+            if not self.fs.exists(path):
+                return None
+            try:
+                dataset = pads.dataset(path, format="parquet", filesystem=self.fs,
+                                       ignore_prefixes=[".", "_"], schema=schema)  # fmt: skip
+                if not dataset.files:
+                    return None
+                return dataset.to_table(columns=columns)
+            except (FileNotFoundError, OSError) as exc:
+                if attempt == READ_RELISTS - 1 or not _vanished(exc):
+                    raise
+        return None
 
     def delete(self, key_or_path: str) -> None:
         """Remove one object (a key under the prefix, or a path from `read_table`'s __filename)."""
@@ -289,6 +298,27 @@ def _redact(text: str, storage: Storage | None) -> str:
     for secret in filter(None, secrets):
         text = text.replace(secret, "***")
     return text
+
+
+def transient_errors() -> tuple[type[BaseException], ...]:
+    """The exception types of a storage client that a failed request may raise besides
+    OSError (botocore's and aiohttp's, where installed)."""
+    found: list[type[BaseException]] = []
+    with contextlib.suppress(ImportError):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        found += [BotoCoreError, ClientError]
+    with contextlib.suppress(ImportError):
+        from aiohttp import ClientError as HttpError
+
+        found.append(HttpError)
+    return tuple(found)
+
+
+def _vanished(exc: BaseException) -> bool:
+    """True when `exc` says a listed object was gone when read."""
+    text = str(exc).lower()
+    return isinstance(exc, FileNotFoundError) or "no such file" in text or "not found" in text
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:

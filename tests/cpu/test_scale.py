@@ -1,0 +1,234 @@
+"""Jobs at scale: planning without the manifest in the driver, compaction that readers and
+resumes never see half-done, and the figures an operator watches (progress, busy fraction,
+cost)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from daguerre.cluster.job import finish_output, run_job
+from daguerre.cluster.planning import ManifestSource, plan_id_sets
+from daguerre.pipeline.catalog import metadata_files, read_metadata
+from daguerre.pipeline.compaction import JOURNAL, compact_table
+from daguerre.pipeline.config import EngineConfig, JobConfig
+from daguerre.pipeline.id_index import IdIndex, from_arrow, id_digests, to_arrow
+from daguerre.pipeline.report import inspect_output
+from daguerre.pipeline.schema import StageTimings, manifest_schema, record_schema
+from daguerre.pipeline.storage import METADATA, Storage, fragment_key
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_digests_survive_arrow_byte_for_byte():
+    """A digest with a NUL byte inside (r-6's) must not be cut on its way through Arrow."""
+    ids = [f"r-{i}" for i in range(2000)]
+    digests = id_digests(ids)
+    assert any(b"\x00" in d for d in digests.tolist())
+    back = from_arrow(pa.chunked_array([to_arrow(digests[:700]), to_arrow(digests[700:])]))
+    assert (back == digests).all()
+    index = IdIndex.build(digests[::2])
+    assert index.contains(digests).tolist() == [i % 2 == 0 for i in range(2000)]
+
+
+ROWS = [{"id": f"s-{i:03d}", "prompt": f"a scaled painting {i}", "seed": i, "steps": 2,
+         "width": 64, "height": 64} for i in range(12)]  # fmt: skip
+
+
+def write_manifest(rows: list[dict], path: Path) -> str:
+    pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema()), path)
+    return str(path)
+
+
+def config(**extra) -> JobConfig:
+    return JobConfig(batch_size=3, engine=EngineConfig(model="tiny", device="cpu"), **extra)
+
+
+@pytest.fixture(scope="module")
+def planned_job(ray_session, tmp_path_factory):
+    """A job planned through Ray Data (plan_in_driver_rows 0), with a duplicated id and a
+    price per GPU-hour; then its output and manifest."""
+    root = tmp_path_factory.mktemp("scale")
+    rows = [*ROWS, {"id": "s-001", "prompt": "a second s-001", "steps": 2}]
+    manifest = write_manifest(rows, root / "m.parquet")
+    cfg = config(plan_in_driver_rows=0, cost={"gpu_hour_usd": 3.0})
+    summary = run_job(manifest, str(root / "out"), cfg, progress=False)
+    return root, manifest, summary, cfg
+
+
+def test_a_job_planned_through_ray_data(planned_job):
+    root, manifest, summary, cfg = planned_job
+    assert (summary.generated, summary.errors) == (11, 2)  # both s-001 rows are rejected
+    again = run_job(manifest, str(root / "out"), cfg, progress=False)
+    assert (again.generated, again.skipped_done, again.errors) == (0, 11, 2)
+
+
+def test_planning_in_the_driver_and_through_ray_data_agree(planned_job):
+    import ray
+
+    root, manifest, _, cfg = planned_job
+    changed = [dict(r) for r in ROWS]
+    changed[3]["prompt"] = "another painting"
+    changed.append(dict(ROWS[0]))  # s-000 twice now
+    path = write_manifest(changed, root / "changed.parquet")
+    out = Storage(str(root / "out"))
+    from daguerre.pipeline.models import describe_model
+
+    asked = describe_model("tiny").weights_hash()
+    found = {}
+    for distributed in (False, True):
+        source = ManifestSource(Storage(path), [path], distributed=distributed)
+        sets = plan_id_sets(source, out, asked, cfg.limits.model_dump(), 64, distributed)
+        skip = ray.get(sets.skip) if distributed else sets.skip
+        found[distributed] = (sets.duplicate_ids, sets.findings, skip.digests.tolist())
+    assert found[False] == found[True]
+    duplicates, findings, skip = found[True]
+    assert duplicates == 1 and findings.changed == 1 and findings.examples == ["s-003"]
+    # s-000 (duplicated now, still finished), s-001 (rejected before) and s-003 (changed) aside
+    assert len(skip) == 10 and findings.finished == 12  # rows: s-000 counts twice
+
+
+def test_progress_busy_fraction_and_cost_are_reported(planned_job):
+    root, _, summary, _ = planned_job
+    assert summary.status == "finished"
+    assert summary.progress["rows_done"] == summary.progress["rows_total"] == 13
+    assert summary.progress["images"] == 11 and summary.progress["errors"] == 2
+    assert summary.engine_busy_fraction and summary.engine_actors == len(
+        summary.engine_busy_fraction
+    )
+    assert all(0 < f <= 1 for f in summary.engine_busy_fraction.values())
+    assert 0 < summary.engine_busy_fraction_mean <= 1
+    per_image = summary.gpu_seconds_per_image
+    assert per_image > 0
+    assert summary.cost_per_1000_images == pytest.approx(per_image * 1000 / 3600 * 3.0, rel=1e-2)
+    record = json.loads((root / "out" / "runs" / f"{summary.run_id}.json").read_text())
+    assert record["status"] == "finished" and record["progress"] == summary.progress
+    assert record["cost_per_1000_images"] == summary.cost_per_1000_images
+    last = inspect_output(str(root / "out")).last_run
+    assert last["run_id"] != summary.run_id  # the rerun came later; its own figures
+    runs = sorted((root / "out" / "runs").glob("*.json"))
+    first = json.loads(runs[0].read_text())
+    assert first["gpu_seconds_per_image"] == per_image
+
+
+# -- compaction ------------------------------------------------------------------------
+
+
+def synthetic_output(root: Path, fragments: int, per_fragment: int) -> tuple[Storage, set[str]]:
+    """An output whose metadata is `fragments` small fragments (one row per id), and a few
+    superseded rows (an id written again by a later run)."""
+    storage = Storage(str(root))
+    storage.check_writable()
+    now = dt.datetime.now(dt.timezone.utc)
+    ids: set[str] = set()
+    for f in range(fragments):
+        rows = []
+        for r in range(per_fragment):
+            image_id = f"c-{f:04d}-{r}"
+            ids.add(image_id)
+            rows.append(record_row(image_id, "run-a", now))
+        storage.write_table(fragment_key(METADATA, "run-a", [r["id"] for r in rows]),
+                            pa.Table.from_pylist(rows, schema=record_schema()))  # fmt: skip
+    again = [record_row(f"c-{f:04d}-0", "run-b", now) for f in range(0, fragments, 7)]
+    storage.write_table(fragment_key(METADATA, "run-b", [r["id"] for r in again]),
+                        pa.Table.from_pylist(again, schema=record_schema()))  # fmt: skip
+    return storage, ids
+
+
+def record_row(image_id: str, run_id: str, created: dt.datetime) -> dict:
+    return {"id": image_id, "prompt": "p", "negative_prompt": "", "seed": 1, "steps": 2,
+            "guidance_scale": 7.5, "width": 64, "height": 64, "scheduler": "ddim",
+            "model": "tiny", "metadata": {}, "speed": "exact", "uri": f"file:///{image_id}.png",
+            "sha256": "0" * 64, "request_fingerprint": "f", "weights_hash": "sha256:w",
+            "scheduler_config": "{}", "backend": {}, "batch_size": 1, "daguerre_version": "t",
+            "timings": StageTimings().model_dump(), "node_id": "n", "actor_id": "a", "run_id": run_id,
+            "created_at": created, "status": "ok"}  # fmt: skip
+
+
+def test_compaction_is_exactly_once_under_readers_and_resumes(tmp_path):
+    storage, ids = synthetic_output(tmp_path / "out", fragments=120, per_fragment=5)
+    manifest = write_manifest(
+        [{"id": i, "prompt": "p"} for i in sorted(ids)], tmp_path / "m.parquet"
+    )
+    source = ManifestSource(Storage(manifest), [manifest])
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def read_loop() -> None:  # a reader (inspect, a report) and a resume's finished ids
+        while not stop.is_set():
+            table = read_metadata(storage, ["id", "run_id"])
+            got = table["id"].to_pylist()
+            if sorted(got) != sorted(ids) or len(got) != len(set(got)):
+                seen.append(f"reader saw {len(got)} rows, {len(set(got))} ids")
+            sets = plan_id_sets(source, storage, "sha256:w", {}, 64, distributed=False)
+            if sets.findings.finished != len(ids):
+                seen.append(f"resume found {sets.findings.finished} finished")
+
+    readers = [threading.Thread(target=read_loop) for _ in range(2)]
+    for reader in readers:
+        reader.start()
+    try:
+        result = compact_table(storage, METADATA, target_bytes=40_000)
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join()
+    assert not seen, seen[:5]
+    assert result.sources == 121 and result.outputs >= 2 and result.rows_in == 600 + 18
+    files = metadata_files(storage)
+    assert len(files) == result.outputs == result.files_after
+    # superseded rows in other output files than their successors: a job's end prunes them
+    done = finish_output(storage, 40_000)
+    assert done["pruned"]["metadata"] + result.rows_in - result.rows_out == 18
+    plain = pads.dataset(tmp_path / "out" / "metadata", format="parquet").to_table()
+    assert sorted(plain["id"].to_pylist()) == sorted(ids)  # plain readers: one row per id
+    runs = {r["id"]: r["run_id"] for r in plain.select(["id", "run_id"]).to_pylist()}
+    assert runs["c-0007-0"] == "run-b" and runs["c-0001-0"] == "run-a"
+
+
+def test_a_compaction_that_died_is_finished_by_the_next(tmp_path):
+    storage, ids = synthetic_output(tmp_path / "out", fragments=30, per_fragment=2)
+    # It died after writing its outputs, before removing what they replace:
+    sources = metadata_files(storage)
+    table = read_metadata(storage)
+    storage.write_table(f"{METADATA}/compact-dead-00000.parquet", table)
+    storage.write_bytes(f"{METADATA}/{JOURNAL}", json.dumps(
+        {"sources": sources, "outputs": [f"{METADATA}/compact-dead-00000.parquet"]}).encode())  # fmt: skip
+    assert sorted(read_metadata(storage, ["id"])["id"].to_pylist()) == sorted(ids)
+    result = compact_table(storage, METADATA, target_bytes=1 << 20)
+    assert result.sources == 0  # the journal's compaction was completed, nothing left to merge
+    assert [Path(p).name for p in metadata_files(storage)] == ["compact-dead-00000.parquet"]
+    assert not storage.fs.exists(storage.path(f"{METADATA}/{JOURNAL}"))
+    assert sorted(read_metadata(storage, ["id"])["id"].to_pylist()) == sorted(ids)
+
+
+def test_cli_compact(tmp_path):
+    storage, ids = synthetic_output(tmp_path / "out", fragments=40, per_fragment=3)
+    exe = Path(sys.executable).with_name("daguerre")
+    result = subprocess.run([str(exe), "compact", str(tmp_path / "out")], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "metadata: 41 fragments -> 1 files (120 rows; 1 files now)" in result.stdout
+    assert len(metadata_files(storage)) == 1
+    report = inspect_output(str(tmp_path / "out"))
+    assert report.images == report.metadata_rows == len(ids)
+    missing = subprocess.run([str(exe), "compact", str(tmp_path / "nothing")],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert missing.returncode == 2 and "not a daguerre output" in missing.stderr
+
+
+def test_id_index_values_follow_their_digests():
+    digests = id_digests(["b", "a", "c", "a"])
+    index = IdIndex.build(digests, np.array([1, 2, 3, 4]))
+    found, at = index.positions(id_digests(["a", "c", "z"]))
+    assert found.tolist() == [True, True, False]
+    assert index.values[at[:2]].tolist() == [2, 3]  # the first "a" wins
