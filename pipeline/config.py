@@ -47,6 +47,9 @@ class StorageConfig(BaseModel):
     secret_access_key: SecretStr | None = Field(None, description="Never logged or echoed.")
     anon: bool = Field(False, description="Unsigned requests (public buckets).")
     connect_timeout_s: float = Field(10, gt=0, description="Seconds to wait for a connection.")
+    read_timeout_s: float = Field(
+        60, gt=0, description="Seconds to wait for a reply before the request is tried again."
+    )
     max_attempts: int = Field(5, ge=1, description="Tries per request (botocore retries).")
 
 

@@ -61,6 +61,7 @@ def storage_options(uri: str, config: StorageConfig | None = None) -> dict[str, 
     )
     botocore: dict[str, Any] = {
         "connect_timeout": config.connect_timeout_s,
+        "read_timeout": config.read_timeout_s,
         "retries": {"max_attempts": config.max_attempts, "mode": "standard"},
     }
     options: dict[str, Any] = {"use_listings_cache": False}

@@ -180,7 +180,9 @@ def test_csv_and_jsonl_manifests_are_read_directly(tmp_path):
     csv_file.write_text("id,prompt,steps,width\na,a cat,3,64\nb,a dog,,\n")
     info = inspect_manifest(str(csv_file))
     assert (
-        info.rows == 2 and info.table["id"].to_pylist() == ["a", "b"] and info.table["steps"].to_pylist() == [3, None]
+        info.rows == 2
+        and info.table["id"].to_pylist() == ["a", "b"]
+        and info.table["steps"].to_pylist() == [3, None]
     )
     jsonl = tmp_path / "rows.jsonl"
     jsonl.write_text('{"id": "a", "prompt": "a cat", "metadata": {"sku": "A-1"}}\n'
