@@ -55,6 +55,8 @@ class JobSummary:
     started_at: str = ""
     ended_at: str = ""
     wall_s: float = 0.0
+    planning_s: float | None = None  # duplicates, finished ids, resume checks
+    driver_peak_rss_mib: float | None = None  # this driver process's peak memory
     startup_s: float | None = None
     steady_images_per_s: float | None = None
     end_to_end_images_per_s: float | None = None
@@ -111,7 +113,9 @@ def run_job(
     lease.acquire()
     try:
         # 2. Resume: what is finished, and was it made as this run asks?
+        t_plan = time.perf_counter()
         plan_resume(plan, storage, overwrite, address=address, verbose=verbose)
+        summary.planning_s = round(time.perf_counter() - t_plan, 3)
         if lease.took_over and lease.took_over != "released":
             plan.notices.append(
                 f"took over the output lease of a run that is gone ({lease.took_over})"
@@ -148,6 +152,7 @@ def run_job(
     summary.ended_at = ended.isoformat()
     summary.wall_s = time.perf_counter() - t_start
     summary.status = "finished"
+    summary.driver_peak_rss_mib = _peak_rss_mib()
     _finish_figures(summary, tally, started, ended, plan)
     write_run_record(storage, summary, plan, command)
     return summary
@@ -426,6 +431,14 @@ def _finish_figures(summary: JobSummary, tally: Tally | None, started: dt.dateti
     summary.cost = cost_figures(span_total, summary.generated, plan.config)
     summary.gpu_seconds_per_image = summary.cost.pop("gpu_seconds_per_image")
     summary.cost_per_1000_images = summary.cost.pop("cost_per_1000_images")
+
+
+def _peak_rss_mib() -> float | None:
+    try:
+        import resource
+    except ImportError:  # not on every platform
+        return None
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
 
 def cost_figures(engine_seconds: float, images: int, config: JobConfig) -> dict[str, Any]:

@@ -45,15 +45,24 @@ def prepare_batch(
 
     `skip` and `duplicates` are object refs to IdIndexes (cluster/planning.py): mapped from
     the object store without a copy, one searchsorted per block."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.compute as pc
     import ray
-
-    from ..pipeline.id_index import id_digests
 
     # Ray Data does not resolve refs in fn_kwargs.
     skip, duplicates = ray.get([skip, duplicates])
+    return prepare_rows(batch, skip, duplicates, limits, model_names, default_side)
+
+
+def prepare_rows(
+    batch: Any, skip: Any, duplicates: Any, limits: dict[str, Any], model_names: list[str],
+    default_side: int,
+) -> Any:  # fmt: skip
+    """prepare_batch with the indexes at hand (IdIndex each)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from ..pipeline.id_index import id_digests
+
     if batch.schema.field("id").type != pa.string():
         batch = batch.set_column(
             batch.schema.get_field_index("id"), "id", pc.cast(batch.column("id"), pa.string())
