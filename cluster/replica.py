@@ -295,14 +295,34 @@ class EngineDeployment:
             actor_id=context.get_actor_id() or "",
         )
         self.scheduler = EngineScheduler(
-            self._thread.generate_each_async, engine.bucket_key, engine.config.max_batch_size,
+            self._run_and_record, engine.bucket_key, engine.config.max_batch_size,
             batch_wait_timeout_s, online_fill_slack=online_fill_slack,
         )  # fmt: skip
+        self._busy_s, self._first_call = 0.0, None
         self.description = {
             "model": engine.model.name, "weights_hash": engine.model.weights_hash,
             "backend": engine.backend, "default_size": engine.model.default_size,
             "max_batch_size": engine.config.max_batch_size, "max_replicas": max_replicas,
         }  # fmt: skip
+
+    async def _run_and_record(self, requests: list[ImageRequest]) -> list[Any]:
+        """One engine call, with its metrics (cluster/metrics.py)."""
+        from . import metrics
+
+        model = self.provenance.model
+        metrics.set_queue_depth(
+            model, self.scheduler.pending(ONLINE), self.scheduler.pending(BATCH)
+        )
+        started = time.monotonic()
+        self._first_call = self._first_call or started
+        results = await self._thread.generate_each_async(requests)
+        ended = time.monotonic()
+        self._busy_s += ended - started
+        metrics.observe_stage("generate", "serve", ended - started)
+        metrics.record_images("serve", model, sum(not isinstance(r, Exception) for r in results))
+        metrics.set_busy_fraction("serve", self.provenance.actor_id,
+                                  self._busy_s / max(ended - self._first_call, 1e-9))  # fmt: skip
+        return results
 
     async def generate(self, requests: list[ImageRequest]) -> list[ReplicaImage]:
         """Online: one image per request, ahead of batch work; concurrent calls share batches."""

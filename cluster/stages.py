@@ -8,6 +8,7 @@ write_batch     CPU tasks: check the lease, then write images, metadata and erro
 
 from __future__ import annotations
 
+import collections
 import json
 import time
 from typing import Any
@@ -47,9 +48,14 @@ def prepare_batch(
     the object store without a copy, one searchsorted per block."""
     import ray
 
+    from . import metrics
+
+    started = time.perf_counter()
     # Ray Data does not resolve refs in fn_kwargs.
     skip, duplicates = ray.get([skip, duplicates])
-    return prepare_rows(batch, skip, duplicates, limits, model_names, default_side)
+    prepared = prepare_rows(batch, skip, duplicates, limits, model_names, default_side)
+    metrics.observe_stage("prepare", "job", time.perf_counter() - started)
+    return prepared
 
 
 def prepare_rows(
@@ -157,9 +163,15 @@ class EngineWorker:
         results = self._engine_thread.generate_each(requests)
         ended = time.time()
         if requests:  # a batch of rejected rows never reaches the engine
+            from . import metrics
+
             self.busy["engine_busy_s"] += ended - started
             self.busy["engine_since"] = self.busy["engine_since"] or started
             self.busy["engine_until"] = ended
+            metrics.observe_stage("generate", "job", ended - started)
+            span = max(ended - self.busy["engine_since"], 1e-9)
+            metrics.set_busy_fraction("job", self.provenance["actor_id"],
+                                      self.busy["engine_busy_s"] / span)  # fmt: skip
         provenance = [self.provenance] * len(results)
         return engine_rows(rows, requests, results, provenance, self.provenance, self.busy)
 
@@ -294,6 +306,7 @@ def write_batch(batch: Any, output: Storage, run_id: str, version: str) -> Any:
     stored, failed = _write_images(images, output, run_id, version, now)
     errors += failed
     write_errors(errors, output, run_id)
+    _record_metrics(stored, errors, time.time() - now)
     busy = {row["id"]: {c: row[c] for c in BUSY_COLUMNS} for row in batch.to_pylist()}
     summary: dict[str, list[Any]] = {c: [] for c in SUMMARY_COLUMNS}
     for item in stored:
@@ -304,6 +317,16 @@ def write_batch(batch: Any, output: Storage, run_id: str, version: str) -> Any:
         _summary_row(summary, error.id, "error", error.stage, now, None, None, StageTimings(),
                      busy.get(error.id, {}))  # fmt: skip
     return pa.table(summary, schema=summary_schema())
+
+
+def _record_metrics(stored: list[Any], errors: list[ErrorRecord], seconds: float) -> None:
+    from . import metrics
+
+    metrics.observe_stage("write", "job", seconds)
+    for model, count in collections.Counter(s.record.model for s in stored).items():
+        metrics.record_images("job", model, count)
+    for (stage, field), count in collections.Counter((e.stage, e.field) for e in errors).items():
+        metrics.record_errors(stage, field, count)
 
 
 def _write_images(images: list, output: Storage, run_id: str, version: str,

@@ -151,3 +151,33 @@ def s3_server(tmp_path_factory):
         proc.kill()
         proc.wait()
     log.close()
+
+
+# -- Prometheus metrics through Ray's metrics API -----------------------------------------
+
+
+def scrape_metrics(wanted: dict[str, float], timeout_s: float = 90) -> dict[str, float]:
+    """Scrape every Ray node's metrics endpoint until each metric in `wanted` (a name, or
+    `name{label="value"}` to filter by one label) sums to at least its value across series;
+    return the sums. Metrics are exported every few seconds: this waits on the endpoint."""
+    import re
+    import time
+    import urllib.request
+
+    import ray
+
+    ports = [n["MetricsExportPort"] for n in ray.nodes() if n["Alive"]]
+    deadline, sums = time.time() + timeout_s, {}
+    while True:
+        text = ""
+        for port in ports:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                text += r.read().decode()
+        for key in wanted:
+            name, _, label = key.partition("{")
+            pattern = re.compile(rf"^{re.escape(name)}\{{([^}}]*)\}} ([0-9.e+-]+)$", re.M)
+            sums[key] = sum(float(value) for labels, value in pattern.findall(text)
+                            if not label or label.rstrip("}") in labels)  # fmt: skip
+        if all(sums[k] >= v for k, v in wanted.items()) or time.time() > deadline:
+            return sums
+        time.sleep(2)

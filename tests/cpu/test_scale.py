@@ -113,11 +113,8 @@ def test_progress_busy_fraction_and_cost_are_reported(planned_job):
     record = json.loads((root / "out" / "runs" / f"{summary.run_id}.json").read_text())
     assert record["status"] == "finished" and record["progress"] == summary.progress
     assert record["cost_per_1000_images"] == summary.cost_per_1000_images
-    last = inspect_output(str(root / "out")).last_run
-    assert last["run_id"] != summary.run_id  # the rerun came later; its own figures
-    runs = sorted((root / "out" / "runs").glob("*.json"))
-    first = json.loads(runs[0].read_text())
-    assert first["gpu_seconds_per_image"] == per_image
+    assert record["gpu_seconds_per_image"] == per_image
+    assert record["engine_busy_fraction_mean"] == summary.engine_busy_fraction_mean
 
 
 # -- compaction ------------------------------------------------------------------------
@@ -232,3 +229,21 @@ def test_id_index_values_follow_their_digests():
     found, at = index.positions(id_digests(["a", "c", "z"]))
     assert found.tolist() == [True, True, False]
     assert index.values[at[:2]].tolist() == [2, 3]  # the first "a" wins
+
+
+def test_job_metrics_are_scraped_from_rays_metrics_endpoint(planned_job):
+    from conftest import scrape_metrics
+
+    found = scrape_metrics({
+        'ray_daguerre_images_total{pool="job"}': 11,
+        'ray_daguerre_errors_total{stage="validate"}': 2,
+        'ray_daguerre_stage_seconds_count{stage="prepare"}': 1,
+        'ray_daguerre_stage_seconds_count{stage="generate"}': 4,
+        'ray_daguerre_stage_seconds_count{stage="write"}': 4,
+        'ray_daguerre_engine_busy_fraction{pool="job"}': 0.01,
+    })  # fmt: skip
+    assert found['ray_daguerre_images_total{pool="job"}'] >= 11, found
+    assert found['ray_daguerre_errors_total{stage="validate"}'] >= 2, found
+    assert found['ray_daguerre_stage_seconds_count{stage="generate"}'] >= 4, found
+    assert found['ray_daguerre_stage_seconds_count{stage="write"}'] >= 4, found
+    assert 0 < found['ray_daguerre_engine_busy_fraction{pool="job"}'], found

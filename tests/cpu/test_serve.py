@@ -219,6 +219,21 @@ def test_requests_waiting_together_share_engine_batches(server):
     assert grew.get(8) == 2 and grew.get(1) == 1, grew
 
 
+def test_serve_metrics_are_scraped_from_rays_metrics_endpoint(server):
+    from conftest import scrape_metrics
+
+    client(server["url"]).images.generate(prompt="a metered lamp", extra_body={"steps": 2})
+    found = scrape_metrics({
+        'ray_daguerre_images_total{pool="serve"}': 1,
+        'ray_daguerre_stage_seconds_count{pool="serve"}': 1,
+        'ray_daguerre_queue_depth{priority="online"}': 0,
+        'ray_daguerre_engine_busy_fraction{pool="serve"}': 0.01,
+    })  # fmt: skip
+    assert found['ray_daguerre_images_total{pool="serve"}'] >= 1, found
+    assert found['ray_daguerre_stage_seconds_count{pool="serve"}'] >= 1, found
+    assert 0 < found['ray_daguerre_engine_busy_fraction{pool="serve"}'] <= 1, found
+
+
 def test_models_and_health(server):
     models = client(server["url"]).models.list()
     assert [m.id for m in models.data] == ["tiny"]
