@@ -99,6 +99,8 @@ def job_run(rows: list[dict], model: str, batch: int, threads: int, workdir: Pat
         "steady_images_per_s": summary.steady_images_per_s,
         "startup_s": summary.startup_s,
         "mean_engine_batch": summary.mean_engine_batch,
+        "engine_busy_fraction": summary.engine_busy_fraction_mean,
+        "engine_busy_fraction_per_actor": summary.engine_busy_fraction,
         "ray_init_s": ray_init_s,
         "stage_s": summary.stage_s,
     }
@@ -136,7 +138,8 @@ def plot(result: dict, path: Path) -> None:
     left.bar(names, values, color=["#555", "#2a7", "#7c5"])
     left.set_ylabel("images/s")
     left.set_title(f"ratio {result['ratio']:.3f} (steady {result['ratio_steady'] or 0:.3f}), "
-                   f"mean engine batch {result['mean_engine_batch']:.2f}")  # fmt: skip
+                   f"mean engine batch {result['mean_engine_batch']:.2f}, engine busy "
+                   f"{result.get('engine_busy_fraction') or 0:.3f}", fontsize=9)  # fmt: skip
     stages = {k.removesuffix("_s"): v for k, v in result["job"]["stage_s"].items()}
     stages["start-up + other"] = max(
         result["job"]["seconds"] - sum(result["job"]["stage_s"].values()), 0
@@ -184,6 +187,8 @@ def main() -> int:
         "goal": 0.90,
         "mean_engine_batch": job["mean_engine_batch"],
         "mean_engine_batch_goal": 0.9 * args.batch_size,
+        "engine_busy_fraction": job["engine_busy_fraction"],
+        "engine_busy_fraction_goal": 0.95,
         "bare": bare,
         "job": job,
         "conditions": conditions(args),
@@ -191,6 +196,8 @@ def main() -> int:
     print(
         f"ratio:       {result['ratio']:.3f} (steady state {result['ratio_steady'] or 0:.3f}; goal >= 0.90)"
     )
+    print(f"engine busy fraction: {job['engine_busy_fraction']} (goal >= 0.95: time inside "
+          "generate from the engine's first call to its last)")  # fmt: skip
     print(
         f"mean engine batch: {job['mean_engine_batch']:.2f} of {args.batch_size} "
         f"(goal >= {0.9 * args.batch_size:.1f}; {args.shapes} shapes interleaved)"

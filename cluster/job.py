@@ -27,7 +27,7 @@ from ..pipeline.catalog import prune_superseded
 from ..pipeline.config import JobConfig
 from ..pipeline.environment import git_commit, host, software_versions
 from ..pipeline.lease import OutputLease
-from ..pipeline.outputs import new_run_id
+from ..pipeline.outputs import OutputLayout, new_run_id
 from ..pipeline.report import mean_engine_batch_counts, speed_figures_s
 from ..pipeline.schema import StageTimings
 from ..pipeline.storage import METADATA, RUNS, Storage, StorageError
@@ -215,11 +215,22 @@ def _run_pipeline(
         ds = ds.limit(limit)
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     ds = _engine_stage(ds, plan, address)
+    layout = OutputLayout(config.output_format, config.key_prefix)
+    shards = {}
+    if config.output_format == "webdataset":  # one shard per write batch of shard_images
+        ds = ds.repartition(target_num_rows_per_block=config.shard_images)
+        shards = {"batch_size": config.shard_images}
     ds = ds.map_batches(
         write_batch,
-        fn_kwargs={"output": storage, "run_id": summary.run_id, "version": daguerre.__version__},
+        fn_kwargs={
+            "output": storage,
+            "run_id": summary.run_id,
+            "version": daguerre.__version__,
+            "layout": layout,
+        },  # fmt: skip
         batch_format="pyarrow",
         num_cpus=config.writer_num_cpus,
+        **shards,
     )
     return ds.iter_batches(batch_format="pyarrow", batch_size=None)
 

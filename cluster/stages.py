@@ -15,7 +15,7 @@ from typing import Any
 
 from ..pipeline.config import EngineConfig, StorageConfig, first_line
 from ..pipeline.lease import check_lease
-from ..pipeline.outputs import Provenance, write_errors, write_outputs
+from ..pipeline.outputs import FLAT_IMAGES, OutputLayout, Provenance, write_errors, write_outputs
 from ..pipeline.schema import (
     EngineRow,
     ErrorRecord,
@@ -273,7 +273,8 @@ SUMMARY_COLUMNS = ("id", "status", "stage", "written_at", "batch_size", "actor_i
                    *BUSY_COLUMNS, *StageTimings.model_fields)  # fmt: skip
 
 
-def write_batch(batch: Any, output: Storage, run_id: str, version: str) -> Any:
+def write_batch(batch: Any, output: Storage, run_id: str, version: str,
+                layout: OutputLayout = FLAT_IMAGES) -> Any:  # fmt: skip
     """Write a batch's images, then their metadata fragment, then its errors, if this run
     still holds the output's lease; return one summary row per input row."""
     import numpy as np
@@ -303,7 +304,7 @@ def write_batch(batch: Any, output: Storage, run_id: str, version: str) -> Any:
                 reason=row["error_reason"], run_id=run_id, created_at=_utc(now),
                 row=row["row"] or (row["request"] or "")[:MAX_ERROR_ROW_CHARS],
             ))  # fmt: skip
-    stored, failed = _write_images(images, output, run_id, version, now)
+    stored, failed = _write_images(images, output, run_id, version, now, layout)
     errors += failed
     write_errors(errors, output, run_id)
     _record_metrics(stored, errors, time.time() - now)
@@ -329,15 +330,16 @@ def _record_metrics(stored: list[Any], errors: list[ErrorRecord], seconds: float
         metrics.record_errors(stage, field, count)
 
 
-def _write_images(images: list, output: Storage, run_id: str, version: str,
-                  now: float) -> tuple[list[Any], list[ErrorRecord]]:  # fmt: skip
+def _write_images(images: list, output: Storage, run_id: str, version: str, now: float,
+                  layout: OutputLayout) -> tuple[list[Any], list[ErrorRecord]]:  # fmt: skip
     """Write a batch's images and metadata fragment: (stored, []), or, when the storage
     still fails after its retries, ([], one `write` error per image): without a metadata
     row the next run makes them again, so nothing is lost and nothing is written twice."""
     from ..pipeline.storage import explain, transient_errors
 
     try:
-        return write_outputs(images, output, run_id=run_id, version=version), []
+        stored = write_outputs(images, output, run_id=run_id, version=version, layout=layout)
+        return stored, []
     except (OSError, TimeoutError, *transient_errors()) as exc:  # recorded; the job goes on
         reason = f"the write failed after retries: {explain(exc, output)}"
         return [], [

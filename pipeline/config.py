@@ -200,6 +200,20 @@ class JobConfig(BaseModel):
         "this size at the end of a job (and by `daguerre compact`).",
     )  # fmt: skip
     cost: CostConfig = Field(default_factory=lambda: CostConfig())
+    output_format: Literal["images", "webdataset"] = Field(
+        "images",
+        description="images: one PNG object per image; webdataset: tar shards of shard_images "
+        "images (a PNG and a JSON each) that training pipelines read directly.",
+    )
+    shard_images: int = Field(
+        256, ge=1, description="output_format webdataset: images per shard (one write batch; "
+        "its raw pixels are held in memory while the shard is built).",
+    )  # fmt: skip
+    key_prefix: Literal["flat", "hashed"] = Field(
+        "flat",
+        description="hashed: images/<hh>/<id>.png (256 prefixes), so an object store does not "
+        "throttle one hot prefix; flat: images/<id>.png.",
+    )
 
     @model_validator(mode="after")
     def _check_actors(self) -> JobConfig:

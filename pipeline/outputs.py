@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .schema import ErrorRecord, GeneratedImage, ImageRecord, error_schema, record_schema
-from .storage import ERRORS, METADATA, Storage, fragment_key, image_key
+from .storage import ERRORS, METADATA, SHARDS, Storage, fragment_key, image_key
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,18 @@ def image_record(
     )
 
 
+@dataclass(frozen=True)
+class OutputLayout:
+    """How images are stored: one object per image (`images`) or WebDataset tar shards
+    (`webdataset`, one shard per write batch); keys flat or spread over hashed prefixes."""
+
+    output_format: str = "images"  # images | webdataset
+    key_prefix: str = "flat"  # flat | hashed
+
+
+FLAT_IMAGES = OutputLayout()
+
+
 def write_outputs(
     images: list[tuple[GeneratedImage, Provenance]],
     storage: Storage | None,
@@ -104,22 +116,29 @@ def write_outputs(
     run_id: str,
     version: str,
     client_ids: dict[str, str] | None = None,
+    layout: OutputLayout | None = None,
 ) -> list[StoredImage]:
-    """Encode every image as PNG and build its record; with `storage`, write the images and
-    then their metadata fragment. Without it (inline online answers) nothing is written."""
+    """Encode every image as PNG and build its record; with `storage`, write the images (or
+    their shard) and then their metadata fragment. Without it (inline online answers)
+    nothing is written."""
     import pyarrow as pa
 
+    layout = layout or FLAT_IMAGES
     created_at = dt.datetime.now(dt.timezone.utc)
-    out = []
+    encoded = []
     for generated, provenance in images:
         t0 = time.perf_counter()
         png = encode_png(generated.image)
-        t1 = time.perf_counter()
-        key = image_key(generated.request.id)
-        uri = storage.write_bytes(key, png) if storage is not None else ""
-        timings = generated.timings.model_copy(
-            update={"encode_png_s": t1 - t0, "write_s": time.perf_counter() - t1}
-        )
+        encoded.append((generated, provenance, png, time.perf_counter() - t0))
+    if storage is not None and layout.output_format == "webdataset":
+        uris, write_s = _write_shard(encoded, storage, layout, run_id)
+    else:
+        uris, write_s = _write_images(encoded, storage, layout)
+    out = []
+    for (generated, provenance, png, encode_s), uri, seconds in zip(encoded, uris, write_s,
+                                                                    strict=True):  # fmt: skip
+        timings = generated.timings.model_copy(update={"encode_png_s": encode_s,
+                                                       "write_s": seconds})  # fmt: skip
         generated = dataclasses.replace(generated, timings=timings)
         record = image_record(
             generated, png=png, uri=uri, provenance=provenance, run_id=run_id, version=version,
@@ -130,6 +149,54 @@ def write_outputs(
         table = pa.Table.from_pylist([s.record.model_dump() for s in out], schema=record_schema())
         storage.write_table(fragment_key(METADATA, run_id, [s.record.id for s in out]), table)
     return out
+
+
+def _write_images(encoded: list, storage: Storage | None,
+                  layout: OutputLayout) -> tuple[list[str], list[float]]:  # fmt: skip
+    """One object per image: (uris, seconds per write)."""
+    uris, seconds = [], []
+    for generated, _, png, _ in encoded:
+        t0 = time.perf_counter()
+        key = image_key(generated.request.id, hashed=layout.key_prefix == "hashed")
+        uris.append(storage.write_bytes(key, png) if storage is not None else "")
+        seconds.append(time.perf_counter() - t0)
+    return uris, seconds
+
+
+def shard_member(image_id: str) -> str:
+    """An image's name inside a shard, without the extension: WebDataset groups a sample's
+    files by the name before the first dot, so an id's dots are written %2E."""
+    return image_id.replace("%", "%25").replace(".", "%2E")
+
+
+def _write_shard(encoded: list, storage: Storage, layout: OutputLayout,
+                 run_id: str) -> tuple[list[str], list[float]]:  # fmt: skip
+    """One WebDataset tar of the batch (`<member>.png` and `<member>.json` per image, the
+    json holding the request and provenance), written whole and named by its content, so a
+    retried batch rewrites the same object; uris `<shard>#<member>.png`."""
+    import json
+    import tarfile
+
+    t0 = time.perf_counter()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for generated, provenance, png, _ in encoded:
+            member = shard_member(generated.request.id)
+            sample = {"id": generated.request.id, "request": generated.request.model_dump(mode="json"),
+                      "seed": generated.seed, "width": generated.width, "height": generated.height,
+                      "model": provenance.model, "weights_hash": provenance.weights_hash,
+                      "run_id": run_id, "sha256": hashlib.sha256(png).hexdigest()}  # fmt: skip
+            for name, data in ((f"{member}.png", png),
+                               (f"{member}.json", json.dumps(sample, sort_keys=True).encode())):  # fmt: skip
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), 0, 0o644
+                tar.addfile(info, io.BytesIO(data))
+    data = buf.getvalue()
+    digest = hashlib.sha256(data).hexdigest()[:32]
+    prefix = f"{SHARDS}/{digest[:2]}/" if layout.key_prefix == "hashed" else f"{SHARDS}/"
+    uri = storage.write_bytes(f"{prefix}{digest}.tar", data)
+    each = (time.perf_counter() - t0) / max(len(encoded), 1)
+    return [f"{uri}#{shard_member(g.request.id)}.png" for g, *_ in encoded], [each] * len(encoded)
 
 
 def write_errors(errors: list[ErrorRecord], storage: Storage, run_id: str) -> None:

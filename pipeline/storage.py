@@ -1,7 +1,10 @@
 """Object storage for job inputs and outputs, through fsspec: a local folder by default.
 
 An output prefix holds
-    images/<id>.png                    one PNG per finished image (deterministic key)
+    images/<id>.png                    one PNG per finished image (deterministic key;
+                                       key_prefix hashed: images/<hh>/<id>.png)
+    shards/<digest>.tar                output_format webdataset: a write batch's images
+                                       and JSON per image, named by content
     metadata/part-<run>-<d>.parquet    ImageRecord rows; one fragment per written batch
     errors/part-<run>-<d>.parquet      ErrorRecord rows
     runs/<run>.json                    one record per job run
@@ -28,6 +31,7 @@ if TYPE_CHECKING:
     from .config import StorageConfig
 
 IMAGES, METADATA, ERRORS, RUNS = "images", "metadata", "errors", "runs"
+SHARDS = "shards"  # output_format webdataset: shards/<content digest>.tar
 READ_RELISTS = 5  # a reader racing compaction lists again at most this often
 MARKER = "_daguerre"  # written at the output root when a job starts: proves write access
 
@@ -260,7 +264,11 @@ def fragment_key(prefix: str, run_id: str, ids: list[str]) -> str:
     return f"{prefix}/part-{run_id}-{digest}.parquet"
 
 
-def image_key(image_id: str) -> str:
+def image_key(image_id: str, hashed: bool = False) -> str:
+    """images/<id>.png, or (hashed) images/<2 hex of the id's sha256>/<id>.png: 256
+    prefixes, so an object store does not throttle one hot prefix."""
+    if hashed:
+        return f"{IMAGES}/{hashlib.sha256(image_id.encode()).hexdigest()[:2]}/{image_id}.png"
     return f"{IMAGES}/{image_id}.png"
 
 

@@ -247,3 +247,52 @@ def test_job_metrics_are_scraped_from_rays_metrics_endpoint(planned_job):
     assert found['ray_daguerre_stage_seconds_count{stage="generate"}'] >= 4, found
     assert found['ray_daguerre_stage_seconds_count{stage="write"}'] >= 4, found
     assert 0 < found['ray_daguerre_engine_busy_fraction{pool="job"}'], found
+
+
+# -- outputs training pipelines read directly --------------------------------------------
+
+
+def test_webdataset_shards_hold_every_id_once_and_resume(ray_session, tmp_path):
+    import hashlib
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    rows = [*ROWS, {"id": "s.dotted", "prompt": "a dotted id", "steps": 2}]
+    manifest = write_manifest(rows, tmp_path / "m.parquet")
+    out = tmp_path / "out"
+    cfg = config(output_format="webdataset", shard_images=5, key_prefix="hashed")
+    summary = run_job(manifest, str(out), cfg, progress=False)
+    assert summary.generated == 13
+    shards = sorted(out.glob("shards/*/*.tar"))
+    assert len(shards) >= 3 and not (out / "images").exists()
+    for shard in shards:  # named by content, under a prefix of the name's own digest
+        assert hashlib.sha256(shard.read_bytes()).hexdigest()[:32] == shard.stem
+        assert shard.parent.name == shard.stem[:2]
+    samples = list(wds.WebDataset([str(s) for s in shards], shardshuffle=False))
+    by_id = {}
+    for sample in samples:
+        meta = json.loads(sample["json"])
+        assert Image.open(io.BytesIO(sample["png"])).size == (64, 64)
+        assert hashlib.sha256(sample["png"]).hexdigest() == meta["sha256"]
+        by_id[meta["id"]] = meta
+    assert sorted(by_id) == sorted(r["id"] for r in rows) and len(samples) == 13
+    records = read_metadata(Storage(str(out)), ["id", "uri", "sha256"]).to_pylist()
+    listed = {r["uri"].split("#")[0].removeprefix("file://") for r in records}
+    assert listed == {str(s) for s in shards}  # every shard is listed in the metadata
+    assert all(r["sha256"] == by_id[r["id"]]["sha256"] for r in records)
+    again = run_job(manifest, str(out), cfg, progress=False)
+    assert again.generated == 0 and again.skipped_done == 13
+    assert sorted(out.glob("shards/*/*.tar")) == shards
+
+
+def test_hashed_key_prefixes_spread_images(ray_session, tmp_path):
+    from daguerre.pipeline.storage import image_key
+
+    manifest = write_manifest(ROWS[:4], tmp_path / "m.parquet")
+    summary = run_job(manifest, str(tmp_path / "out"), config(key_prefix="hashed"), progress=False)
+    assert summary.generated == 4
+    for row in ROWS[:4]:
+        key = image_key(row["id"], hashed=True)
+        assert key.count("/") == 2 and (tmp_path / "out" / key).is_file()
