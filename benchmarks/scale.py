@@ -39,7 +39,6 @@ def build_manifest(folder: Path, rows: int) -> None:
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-
     from daguerre.pipeline.schema import manifest_schema
 
     folder.mkdir(parents=True)
@@ -66,7 +65,6 @@ def build_finished(out: Path, manifest: Path, finished: int, fragments: int) -> 
     `fragments` fragments of one run."""
     import pyarrow as pa
     import pyarrow.dataset as pads
-
     from daguerre.pipeline.models import describe_model
     from daguerre.pipeline.outputs import new_run_id
     from daguerre.pipeline.schema import StageTimings, record_schema, validate_request
@@ -101,7 +99,11 @@ def build_finished(out: Path, manifest: Path, finished: int, fragments: int) -> 
 def time_resume_read(out: Path) -> dict:
     """Seconds to build the finished-id index from the output's metadata, in one process."""
     from daguerre.cluster.planning import (
-        FINISHED_COLUMNS, ManifestSource, _LocalRunner, finished_block, merge_finished,
+        FINISHED_COLUMNS,
+        ManifestSource,
+        _LocalRunner,
+        finished_block,
+        merge_finished,
     )  # fmt: skip
     from daguerre.pipeline.catalog import metadata_files
     from daguerre.pipeline.storage import Storage
@@ -134,7 +136,6 @@ def run_generate(manifest: Path, out: Path, limit: int) -> dict:
 def time_read_stage(manifest: Path, finished: int, rows: int = 100_000) -> dict:
     """Rows/s of the read stage's per-row work on unfinished rows (one process, one core)."""
     import pyarrow.dataset as pads
-
     from daguerre.cluster.stages import prepare_rows
     from daguerre.pipeline.id_index import IdIndex, id_digests
 
@@ -185,6 +186,8 @@ def main() -> int:
     parser.add_argument("--fragments", type=int, default=100_000)
     parser.add_argument("--limit", type=int, default=64, help="rows generated per job run")
     parser.add_argument("--workdir", type=Path, help="where the manifest and output go (temp)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a --workdir's manifest and fragments from an earlier run")  # fmt: skip
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
 
@@ -192,13 +195,16 @@ def main() -> int:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="daguerre-scale-"))
     manifest, out = work / "manifest", work / "out"
-    t0 = time.perf_counter()
-    build_manifest(manifest, args.rows)
-    print(f"manifest: {args.rows:,} rows in {time.perf_counter() - t0:.0f} s")
-    t0 = time.perf_counter()
-    build_finished(out, manifest, args.finished, args.fragments)
-    print(f"output: {args.finished:,} finished ids in {args.fragments:,} fragments, "
-          f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+    if args.reuse and manifest.exists() and (out / "metadata").exists():
+        print(f"reusing the manifest and fragments under {work}")
+    else:
+        t0 = time.perf_counter()
+        build_manifest(manifest, args.rows)
+        print(f"manifest: {args.rows:,} rows in {time.perf_counter() - t0:.0f} s")
+        t0 = time.perf_counter()
+        build_finished(out, manifest, args.finished, args.fragments)
+        print(f"output: {args.finished:,} finished ids in {args.fragments:,} fragments, "
+              f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
     result: dict = {"conditions": {**environment(), "rows": args.rows, "finished": args.finished,
                                    "fragments": args.fragments, "limit": args.limit}}  # fmt: skip
     result["resume_before"] = time_resume_read(out)
@@ -212,7 +218,9 @@ def main() -> int:
     result["read_stage"] = time_read_stage(manifest / "part-0000.parquet",
                                            min(args.finished, ROWS_PER_FILE // 2))  # fmt: skip
     print(f"read stage: {result['read_stage']}")
-    peak = max(result["job_before"]["driver_peak_rss_mib"], result["job_after"]["driver_peak_rss_mib"])
+    peak = max(
+        result["job_before"]["driver_peak_rss_mib"], result["job_after"]["driver_peak_rss_mib"]
+    )
     result["goals"] = {
         "driver_peak_rss_mib": peak, "driver_goal_mib": 1024, "driver_met": peak < 1024,
         "resume_after_compaction_s": result["job_after"]["planning_s"], "resume_goal_s": 30,

@@ -32,6 +32,8 @@ from ..pipeline.storage import Storage
 FINISHED_COLUMNS = ["id", "run_id", "created_at", "model", "weights_hash", "request_fingerprint"]
 FINISHED_VALUE = np.dtype([("fingerprint", DIGEST), ("same_model", "?")])
 EXAMPLES = 3
+MANY_FILES = 1000  # above this many files, a distributed read goes by Ray tasks over chunks
+FILES_PER_TASK = 2000
 
 
 @dataclass
@@ -222,6 +224,12 @@ class _RayRunner:
     stay in the object store."""
 
     def _tables(self, dataset: Any, block_fn: Any, **fn_kwargs: Any) -> list[Any]:
+        if isinstance(dataset, _FileChunks):  # many small files: Ray tasks over chunks
+            import ray
+
+            task = ray.remote(num_cpus=0.5)(_chunk_task)
+            return [task.remote(dataset.storage, chunk, dataset.columns, block_fn, fn_kwargs)
+                    for chunk in dataset.chunks()]  # fmt: skip
         mapped = dataset.map_batches(block_fn, fn_kwargs=fn_kwargs or None,
                                      batch_format="pyarrow", batch_size=None)  # fmt: skip
         return mapped.to_arrow_refs()
@@ -257,8 +265,31 @@ class _RayRunner:
         return ray.get(ref)
 
 
+class _FileChunks:
+    """Many small Parquet files (an uncompacted output's fragments), read by Ray tasks in
+    chunks of FILES_PER_TASK with pyarrow's threads: Ray Data lists and opens each file
+    as its own unit, minutes for 100,000 fragments."""
+
+    def __init__(self, storage: Storage, files: list[str], columns: list[str] | None):
+        self.storage, self.files, self.columns = storage, files, columns
+
+    def chunks(self) -> list[list[str]]:
+        return [self.files[i : i + FILES_PER_TASK]
+                for i in range(0, len(self.files), FILES_PER_TASK)]  # fmt: skip
+
+
+def _chunk_task(storage: Storage, files: list[str], columns: list[str] | None, block_fn: Any,
+                fn_kwargs: dict[str, Any]) -> Any:  # fmt: skip
+    import pyarrow as pa
+
+    source = ManifestSource(storage, files)
+    tables = [block_fn(pa.Table.from_batches([batch]), **fn_kwargs)
+              for batch in source.batches(columns)]  # fmt: skip
+    return pa.concat_tables(tables) if tables else None
+
+
 def _merge_task(merge_fn: Any, *tables: Any) -> Any:
-    return merge_fn(list(tables))
+    return merge_fn([t for t in tables if t is not None])
 
 
 def _resume_task(batch: Any, finished_ref: Any, limits: dict, side: int) -> Any:
@@ -268,7 +299,7 @@ def _resume_task(batch: Any, finished_ref: Any, limits: dict, side: int) -> Any:
 
 
 def _merge_resume_task(finished: IdIndex, *tables: Any) -> tuple:
-    return merge_resume(finished, list(tables))
+    return merge_resume(finished, [t for t in tables if t is not None])
 
 
 class ManifestSource:
@@ -297,6 +328,8 @@ class ManifestSource:
     def _dataset(self, columns: list[str] | None) -> Any:
         import ray
 
+        if self.table is None and len(self.files) > MANY_FILES:
+            return _FileChunks(self.storage, self.files, columns)
         if self.table is not None:
             ds = ray.data.from_arrow(self.table)
             return ds.select_columns(columns) if columns else ds
