@@ -161,7 +161,7 @@ def cmd_compact(args: argparse.Namespace) -> int:
     lease = OutputLease(storage, new_run_id(kind="compact"))
     lease.acquire()  # no job writes while the fragments move
     try:
-        done = finish_output(storage, int(target_mb * 2**20))
+        done = finish_output(storage, int(target_mb * 2**20), lease.run_id)
     finally:
         lease.release()
     for table, result in done["compacted"].items():

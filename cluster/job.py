@@ -30,7 +30,7 @@ from ..pipeline.lease import OutputLease
 from ..pipeline.outputs import OutputLayout, new_run_id
 from ..pipeline.report import mean_engine_batch_counts, speed_figures_s
 from ..pipeline.schema import StageTimings
-from ..pipeline.storage import METADATA, RUNS, Storage, StorageError
+from ..pipeline.storage import METADATA, RUNS, Storage, StorageError, transient_errors
 from .plan import JobPlan, check_inputs, plan_resume, rejects_only, served_engine
 from .runtime import ResourceError, engine_resources, init_ray
 from .stages import EngineWorker, ServeEngineClient, prepare_batch, write_batch
@@ -138,13 +138,13 @@ def run_job(
             batches = _run_pipeline(plan, storage, summary, address, verbose, limit)
 
             def record() -> None:  # the live record: best effort, the run goes on without it
-                with contextlib.suppress(OSError, TimeoutError, StorageError):
+                with contextlib.suppress(OSError, TimeoutError, StorageError, *transient_errors()):
                     write_run_record(storage, summary, plan, command)
 
             tally = _tally(summary, batches, todo, progress, lease, t_start, record)
         # 4. Few large fragments, one row per id in them; the run's record.
         done = finish_output(storage, int(plan.config.compact_target_mb * 2**20),
-                             on_ray=todo > 0)  # fmt: skip
+                             summary.run_id, on_ray=todo > 0)  # fmt: skip
         summary.compacted, summary.superseded_rows_pruned = done["compacted"], done["pruned"]
     finally:
         lease.release()
@@ -158,14 +158,16 @@ def run_job(
     return summary
 
 
-def finish_output(storage: Storage, target_bytes: int, on_ray: bool = False) -> dict[str, Any]:
+def finish_output(storage: Storage, target_bytes: int, run_id: str,
+                  on_ray: bool = False) -> dict[str, Any]:  # fmt: skip
     """Compact the output's fragments, then prune superseded rows from what is left (few
-    files by then). With `on_ray`, in a Ray task: the driver's memory stays the same
-    whatever the output's size."""
+    files by then), while `run_id` holds the output's lease. With `on_ray`, in a Ray task:
+    the driver's memory stays the same whatever the output's size."""
     from ..pipeline.compaction import compact_output
+    from ..pipeline.lease import check_lease
 
     def finish() -> dict[str, Any]:
-        compacted = compact_output(storage, target_bytes)
+        compacted = compact_output(storage, target_bytes, lambda: check_lease(storage, run_id))
         pruned = prune_superseded(storage)  # superseded rows removed, by either
         pruned[METADATA] += compacted[METADATA]["rows_in"] - compacted[METADATA]["rows_out"]
         return {"compacted": compacted, "pruned": pruned}
@@ -436,6 +438,7 @@ def _finish_figures(summary: JobSummary, tally: Tally | None, started: dt.dateti
         return
     fractions = tally.busy_fractions()
     summary.engine_busy_fraction = fractions
+
     busy_total = sum(b for b, _, _ in tally.busy.values())
     span_total = tally.engine_seconds()
     summary.engine_busy_fraction_mean = round(busy_total / span_total, 4) if span_total else None
@@ -445,11 +448,16 @@ def _finish_figures(summary: JobSummary, tally: Tally | None, started: dt.dateti
 
 
 def _peak_rss_mib() -> float | None:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, which Linux keeps across
+    exec, it does not inherit a big parent's peak)."""
     try:
-        import resource
-    except ImportError:  # not on every platform
-        return None
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)  # kB
+    except OSError:
+        pass
+    return None
 
 
 def cost_figures(engine_seconds: float, images: int, config: JobConfig) -> dict[str, Any]:

@@ -6,7 +6,7 @@ which of those a rerun must make again (another model, other request fields) or 
 refused for. Each is an `IdIndex` (pipeline/id_index.py) built block by block:
 
     manifest ids ──digests per block──► one merge ──► duplicates
-    metadata (5 columns) ──latest row per id──► finished (fingerprint, same model)
+    metadata (6 columns) ──latest row per id──► finished (fingerprint, same model)
     manifest rows x finished ──validate finished rows only──► redo, skip, counts
 
 A small manifest is planned here, in the driver (no Ray needed, same functions); a big one
@@ -179,17 +179,34 @@ def plan_id_sets(manifest: Any, output: Storage, asked_hash: str, limits: dict[s
     duplicates = runner.map_merge(manifest.batches(["id"]), digest_block, merge_duplicates)
     sets = IdSets(duplicates=duplicates, skip=IdIndex.empty(), distributed=distributed)
     sets.duplicate_ids = runner.size(duplicates)
-    files = metadata_files(output)
-    if not files:
+    finished, others = _finished_index(runner, output, asked_hash, distributed)
+    if finished is None:
         return sets
-    finished, others = runner.map_merge_pair(
-        ManifestSource(output, files, distributed=distributed).batches(FINISHED_COLUMNS),
-        lambda b: finished_block(b, asked_hash), merge_finished,
-    )  # fmt: skip
     skip, _, findings = runner.resume(manifest.batches(None), finished, limits, default_side)
     findings.other_models = runner.get(others)
     sets.skip, sets.findings = skip, findings
     return sets
+
+
+def _finished_index(runner: Any, output: Storage, asked_hash: str, distributed: bool) -> tuple:
+    """(finished index, other models) of the output's metadata, or (None, None) without any;
+    a fragment that vanishes while it is read (compaction replaced it) makes it list again."""
+    from ..pipeline.schema import record_schema
+    from ..pipeline.storage import READ_RELISTS, vanished
+
+    for attempt in range(READ_RELISTS):
+        files = metadata_files(output)
+        if not files:
+            return None, None
+        source = ManifestSource(output, files, distributed=distributed, schema=record_schema())
+        try:
+            return runner.map_merge_pair(source.batches(FINISHED_COLUMNS),
+                                         lambda b: finished_block(b, asked_hash),
+                                         merge_finished)  # fmt: skip
+        except Exception as exc:  # a Ray task's error wraps the vanished file's
+            if attempt == READ_RELISTS - 1 or not vanished(exc):
+                raise
+    return None, None
 
 
 def _length(index: IdIndex) -> int:
@@ -228,8 +245,8 @@ class _RayRunner:
             import ray
 
             task = ray.remote(num_cpus=0.5)(_chunk_task)
-            return [task.remote(dataset.storage, chunk, dataset.columns, block_fn, fn_kwargs)
-                    for chunk in dataset.chunks()]  # fmt: skip
+            return [task.remote(dataset.storage, chunk, dataset.columns, dataset.schema,
+                                block_fn, fn_kwargs) for chunk in dataset.chunks()]  # fmt: skip
         mapped = dataset.map_batches(block_fn, fn_kwargs=fn_kwargs or None,
                                      batch_format="pyarrow", batch_size=None)  # fmt: skip
         return mapped.to_arrow_refs()
@@ -270,19 +287,20 @@ class _FileChunks:
     chunks of FILES_PER_TASK with pyarrow's threads: Ray Data lists and opens each file
     as its own unit, minutes for 100,000 fragments."""
 
-    def __init__(self, storage: Storage, files: list[str], columns: list[str] | None):
-        self.storage, self.files, self.columns = storage, files, columns
+    def __init__(self, storage: Storage, files: list[str], columns: list[str] | None,
+                 schema: Any = None):  # fmt: skip
+        self.storage, self.files, self.columns, self.schema = storage, files, columns, schema
 
     def chunks(self) -> list[list[str]]:
         return [self.files[i : i + FILES_PER_TASK]
                 for i in range(0, len(self.files), FILES_PER_TASK)]  # fmt: skip
 
 
-def _chunk_task(storage: Storage, files: list[str], columns: list[str] | None, block_fn: Any,
-                fn_kwargs: dict[str, Any]) -> Any:  # fmt: skip
+def _chunk_task(storage: Storage, files: list[str], columns: list[str] | None, schema: Any,
+                block_fn: Any, fn_kwargs: dict[str, Any]) -> Any:  # fmt: skip
     import pyarrow as pa
 
-    source = ManifestSource(storage, files)
+    source = ManifestSource(storage, files, schema=schema)
     tables = [block_fn(pa.Table.from_batches([batch]), **fn_kwargs)
               for batch in source.batches(columns)]  # fmt: skip
     return pa.concat_tables(tables) if tables else None
@@ -307,8 +325,9 @@ class ManifestSource:
     process as pyarrow batches, or as a Ray Data dataset when Ray runs the pass."""
 
     def __init__(self, storage: Storage | None, files: list[str] | None, table: Any = None,
-                 distributed: bool = False):  # fmt: skip
+                 distributed: bool = False, schema: Any = None):  # fmt: skip
         self.storage, self.files, self.table, self.distributed = storage, files, table, distributed
+        self.schema = schema  # metadata: the record schema (older fragments lack new columns)
 
     def batches(self, columns: list[str] | None) -> Any:
         if self.distributed:
@@ -322,16 +341,17 @@ class ManifestSource:
             table = self.table.select(columns) if columns else self.table
             yield from table.to_batches(max_chunksize=65536)
             return
-        dataset = pads.dataset(self.files, format="parquet", filesystem=self.storage.fs)
+        dataset = pads.dataset(self.files, format="parquet", filesystem=self.storage.fs,
+                               schema=self.schema)  # fmt: skip
         yield from dataset.to_batches(columns=columns, batch_size=65536)
 
     def _dataset(self, columns: list[str] | None) -> Any:
         import ray
 
         if self.table is None and len(self.files) > MANY_FILES:
-            return _FileChunks(self.storage, self.files, columns)
+            return _FileChunks(self.storage, self.files, columns, self.schema)
         if self.table is not None:
             ds = ray.data.from_arrow(self.table)
             return ds.select_columns(columns) if columns else ds
         fs = None if self.storage.is_local else self.storage.fs
-        return ray.data.read_parquet(self.files, columns=columns, filesystem=fs)
+        return ray.data.read_parquet(self.files, columns=columns, filesystem=fs, schema=self.schema)

@@ -6,6 +6,7 @@ installed distributions' metadata, nothing heavy is imported.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -19,6 +20,7 @@ PACKAGES = ("daguerre", "torch", "diffusers", "transformers", "ray", "onnxruntim
             "xformers", "tensorrt")  # fmt: skip
 
 
+@functools.cache  # fixed for the life of a process; run records are rewritten often
 def software_versions() -> dict[str, str]:
     """Python and the installed versions of the packages daguerre runs on (absent ones left out)."""
     versions = {"python": sys.version.split()[0]}
@@ -30,6 +32,7 @@ def software_versions() -> dict[str, str]:
     return versions
 
 
+@functools.cache  # fixed for the life of a process; run records are rewritten often
 def git_commit() -> str:
     """The short commit of the checkout daguerre runs from; for an installed wheel or a copy
     without .git, DAGUERRE_GIT_COMMIT where the launcher set it, else ''."""
@@ -43,6 +46,7 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else ""
 
 
+@functools.cache  # fixed for the life of a process; run records are rewritten often
 def host() -> dict[str, Any]:
     """This machine: name, platform, CPU count."""
     return {"name": socket.gethostname(), "platform": platform.platform(),

@@ -23,8 +23,17 @@ DIGEST = np.dtype("S16")
 
 
 def id_digests(ids: Any) -> np.ndarray:
-    """The 16-byte digest of each id (an Arrow array or a list of str), in order."""
-    values = ids.to_pylist() if hasattr(ids, "to_pylist") else ids
+    """The 16-byte digest of each id (an Arrow array or a list of str), in order. Arrow ids
+    are cast to strings first, as the read stage casts them (int or binary id columns)."""
+    if hasattr(ids, "to_pylist"):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if not pa.types.is_string(ids.type):
+            ids = pc.cast(ids, pa.string())
+        values = ids.to_pylist()
+    else:
+        values = ids
     return np.array(
         [hashlib.blake2b(("" if v is None else str(v)).encode(), digest_size=16).digest()
          for v in values],
@@ -94,14 +103,3 @@ def repeated(digests: np.ndarray) -> IdIndex:
     """The index of the digests that occur more than once in `digests`."""
     unique, counts = np.unique(np.asarray(digests, dtype=DIGEST), return_counts=True)
     return IdIndex(unique[counts > 1])
-
-
-def merge(indexes: list[IdIndex]) -> IdIndex:
-    """One index of several (a digest in more than one keeps the first index's value)."""
-    indexes = [i for i in indexes if len(i)]
-    if not indexes:
-        return IdIndex.empty()
-    digests = np.concatenate([i.digests for i in indexes])
-    if any(i.values is None for i in indexes):
-        return IdIndex.build(digests)
-    return IdIndex.build(digests, np.concatenate([i.values for i in indexes]))

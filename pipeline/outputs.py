@@ -130,7 +130,7 @@ def write_outputs(
         t0 = time.perf_counter()
         png = encode_png(generated.image)
         encoded.append((generated, provenance, png, time.perf_counter() - t0))
-    if storage is not None and layout.output_format == "webdataset":
+    if storage is not None and encoded and layout.output_format == "webdataset":
         uris, write_s = _write_shard(encoded, storage, layout, run_id)
     else:
         uris, write_s = _write_images(encoded, storage, layout)
@@ -179,7 +179,7 @@ def _write_shard(encoded: list, storage: Storage, layout: OutputLayout,
 
     t0 = time.perf_counter()
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for generated, provenance, png, _ in encoded:
             member = shard_member(generated.request.id)
             sample = {"id": generated.request.id, "request": generated.request.model_dump(mode="json"),

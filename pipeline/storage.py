@@ -174,16 +174,28 @@ class Storage:
                 if not dataset.files:
                     return None
                 return dataset.to_table(columns=columns)
-            except (FileNotFoundError, OSError) as exc:
-                if attempt == READ_RELISTS - 1 or not _vanished(exc):
+            except OSError as exc:
+                if attempt == READ_RELISTS - 1 or not vanished(exc):
                     raise
-        return None
+        raise AssertionError("unreachable")
 
     def delete(self, key_or_path: str) -> None:
         """Remove one object (a key under the prefix, or a path from `read_table`'s __filename)."""
         path = key_or_path if key_or_path.startswith(self.root) else self.path(key_or_path)
         with contextlib.suppress(FileNotFoundError):
             self.fs.rm_file(path)
+
+    def delete_many(self, keys: list[str]) -> None:
+        """Remove objects by key (on object stores in batches of 1,000, one request each)."""
+        paths = [self.path(k) for k in keys]
+        if self.is_local:
+            for path in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    self.fs.rm_file(path)
+            return
+        for start in range(0, len(paths), 1000):
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm(paths[start : start + 1000])
 
     def read_versioned(self, key: str) -> tuple[bytes, str] | None:
         """(content, version) of a small object, or None when it does not exist. The version
@@ -324,7 +336,7 @@ def transient_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def _vanished(exc: BaseException) -> bool:
+def vanished(exc: BaseException) -> bool:
     """True when `exc` says a listed object was gone when read."""
     text = str(exc).lower()
     return isinstance(exc, FileNotFoundError) or "no such file" in text or "not found" in text
