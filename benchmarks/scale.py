@@ -67,7 +67,7 @@ def build_finished(out: Path, manifest: Path, finished: int, fragments: int) -> 
     import pyarrow.dataset as pads
     from daguerre.pipeline.models import describe_model
     from daguerre.pipeline.outputs import new_run_id
-    from daguerre.pipeline.schema import StageTimings, record_schema, validate_request
+    from daguerre.pipeline.schema import StageTimings, record_schema
     from daguerre.pipeline.storage import METADATA, Storage, fragment_key
 
     storage = Storage(str(out))
@@ -76,24 +76,35 @@ def build_finished(out: Path, manifest: Path, finished: int, fragments: int) -> 
     run_id = new_run_id(kind="scale")
     now = dt.datetime.now(dt.timezone.utc)
     timings = StageTimings().model_dump()
-    head = pads.dataset(manifest).head(finished).to_pylist()
     per = max(1, finished // fragments)
     schema = record_schema()
-    for start in range(0, finished, per):
-        records = []
-        for row in head[start : start + per]:
-            request = validate_request(row)
-            records.append({
-                **request.model_dump(exclude={"model"}), "speed": request.speed.value,
-                "scheduler": request.scheduler.value, "model": "tiny",
-                "uri": f"{storage.url('images')}/{request.id}.png", "sha256": "0" * 64,
-                "request_fingerprint": request.fingerprint(64, 64), "weights_hash": weights,
-                "scheduler_config": "{}", "backend": {}, "batch_size": 8,
-                "daguerre_version": "scale", "timings": timings, "node_id": "n",
-                "actor_id": "a", "run_id": run_id, "created_at": now, "status": "ok",
-            })  # fmt: skip
-        table = pa.Table.from_pylist(records, schema=schema)
-        storage.write_table(fragment_key(METADATA, run_id, [r["id"] for r in records]), table)
+    batches = pads.dataset(manifest).to_batches(batch_size=per * 100)
+    done = 0
+    for batch in batches:  # a chunk at a time: this process stays small
+        rows = batch.to_pylist()[: finished - done]
+        for start in range(0, len(rows), per):
+            records = [_record(row, storage, weights, run_id, now, timings)
+                       for row in rows[start : start + per]]  # fmt: skip
+            table = pa.Table.from_pylist(records, schema=schema)
+            storage.write_table(fragment_key(METADATA, run_id, [r["id"] for r in records]), table)
+        done += len(rows)
+        if done >= finished:
+            break
+
+
+def _record(row: dict, storage, weights: str, run_id: str, now, timings: dict) -> dict:  # noqa: ANN001
+    from daguerre.pipeline.schema import validate_request
+
+    request = validate_request(row)
+    return {
+        **request.model_dump(exclude={"model"}), "speed": request.speed.value,
+        "scheduler": request.scheduler.value, "model": "tiny",
+        "uri": f"{storage.url('images')}/{request.id}.png", "sha256": "0" * 64,
+        "request_fingerprint": request.fingerprint(64, 64), "weights_hash": weights,
+        "scheduler_config": "{}", "backend": {}, "batch_size": 8,
+        "daguerre_version": "scale", "timings": timings, "node_id": "n",
+        "actor_id": "a", "run_id": run_id, "created_at": now, "status": "ok",
+    }  # fmt: skip
 
 
 def time_resume_read(out: Path) -> dict:

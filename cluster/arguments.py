@@ -119,7 +119,7 @@ def _generate_parser(sub: Any) -> None:
         "--limit",
         type=_positive,
         metavar="N",
-        help="only the first N rows not yet finished (a trial; a later run does the rest)",
+        help="only N rows not yet finished (a trial; a later run does the rest)",
     )
     gen.add_argument("--verbose", action="store_true", help="Ray's own logs and progress bars")
     gen.add_argument("--no-progress", action="store_true", help="no progress lines")

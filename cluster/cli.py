@@ -216,8 +216,6 @@ def print_summary(summary: Any) -> None:
         ("skipped as done", f"{summary.skipped_done} (finished before)"),
         ("errors", errors),
         ("wall time", f"{summary.wall_s:.1f} s"),
-        ("planning", f"{summary.planning_s or 0:.1f} s (duplicates, finished ids, resume check)"),
-        ("driver peak memory", f"{summary.driver_peak_rss_mib or 0:.0f} MiB"),
         *figure_rows(dataclasses.asdict(summary)),
         *stage_rows(summary.stage_s),
     ]  # fmt: skip

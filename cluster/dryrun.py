@@ -46,20 +46,19 @@ class DryRun:
 def dry_run(manifest: str, output: str, config: JobConfig, *, address: str | None = None,
             overwrite: bool = False, limit: int | None = None) -> DryRun:  # fmt: skip
     """Check and count what `run_job` would do with these arguments."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    import numpy as np
 
     served = served_engine(config, address)
     plan = check_inputs(manifest, config, local=address is None, served=served)
     storage = Storage(output, plan.config.storage)
     plan_resume(plan, storage, overwrite, distributed=False)  # no Ray in a dry run
     table = manifest_rows(plan)
-    table = table.slice(0, limit) if limit is not None else table
-    digests = id_digests(pc.cast(table.column("id"), pa.string()))
-    duplicated, finished_mask = (
-        plan.ids.duplicates.contains(digests),
-        plan.ids.skip.contains(digests),
-    )
+    digests = id_digests(table.column("id"))
+    duplicated = plan.ids.duplicates.contains(digests)
+    finished_mask = plan.ids.skip.contains(digests)
+    if limit is not None:  # as the job: --limit counts rows not yet finished
+        keep = np.flatnonzero(~finished_mask)[:limit]
+        table, duplicated, finished_mask = table.take(keep), duplicated[keep], finished_mask[keep]
     names = [plan.config.engine.model, plan.model.name]
     invalid: collections.Counter[str] = collections.Counter()
     buckets: collections.Counter[tuple] = collections.Counter()

@@ -159,7 +159,8 @@ def _last_run(record: dict[str, Any], rows: list[dict]) -> dict[str, Any]:
     """The figures of the latest run as its record states them (the summary it printed)."""
     keys = ("run_id", "started_at", "ended_at", "generated", "skipped_done", "errors",
             "startup_s", "steady_images_per_s", "end_to_end_images_per_s", "mean_engine_batch",
-            "engine_busy_fraction_mean", "gpu_seconds_per_image", "cost_per_1000_images")  # fmt: skip
+            "engine_busy_fraction_mean", "gpu_seconds_per_image", "cost_per_1000_images",
+            "planning_s", "driver_peak_rss_mib")  # fmt: skip
     out = {k: record.get(k) for k in keys}
     out["images_now"] = sum(1 for r in rows if r["run_id"] == record.get("run_id"))
     return out
@@ -182,6 +183,8 @@ FIGURES = (  # (label, key, unit, what it measures): the same words wherever fig
     ("engine busy", "engine_busy_fraction_mean", "", "engine actors' time inside generate"),
     ("GPU-seconds/image", "gpu_seconds_per_image", " s", "engine actors' time per image"),
     ("cost per 1,000 images", "cost_per_1000_images", "", "at cost.gpu_hour_usd"),
+    ("planning", "planning_s", " s", "duplicates, finished ids, resume check"),
+    ("driver peak memory", "driver_peak_rss_mib", " MiB", "the job's driver process"),
 )
 
 
