@@ -111,7 +111,7 @@ def time_resume_read(out: Path) -> dict:
     """Seconds to build the finished-id index from the output's metadata, in one process."""
     from daguerre.cluster.planning import (
         FINISHED_COLUMNS,
-        ManifestSource,
+        ParquetSource,
         _LocalRunner,
         finished_block,
         merge_finished,
@@ -122,9 +122,9 @@ def time_resume_read(out: Path) -> dict:
     storage = Storage(str(out))
     t0 = time.perf_counter()
     files = metadata_files(storage)
-    source = ManifestSource(storage, files).batches(FINISHED_COLUMNS)
-    index, _ = _LocalRunner().map_merge_pair(source, lambda b: finished_block(b, "w"),
-                                             merge_finished)  # fmt: skip
+    source = ParquetSource(storage, files).batches(FINISHED_COLUMNS)
+    index, _ = _LocalRunner().map_merge(source, lambda b: finished_block(b, "w"),
+                                        merge_finished)  # fmt: skip
     return {"seconds": round(time.perf_counter() - t0, 2), "fragments": len(files),
             "finished_ids": len(index)}  # fmt: skip
 

@@ -331,9 +331,24 @@ class Tally:
         import collections
 
         self.written = array.array("d")  # when each image was written (Unix seconds)
+        self.first_written, self.last_written, self.at_first = float("inf"), 0.0, 0
         self.batch_sizes: collections.Counter[int] = collections.Counter()
         self.last_seen: dict[str, float] = {}  # engine actor -> when it last delivered
         self.busy: dict[str, list[float]] = {}  # engine actor -> [busy_s, since, until]
+
+    def add_written(self, at: float) -> None:
+        self.written.append(at)
+        if at < self.first_written:
+            self.first_written, self.at_first = at, 1
+        elif at == self.first_written:
+            self.at_first += 1
+        self.last_written = max(self.last_written, at)
+
+    def rate(self) -> float | None:
+        """Images/s since the first image was written (start-up left out), as
+        speed_figures_s's steady figure, kept as the images come."""
+        span = self.last_written - self.first_written
+        return (len(self.written) - self.at_first) / span if span > 0 else None
 
     def add_busy(self, actor: str | None, busy_s: float | None, since: float | None,
                  until: float | None) -> None:  # fmt: skip
@@ -365,7 +380,7 @@ def _tally(summary: JobSummary, batches: Any, todo: int, progress: bool,
         for row in batch.to_pylist():
             if row["status"] == "ok":
                 summary.generated += 1
-                tally.written.append(row["written_at"])
+                tally.add_written(row["written_at"])
                 tally.batch_sizes[row["batch_size"]] += 1
                 tally.last_seen[row["actor_id"]] = time.time()
                 tally.add_busy(row["actor_id"], row["engine_busy_s"], row["engine_since"],
@@ -381,22 +396,21 @@ def _tally(summary: JobSummary, batches: Any, todo: int, progress: bool,
             now = time.time()
             busy = sum(1 for t in tally.last_seen.values() if now - t <= 2 * PROGRESS_EVERY_S)
             summary.engine_actors_over_time.append([round(shown - t_start, 1), busy])
-            _update_progress(summary, todo, tally.written)
+            _update_progress(summary, todo, tally.rate())
             if progress:
-                print(progress_line(summary, todo, tally.written, busy), file=sys.stderr,
+                print(progress_line(summary, todo, tally.rate(), busy), file=sys.stderr,
                       flush=True)  # fmt: skip
             if on_progress is not None:
                 on_progress()
     summary.stage_s = stage_s
     summary.engine_actors = len(tally.last_seen)
     summary.mean_engine_batch = mean_engine_batch_counts(tally.batch_sizes)
-    _update_progress(summary, todo, tally.written)
+    _update_progress(summary, todo, tally.rate())
     return tally
 
 
-def _update_progress(summary: JobSummary, todo: int, written: Any) -> None:
+def _update_progress(summary: JobSummary, todo: int, rate: float | None) -> None:
     done = summary.generated + summary.errors
-    rate = _rate(written)
     summary.progress = {
         "rows_done": done, "rows_total": todo, "images": summary.generated,
         "errors": summary.errors, "images_per_s": None if rate is None else round(rate, 4),
@@ -405,18 +419,9 @@ def _update_progress(summary: JobSummary, todo: int, written: Any) -> None:
     }  # fmt: skip
 
 
-def _rate(written: Any) -> float | None:
-    """Images/s since the first image was written (start-up left out)."""
-    if len(written) < 2:
-        return None
-    first, last = min(written), max(written)
-    return sum(1 for t in written if t > first) / (last - first) if last > first else None
-
-
-def progress_line(summary: JobSummary, todo: int, written: Any, actors: int = 0) -> str:
+def progress_line(summary: JobSummary, todo: int, rate: float | None, actors: int = 0) -> str:
     """`daguerre: 122/1000 rows done (120 images, 2 errors), 3.20 images/s, ETA 4m35s, 2 engine actors`"""
     done = summary.generated + summary.errors
-    rate = _rate(written)
     text = (f"daguerre: {done}/{todo} rows done ({summary.generated} images, "
             f"{summary.errors} errors)")  # fmt: skip
     if rate:
@@ -442,9 +447,11 @@ def _finish_figures(summary: JobSummary, tally: Tally | None, started: dt.dateti
     busy_total = sum(b for b, _, _ in tally.busy.values())
     span_total = tally.engine_seconds()
     summary.engine_busy_fraction_mean = round(busy_total / span_total, 4) if span_total else None
-    summary.cost = cost_figures(span_total, summary.generated, plan.config)
-    summary.gpu_seconds_per_image = summary.cost.pop("gpu_seconds_per_image")
-    summary.cost_per_1000_images = summary.cost.pop("cost_per_1000_images")
+    config = plan.config
+    summary.cost = {"gpu_hour_price": config.cost.gpu_hour_usd, "currency": config.cost.currency}
+    summary.gpu_seconds_per_image, summary.cost_per_1000_images = cost_figures(
+        span_total, summary.generated, config
+    )
 
 
 def _peak_rss_mib() -> float | None:
@@ -460,18 +467,18 @@ def _peak_rss_mib() -> float | None:
     return None
 
 
-def cost_figures(engine_seconds: float, images: int, config: JobConfig) -> dict[str, Any]:
-    """GPU-seconds per image (engine actors' time from their first call to their last, times
-    the GPUs each holds; model loading left out) and, with a price, cost per 1,000 images."""
+def cost_figures(engine_seconds: float, images: int,
+                 config: JobConfig) -> tuple[float | None, float | None]:  # fmt: skip
+    """(GPU-seconds per image, cost per 1,000 images): engine actors' time from their first
+    call to their last, times the GPUs each holds (model loading left out); the cost only
+    with a price."""
     gpus = config.actor_num_gpus if config.engine.device != "cpu" else 1.0
-    per_image = engine_seconds * (gpus or 1.0) / images if images else None
+    if not images:
+        return None, None
+    per_image = engine_seconds * (gpus or 1.0) / images
     price = config.cost.gpu_hour_usd
-    per_1000 = None if per_image is None or price is None else per_image * 1000 / 3600 * price
-    return {
-        "gpu_seconds_per_image": None if per_image is None else round(per_image, 4),
-        "gpu_hour_price": price, "currency": config.cost.currency,
-        "cost_per_1000_images": None if per_1000 is None else round(per_1000, 4),
-    }  # fmt: skip
+    per_1000 = None if price is None else round(per_image * 1000 / 3600 * price, 4)
+    return round(per_image, 4), per_1000
 
 
 def write_run_record(storage: Storage, summary: JobSummary, plan: JobPlan,

@@ -165,7 +165,7 @@ def plan_resume(plan: JobPlan, storage: Storage, overwrite: bool, *,
     """Find the manifest's duplicated ids and compare what is already finished under the
     output with what this run asks: fill `plan.ids`, or raise ResumeConflict naming the
     difference. A manifest over `plan_in_driver_rows` is planned through Ray Data."""
-    from .planning import ManifestSource, plan_id_sets
+    from .planning import ParquetSource, plan_id_sets
 
     if distributed is None:
         distributed = plan.manifest.rows > plan.config.plan_in_driver_rows
@@ -173,7 +173,7 @@ def plan_resume(plan: JobPlan, storage: Storage, overwrite: bool, *,
         from .runtime import init_ray
 
         init_ray(address, verbose=verbose)
-    source = ManifestSource(Storage(plan.manifest.uri, plan.config.storage), plan.manifest.files,
+    source = ParquetSource(Storage(plan.manifest.uri, plan.config.storage), plan.manifest.files,
                             plan.manifest.table, distributed=distributed)  # fmt: skip
     asked_hash = plan.model.weights_hash()
     sets = plan_id_sets(source, storage, asked_hash, plan.config.limits.model_dump(),

@@ -138,15 +138,16 @@ def resume_block(batch: Any, finished: IdIndex, limits: dict[str, Any], default_
     return pa.table({"digest": digest_column, "findings": findings_column})
 
 
-def merge_resume(finished: IdIndex, tables: list[Any]) -> tuple[IdIndex, IdIndex, ResumeFindings]:
-    """(skip, redo, findings): skip holds the finished ids that stay as they are."""
+def merge_resume(finished: IdIndex, tables: list[Any]) -> tuple[IdIndex, ResumeFindings]:
+    """(skip, findings): skip holds the finished ids that stay as they are (the others are
+    made again)."""
     findings = ResumeFindings()
     for table in tables:
         for text in table["findings"].drop_null().to_pylist():
             findings = findings.merge(ResumeFindings(**json.loads(text)))
     redo = IdIndex.build(_cat(tables, "digest"))
     keep = ~redo.contains(finished.digests) if len(redo) else np.ones(len(finished), bool)
-    return IdIndex(finished.digests[keep]), redo, findings
+    return IdIndex(finished.digests[keep]), findings
 
 
 # -- running them ------------------------------------------------------------------------
@@ -174,7 +175,7 @@ class IdSets:
 def plan_id_sets(manifest: Any, output: Storage, asked_hash: str, limits: dict[str, Any],
                  default_side: int, distributed: bool) -> IdSets:  # fmt: skip
     """Duplicates, finished ids and what a rerun would make again, for `manifest` (a
-    `ManifestSource`) against `output`."""
+    `ParquetSource`) against `output`."""
     runner = _RayRunner() if distributed else _LocalRunner()
     duplicates = runner.map_merge(manifest.batches(["id"]), digest_block, merge_duplicates)
     sets = IdSets(duplicates=duplicates, skip=IdIndex.empty(), distributed=distributed)
@@ -182,7 +183,7 @@ def plan_id_sets(manifest: Any, output: Storage, asked_hash: str, limits: dict[s
     finished, others = _finished_index(runner, output, asked_hash, distributed)
     if finished is None:
         return sets
-    skip, _, findings = runner.resume(manifest.batches(None), finished, limits, default_side)
+    skip, findings = runner.resume(manifest.batches(None), finished, limits, default_side)
     findings.other_models = runner.get(others)
     sets.skip, sets.findings = skip, findings
     return sets
@@ -198,11 +199,11 @@ def _finished_index(runner: Any, output: Storage, asked_hash: str, distributed: 
         files = metadata_files(output)
         if not files:
             return None, None
-        source = ManifestSource(output, files, distributed=distributed, schema=record_schema())
+        source = ParquetSource(output, files, distributed=distributed, schema=record_schema())
         try:
-            return runner.map_merge_pair(source.batches(FINISHED_COLUMNS),
-                                         lambda b: finished_block(b, asked_hash),
-                                         merge_finished)  # fmt: skip
+            return runner.map_merge(source.batches(FINISHED_COLUMNS),
+                                    lambda b: finished_block(b, asked_hash), merge_finished,
+                                    returns=2)  # fmt: skip
         except Exception as exc:  # a Ray task's error wraps the vanished file's
             if attempt == READ_RELISTS - 1 or not vanished(exc):
                 raise
@@ -220,11 +221,8 @@ def _cat(tables: list[Any], key: str) -> np.ndarray:
 class _LocalRunner:
     """Runs the block functions in this process."""
 
-    def map_merge(self, batches: Any, block_fn: Any, merge_fn: Any) -> Any:
+    def map_merge(self, batches: Any, block_fn: Any, merge_fn: Any, returns: int = 1) -> Any:
         return merge_fn([block_fn(b) for b in batches])
-
-    def map_merge_pair(self, batches: Any, block_fn: Any, merge_fn: Any) -> tuple[Any, Any]:
-        return self.map_merge(batches, block_fn, merge_fn)
 
     def resume(self, batches: Any, finished: IdIndex, limits: dict, side: int) -> tuple:
         return merge_resume(finished, [resume_block(b, finished, limits, side) for b in batches])
@@ -251,25 +249,22 @@ class _RayRunner:
                                      batch_format="pyarrow", batch_size=None)  # fmt: skip
         return mapped.to_arrow_refs()
 
-    def map_merge(self, dataset: Any, block_fn: Any, merge_fn: Any) -> Any:
+    def map_merge(self, dataset: Any, block_fn: Any, merge_fn: Any, returns: int = 1) -> Any:
+        """A ref to merge_fn's result (a tuple of refs when it returns `returns` values)."""
         import ray
 
-        return ray.remote(_merge_task).remote(merge_fn, *self._tables(dataset, block_fn))
-
-    def map_merge_pair(self, dataset: Any, block_fn: Any, merge_fn: Any) -> tuple[Any, Any]:
-        import ray
-
-        task = ray.remote(num_returns=2)(_merge_task)
-        return tuple(task.remote(merge_fn, *self._tables(dataset, block_fn)))
+        task = ray.remote(num_returns=returns)(_merge_task)
+        refs = task.remote(merge_fn, *self._tables(dataset, block_fn))
+        return tuple(refs) if returns > 1 else refs
 
     def resume(self, dataset: Any, finished: Any, limits: dict, side: int) -> tuple:
         import ray
 
         tables = self._tables(dataset, _resume_task, finished_ref=finished, limits=limits,
                               side=side)  # fmt: skip
-        merge = ray.remote(num_returns=3)(_merge_resume_task)
-        skip, redo, findings = merge.remote(finished, *tables)
-        return skip, redo, ray.get(findings)
+        merge = ray.remote(num_returns=2)(_merge_resume_task)
+        skip, findings = merge.remote(finished, *tables)
+        return skip, ray.get(findings)
 
     def size(self, ref: Any) -> int:
         import ray
@@ -300,7 +295,7 @@ def _chunk_task(storage: Storage, files: list[str], columns: list[str] | None, s
                 block_fn: Any, fn_kwargs: dict[str, Any]) -> Any:  # fmt: skip
     import pyarrow as pa
 
-    source = ManifestSource(storage, files, schema=schema)
+    source = ParquetSource(storage, files, schema=schema)
     tables = [block_fn(pa.Table.from_batches([batch]), **fn_kwargs)
               for batch in source.batches(columns)]  # fmt: skip
     return pa.concat_tables(tables) if tables else None
@@ -320,7 +315,7 @@ def _merge_resume_task(finished: IdIndex, *tables: Any) -> tuple:
     return merge_resume(finished, [t for t in tables if t is not None])
 
 
-class ManifestSource:
+class ParquetSource:
     """Parquet files (or an in-memory table) a planning pass reads in blocks: in this
     process as pyarrow batches, or as a Ray Data dataset when Ray runs the pass."""
 

@@ -304,7 +304,7 @@ def write_batch(batch: Any, output: Storage, run_id: str, version: str,
                 reason=row["error_reason"], run_id=run_id, created_at=_utc(now),
                 row=row["row"] or (row["request"] or "")[:MAX_ERROR_ROW_CHARS],
             ))  # fmt: skip
-    stored, failed = _write_images(images, output, run_id, version, now, layout)
+    stored, failed = _write_or_record(images, output, run_id, version, now, layout)
     errors += failed
     write_errors(errors, output, run_id)
     _record_metrics(stored, errors, time.time() - now)
@@ -330,7 +330,7 @@ def _record_metrics(stored: list[Any], errors: list[ErrorRecord], seconds: float
         metrics.record_errors(stage, field, count)
 
 
-def _write_images(images: list, output: Storage, run_id: str, version: str, now: float,
+def _write_or_record(images: list, output: Storage, run_id: str, version: str, now: float,
                   layout: OutputLayout) -> tuple[list[Any], list[ErrorRecord]]:  # fmt: skip
     """Write a batch's images and metadata fragment: (stored, []), or, when the storage
     still fails after its retries, ([], one `write` error per image): without a metadata

@@ -44,21 +44,23 @@ def latest_rows(table: Any) -> Any:
     return _first_per_id(table.sort_by(order))
 
 
-def fragment_files(storage: Storage, prefix: str) -> list[str]:
-    """The Parquet fragments under `prefix` (paths), skipping names starting with '.' or '_'."""
-    path = storage.path(prefix)
+def fragment_sizes(storage: Storage, prefix: str) -> dict[str, int]:
+    """The Parquet fragments under `prefix` (paths) and their sizes, from one listing;
+    names starting with '.' or '_' (partial writes, journals) are skipped."""
     try:
-        names = storage.fs.find(path)
+        found = storage.fs.find(storage.path(prefix), detail=True)
     except FileNotFoundError:
-        return []
-    return sorted(
-        n for n in names
-        if n.endswith(".parquet") and not posixpath.basename(n).startswith((".", "_"))
-    )  # fmt: skip
+        return {}
+    return {
+        path: int(info.get("size") or 0)
+        for path, info in sorted(found.items())
+        if path.endswith(".parquet") and not posixpath.basename(path).startswith((".", "_"))
+    }  # fmt: skip
 
 
 def metadata_files(storage: Storage) -> list[str]:
-    return fragment_files(storage, METADATA)
+    """The metadata fragments' paths, sorted."""
+    return list(fragment_sizes(storage, METADATA))
 
 
 def read_metadata(storage: Storage, columns: list[str] | None = None) -> Any:

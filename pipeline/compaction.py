@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .catalog import latest_rows
+from .catalog import fragment_sizes, latest_rows
 from .schema import error_schema, record_schema
 from .storage import ERRORS, METADATA, Storage, StorageError
 
@@ -66,7 +65,7 @@ def compact_table(storage: Storage, table: str, target_bytes: int,
     fence = fence or (lambda: None)
     result = CompactionResult(table=table)
     _finish_journal(storage, table, fence)
-    sizes = fragment_sizes(storage, table)
+    sizes = _fragment_keys(storage, table)
     sources = sorted(k for k, size in sizes.items() if size < target_bytes / 2)
     if len(sources) < 2:
         result.files_after = len(sizes)
@@ -93,18 +92,10 @@ def compact_table(storage: Storage, table: str, target_bytes: int,
     return result
 
 
-def fragment_sizes(storage: Storage, table: str) -> dict[str, int]:
-    """Keys (relative to the output) and sizes of the fragments of `table`, from one listing."""
+def _fragment_keys(storage: Storage, table: str) -> dict[str, int]:
+    """Keys (relative to the output, as the journal keeps them) and sizes of the fragments."""
     root = storage.root.rstrip("/") + "/"
-    try:
-        found = storage.fs.find(storage.path(table), detail=True)
-    except FileNotFoundError:
-        return {}
-    return {
-        path.removeprefix(root): int(info.get("size") or 0)
-        for path, info in found.items()
-        if path.endswith(".parquet") and not posixpath.basename(path).startswith((".", "_"))
-    }  # fmt: skip
+    return {path.removeprefix(root): size for path, size in fragment_sizes(storage, table).items()}
 
 
 def _groups(sources: list[str], sizes: dict[str, int], target_bytes: int) -> list[list[str]]:

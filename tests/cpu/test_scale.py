@@ -17,7 +17,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from daguerre.cluster.job import finish_output, run_job
-from daguerre.cluster.planning import ManifestSource, plan_id_sets
+from daguerre.cluster.planning import ParquetSource, plan_id_sets
 from daguerre.pipeline.catalog import metadata_files, read_metadata
 from daguerre.pipeline.compaction import JOURNAL, compact_table
 from daguerre.pipeline.config import EngineConfig, JobConfig
@@ -92,7 +92,7 @@ def test_planning_in_the_driver_and_through_ray_data_agree(planned_job, monkeypa
     asked = describe_model("tiny").weights_hash()
     found = {}
     for distributed in (False, True):
-        source = ManifestSource(Storage(path), [path], distributed=distributed)
+        source = ParquetSource(Storage(path), [path], distributed=distributed)
         sets = plan_id_sets(source, out, asked, cfg.limits.model_dump(), 64, distributed)
         skip = ray.get(sets.skip) if distributed else sets.skip
         found[distributed] = (sets.duplicate_ids, sets.findings, skip.digests.tolist())
@@ -162,7 +162,7 @@ def test_compaction_is_exactly_once_under_readers_and_resumes(tmp_path):
     manifest = write_manifest(
         [{"id": i, "prompt": "p"} for i in sorted(ids)], tmp_path / "m.parquet"
     )
-    source = ManifestSource(Storage(manifest), [manifest])
+    source = ParquetSource(Storage(manifest), [manifest])
     seen: list[str] = []
     stop = threading.Event()
 
