@@ -2,12 +2,17 @@
 
 Both turn into `ImageRequest`s validated with the deployment's `RequestLimits`, so a
 request is accepted or refused online exactly as a manifest row would be, with the
-same messages. Only what is HTTP-specific (`n`, `size`, `response_format`) is checked
-here. Light to import: pydantic and the standard library.
+same messages. The HTTP models add what is HTTP-specific (`n`, `size`,
+`response_format`) and strict JSON types: a number sent as a string, or `true` for an
+integer, is refused, as the OpenAPI document (cluster/openapi.py) says. Light to
+import: pydantic and the standard library.
 
 Online ids never collide: every request's images are stored under a namespace of
-their own, `online/<day>/<request>/`, followed by the id the client sent (kept as
-`client_id`) or the image's index.
+their own, `online/<day>/<request>/<i>` (i: the image's index in the request); an id
+the client sent is kept beside it as `client_id`, and may repeat.
+
+One rule the document cannot state is checked here: the compute budget, pixels x steps
+x images per request (`ServeConfig.max_request_pixel_steps`).
 """
 
 from __future__ import annotations
@@ -16,12 +21,11 @@ import datetime as dt
 import re
 import uuid
 from enum import Enum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, field_validator
 
 from ..pipeline.schema import (
-    MAX_ID_CHARS,
     SEED_LIMIT,
     FieldError,
     ImageRecord,
@@ -33,12 +37,27 @@ from ..pipeline.schema import (
 )
 
 MAX_N = 10  # OpenAI's limit on `n`
-_SIZE = re.compile(r"^\s*(\d{1,6})\s*[xX]\s*(\d{1,6})\s*$")
+# "WIDTHxHEIGHT": decimal sides without leading zeros, a lowercase x, nothing around.
+SIZE_PATTERN = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")
+
+
+def _integral(v: Any) -> Any:
+    """3.0 as 3: JSON Schema counts a number with a zero fraction as an integer."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(_integral), Strict()]  # no "5", no true, no 2.5
+Float = Annotated[float, Strict()]  # JSON numbers only (integers are numbers)
 
 
 def online_namespace() -> str:
     """The key prefix of one online request's images: `online/<day>/<random>`."""
     return f"online/{dt.datetime.now(dt.timezone.utc):%Y%m%d}/{uuid.uuid4().hex[:16]}"
+
+
+def _about(field: str) -> str:
+    """The description of an `ImageRequest` field (one wording for manifests and HTTP)."""
+    return ImageRequest.model_fields[field].description or ""
 
 
 class ResponseFormat(str, Enum):
@@ -53,7 +72,9 @@ class ImagesGenerationRequest(BaseModel):
 
     prompt: str = Field(description="Text the images should show.")
     model: str | None = Field(None, description="A served model; default: the first one.")
-    n: int = Field(1, ge=1, le=MAX_N, description="Images to make; image i gets seed + i.")
+    n: Int = Field(
+        1, ge=1, le=MAX_N, description="Images to make; image i gets seed + i (mod 2**63)."
+    )
     size: str | None = Field(
         None, description='"WIDTHxHEIGHT" such as "512x512", or "auto" for the model default.'
     )
@@ -63,32 +84,33 @@ class ImagesGenerationRequest(BaseModel):
     output_format: Literal["png"] | None = Field(None, description="Only png is produced.")
     user: str | None = Field(None, max_length=256, description="End-user id, kept in the metadata.")
     # daguerre extensions
-    negative_prompt: str = Field("", description="Text the images should not show.")
-    seed: int | None = Field(
+    negative_prompt: str = Field("", description=_about("negative_prompt"))
+    seed: Int | None = Field(
         None, ge=0, lt=SEED_LIMIT, description="Seed of the first image; random when missing."
     )
-    steps: int | None = Field(None, description="Denoising steps (default 30).")
-    guidance_scale: float | None = Field(None, description="Classifier-free guidance scale.")
+    steps: Int | None = Field(None, description="Denoising steps (default 30).")
+    guidance_scale: Float | None = Field(None, description=_about("guidance_scale"))
     scheduler: Scheduler | None = Field(None, description="Sampler.")
-    speed: Speed | None = Field(None, description="exact (default) or cached (step caching).")
+    speed: Speed | None = Field(None, description=_about("speed"))
 
     @field_validator("size")
     @classmethod
     def _check_size(cls, v: str | None) -> str | None:
-        if v is None or v == "auto" or _SIZE.match(v):
+        if v is None or v == "auto" or SIZE_PATTERN.fullmatch(v):
             return v
         raise ValueError('must be "WIDTHxHEIGHT" such as "512x512", or "auto"')
 
     def dimensions(self) -> tuple[int | None, int | None]:
         """(width, height) asked for; None where the model's default applies."""
-        match = _SIZE.match(self.size or "")
+        match = SIZE_PATTERN.fullmatch(self.size or "")
         return (int(match[1]), int(match[2])) if match else (None, None)
 
     def image_requests(
         self, namespace: str, base_seed: int, limits: RequestLimits
     ) -> list[ImageRequest] | list[FieldError]:
-        """One `ImageRequest` per image (image i: id `<namespace>/<i>`, seed `base_seed + i`),
-        or what is wrong."""
+        """One `ImageRequest` per image (image i: id `<namespace>/<i>`, seed
+        `(base_seed + i) mod 2**63`, so every valid seed is valid for every n), or what is
+        wrong."""
         width, height = self.dimensions()
         row: dict[str, Any] = {
             "prompt": self.prompt,
@@ -103,8 +125,8 @@ class ImagesGenerationRequest(BaseModel):
         }
         requests: list[ImageRequest] = []
         for i in range(self.n):
-            result = validate_request({**row, "id": f"{namespace}/{i}", "seed": base_seed + i},
-                                      limits)  # fmt: skip
+            seed = (base_seed + i) % SEED_LIMIT
+            result = validate_request({**row, "id": f"{namespace}/{i}", "seed": seed}, limits)
             if isinstance(result, list):
                 return [_openai_field(e) for e in result]
             requests.append(result)
@@ -118,6 +140,84 @@ def _openai_field(error: FieldError) -> FieldError:
     if error.field == "width,height":
         return FieldError(field="size", reason=error.reason)
     return error
+
+
+def over_budget(requests: list[ImageRequest], default_side: int, budget: int | None,
+                field: str) -> list[FieldError]:  # fmt: skip
+    """The error of a request whose images together ask for more than `budget`
+    pixel-steps (width x height x steps, summed), or none."""
+    work = [r.resolved_size(default_side) + (r.steps,) for r in requests]
+    total = sum(w * h * steps for w, h, steps in work)
+    if budget is None or total <= budget:
+        return []
+    w, h, steps = max(work, key=lambda s: s[0] * s[1] * s[2])
+    reason = (
+        f"{len(requests)} image(s) up to {w}x{h} at {steps} steps is {total:,} pixel-steps "
+        f"(width x height x steps, summed); this server allows at most {budget:,} per request: "
+        "ask for fewer images, fewer steps or a smaller size, or split the request"
+    )
+    return [FieldError(field=field, reason=reason)]
+
+
+class ImageRequestIn(BaseModel):
+    """One image of `POST /v1/generate`: the manifest's columns, strictly typed; null or
+    missing takes the default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = Field(
+        None, description="The client's id, kept as `client_id` (same rules as a manifest id; "
+        "may repeat). The image is stored as `online/<day>/<request>/<i>`.",
+    )  # fmt: skip
+    prompt: str = Field(description=_about("prompt"))
+    negative_prompt: str | None = Field(None, description=_about("negative_prompt"))
+    seed: Int | None = Field(None, description="Seed of this image's noise; random when missing.")
+    steps: Int | None = Field(None, description=_about("steps") + " Default 30.")
+    guidance_scale: Float | None = Field(None, description=_about("guidance_scale"))
+    width: Int | None = Field(None, description=_about("width"))
+    height: Int | None = Field(None, description=_about("height"))
+    scheduler: Scheduler | None = Field(None, description=_about("scheduler"))
+    speed: Speed | None = Field(None, description=_about("speed"))
+    model: str | None = Field(None, description="A served model; must agree with the call's.")
+    metadata: dict[str, str] | None = Field(None, description=_about("metadata"))
+
+
+class GenerateRequest(BaseModel):
+    """`POST /v1/generate`: one or more images, each an `ImageRequestIn`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[ImageRequestIn] = Field(min_length=1, description="The images to make.")
+    model: str | None = Field(None, description="A served model; default: the first one.")
+    response_format: ResponseFormat = ResponseFormat.b64_json
+
+    def models(self) -> set[str]:
+        """Every model the call names."""
+        named = {r.model for r in self.requests if r.model is not None}
+        return named | ({self.model} if self.model is not None else set())
+
+    def image_requests(
+        self, namespace: str, limits: RequestLimits
+    ) -> tuple[list[ImageRequest], dict[str, str]] | list[FieldError]:
+        """Validated requests stored as `<namespace>/<i>` and {stored id: client id}, or
+        every field error."""
+        requests: list[ImageRequest] = []
+        client_ids: dict[str, str] = {}
+        errors: list[FieldError] = []
+        for i, item in enumerate(self.requests):
+            row = item.model_dump(exclude_none=True, mode="json")
+            row.pop("model", None)
+            result = validate_request({**row, "id": row.get("id", str(i))}, limits)
+            if isinstance(result, list):
+                errors += [
+                    FieldError(field=f"requests.{i}.{e.field}", reason=e.reason) for e in result
+                ]
+                continue
+            stored = result.model_copy(update={"id": f"{namespace}/{i}"})
+            if item.id is not None:
+                client_ids[stored.id] = item.id
+            requests.append(stored)
+        return errors or (requests, client_ids)
 
 
 class ImageData(BaseModel):
@@ -135,58 +235,8 @@ class ImagesResponse(BaseModel):
     data: list[ImageData]
 
 
-class GenerateRequest(BaseModel):
-    """`POST /v1/generate`: one or more `ImageRequest`s (ids are assigned where missing)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    requests: list[dict[str, Any]] = Field(
-        min_length=1, description="ImageRequest objects (see the manifest columns)."
-    )
-    model: str | None = Field(None, description="A served model; default: the first one.")
-    response_format: ResponseFormat = ResponseFormat.b64_json
-
-    def image_requests(
-        self, namespace: str, limits: RequestLimits
-    ) -> tuple[list[ImageRequest], dict[str, str]] | list[FieldError]:
-        """Validated requests stored under `namespace` (`<namespace>/<the client's id>`, or
-        `<namespace>/<i>` without one) and {stored id: client id}, or every field error."""
-        requests: list[ImageRequest] = []
-        client_ids: dict[str, str] = {}
-        errors: list[FieldError] = []
-        room = MAX_ID_CHARS - len(namespace) - 1
-        for i, row in enumerate(self.requests):
-            given = row.get("id")
-            row = {**row, "id": str(i)} if given is None else row
-            if self.model is not None and row.get("model") not in (None, self.model):
-                errors.append(
-                    FieldError(
-                        field=f"requests.{i}.model",
-                        reason=f"{row['model']!r} differs from the request's model {self.model!r}",
-                    )
-                )
-                continue
-            result = validate_request(row, limits)
-            if not isinstance(result, list) and len(result.id) > room:
-                result = [FieldError(field="id", reason=f"is {len(result.id)} characters long; "
-                                     f"at most {room} allowed online (stored under {namespace}/)")]  # fmt: skip
-            if isinstance(result, list):
-                errors += [
-                    FieldError(field=f"requests.{i}.{e.field}", reason=e.reason) for e in result
-                ]
-                continue
-            stored = result.model_copy(update={"id": f"{namespace}/{result.id}"})
-            if given is not None:
-                client_ids[stored.id] = result.id
-            requests.append(stored)
-        ids = [r.id for r in requests]
-        if len(set(ids)) < len(ids):
-            errors.append(FieldError(field="requests", reason="ids must be unique in one call"))
-        return errors or (requests, client_ids)
-
-
 class GeneratedImageOut(BaseModel):
-    id: str  # the stored id: online/<day>/<request>/<client id or index>
+    id: str  # the stored id: online/<day>/<request>/<i>
     client_id: str | None = None  # the id the client sent, when it sent one
     b64_json: str | None = None
     url: str | None = None
@@ -210,6 +260,22 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+ERROR_MEANINGS = {
+    400: "Invalid request: `error.fields` names every field at fault and why.",
+    401: "Missing or wrong bearer token.",
+    403: "A signed link whose signature does not match, or that has expired.",
+    404: "No such model, route or image.",
+    413: "The body is larger than the server's max_body_bytes.",
+    500: "Generation failed inside the engine (a server fault, logged).",
+    503: "The model is at capacity or restarting: retry after Retry-After seconds.",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error statuses a route answers, all in `ErrorResponse`."""
+    return {s: {"model": ErrorResponse, "description": ERROR_MEANINGS[s]} for s in statuses}
 
 
 def error_body(

@@ -18,6 +18,7 @@ import base64
 import hashlib
 import hmac
 import importlib.resources
+import json
 import logging
 import os
 import secrets
@@ -27,6 +28,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -47,21 +49,69 @@ from .api import (
     ImagesResponse,
     ResponseFormat,
     error_body,
+    error_responses,
     online_namespace,
+    over_budget,
 )
+from .openapi import api_document
 from .replica import EngineLoopFailed, ReplicaImage
 
 logger = logging.getLogger("ray.serve")
 
 # No /docs or /redoc: FastAPI's pages load their scripts from a CDN, which leaves them blank
-# on a cluster without internet. The page at / and /openapi.json work offline.
+# on a cluster without internet. The page at / and /openapi.json work offline; the ingress
+# serves the document itself, corrected for its limits and auth (cluster/openapi.py).
 app = FastAPI(
     title="daguerre",
     description="Diffusion image generation: OpenAI-compatible images API and a native API.",
     version=daguerre.__version__,
     docs_url=None,
     redoc_url=None,
+    openapi_url=None,
 )
+# The largest body this process's ingress replica accepts (set from its ServeConfig).
+_BODY_LIMIT = {"bytes": 1024 * 1024}
+
+
+class ErrorJSON(JSONResponse):
+    """An error body as ASCII JSON: whatever a client sent, echoed, encodes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode()
+
+
+class BodyLimit:
+    """Refuses a body over the limit with 413 before any of it is parsed: by its
+    Content-Length, or while it streams in."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        limit = _BODY_LIMIT["bytes"]
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > limit:
+            reason = "is not a number" if not declared.isdigit() else f"is over {limit} bytes"
+            status = 400 if not declared.isdigit() else 413
+            body = error_body(f"body: Content-Length {reason}", code="payload_too_large"
+                              if status == 413 else "invalid_value")  # fmt: skip
+            return await ErrorJSON(body, status_code=status)(scope, receive, send)
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise StarletteHTTPException(413, f"the body is over {limit} bytes")
+            return message
+
+        await self.inner(scope, limited, send)
+
+
+app.add_middleware(BodyLimit)
 
 
 class ApiError(Exception):
@@ -84,7 +134,7 @@ class ApiError(Exception):
 
 @app.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
+    return ErrorJSON(exc.body, status_code=exc.status, headers=exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -94,15 +144,17 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     if request.method == "POST" and kind != "application/json":
         fields = [FieldError(field="body", reason=f"must be sent as JSON with Content-Type: "
                              f"application/json (got {kind or 'no content type'})")]  # fmt: skip
-    return JSONResponse(error_body(fields=fields, code="invalid_value"), status_code=400)
+    return ErrorJSON(error_body(fields=fields, code="invalid_value"), status_code=400)
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     """Unknown routes and methods answer in the same JSON error shape as everything else."""
     message = f"{request.method} {request.url.path}: {exc.detail}"
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-    return JSONResponse(error_body(message, code=code), status_code=exc.status_code,
+    code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
+        exc.status_code
+    )
+    return ErrorJSON(error_body(message, code=code), status_code=exc.status_code,
                         headers=getattr(exc, "headers", None))  # fmt: skip
 
 
@@ -139,7 +191,7 @@ def _is_image_key(key: str) -> bool:
     parts = key.split("/")
     return (
         len(parts) >= 2 and parts[0] == IMAGES and parts[-1].endswith(".png")
-        and all(_ID_SEGMENT.match(p) for p in parts[1:])
+        and all(_ID_SEGMENT.fullmatch(p) for p in parts[1:])
     )  # fmt: skip
 
 
@@ -152,9 +204,12 @@ def _page() -> str:
 class ApiIngress:
     """Validates, authorises and fans requests out to the engine deployments."""
 
-    def __init__(self, config: ServeConfig, engines: dict[str, Any], url_secret: str):
+    def __init__(self, config: ServeConfig, engines: dict[str, Any], url_secret: str,
+                 default_sides: dict[str, int]):  # fmt: skip
         self.config = ServeConfig.model_validate(config)
         self.engines = engines  # served name -> DeploymentHandle
+        self.default_sides = default_sides  # served name -> the model's native side
+        _BODY_LIMIT["bytes"] = self.config.max_body_bytes
         self.default_model = self.config.models[0].served_name
         self.storage = Storage(self.config.output, self.config.storage)
         self.token = _read_token(self.config)
@@ -162,6 +217,7 @@ class ApiIngress:
         self.run_id = new_run_id(kind="serve")
         self.created = int(time.time())
         self.in_flight = dict.fromkeys(self.engines, 0)  # engine calls this ingress awaits
+        self.document: dict[str, Any] | None = None  # the OpenAPI document, built once
 
     # -- routes --------------------------------------------------------------------------
 
@@ -170,11 +226,20 @@ class ApiIngress:
         """A page to try the API from a browser (no external assets)."""
         return HTMLResponse(_page())
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(self) -> JSONResponse:
+        """The OpenAPI document: the routes, this deployment's limits, its auth."""
+        if self.document is None:
+            base = get_openapi(title=app.title, version=app.version,
+                               description=app.description, routes=app.routes)  # fmt: skip
+            self.document = api_document(base, self.config, auth=self.token is not None)
+        return JSONResponse(self.document)
+
     @app.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
         return {"status": "ok", "models": list(self.engines)}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=error_responses(401))
     async def models(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
         data = [
@@ -183,7 +248,7 @@ class ApiIngress:
         ]
         return {"object": "list", "data": data}
 
-    @app.get("/v1/stats")
+    @app.get("/v1/stats", responses=error_responses(400, 401, 503))
     async def stats(self, request: Request, engines: bool = True) -> dict[str, Any]:
         """Per model: the engine calls this ingress replica awaits, and the counters of one
         engine replica (each call may reach another; `engines=false` skips them)."""
@@ -192,10 +257,17 @@ class ApiIngress:
         for name, handle in self.engines.items():
             out[name] = {"ingress_in_flight": self.in_flight[name]}
             if engines:
-                out[name].update(await handle.stats.remote())
+                try:
+                    out[name].update(await handle.stats.remote())
+                except Exception as exc:  # a replica restarting: say so, keep serving
+                    raise ApiError(503, f"model {name!r}: no stats now ({first_line(exc)})",
+                                   type="server_error", code="unavailable") from None  # fmt: skip
         return out
 
-    @app.post("/v1/images/generations", response_model=ImagesResponse)
+    @app.post("/v1/images/generations", response_model=ImagesResponse,
+              responses=error_responses(400, 401, 404, 413, 500, 503),
+              description="OpenAI's images API. Beyond the schema: the images' pixels x steps "
+              "together within the server's compute budget, else 400 (code over_budget).")  # fmt: skip
     async def images_generations(self, body: ImagesGenerationRequest, request: Request) -> Any:
         self._authorize(request)
         model = self._model(body.model, "model")
@@ -203,29 +275,37 @@ class ApiIngress:
         image_requests = body.image_requests(online_namespace(), base_seed, self.config.limits)
         if image_requests and isinstance(image_requests[0], FieldError):
             raise ApiError(400, fields=image_requests, code="invalid_value")
+        self._check_budget(model, image_requests, "n")
         stored = await self._make(model, image_requests, body.response_format, request, {})
         data = [ImageData(seed=s.record.seed, id=s.record.id, **fields) for s, fields in stored]
         return JSONResponse(
             ImagesResponse(created=int(time.time()), data=data).model_dump(exclude_none=True)
         )
 
-    @app.post("/v1/generate", response_model=GenerateResponse)
+    @app.post("/v1/generate", response_model=GenerateResponse,
+              responses=error_responses(400, 401, 404, 413, 500, 503),
+              description="Native API: each image an ImageRequestIn. Beyond the schema: one "
+              "model per call, each image within max_pixels, and the images' pixels x steps "
+              "together within the server's compute budget (code over_budget), else 400.")  # fmt: skip
     async def generate(self, body: GenerateRequest, request: Request) -> Any:
         self._authorize(request)
         limit = self.config.max_images_per_request
         if len(body.requests) > limit:
             reason = f"has {len(body.requests)} requests; at most {limit} per call"
             raise ApiError(400, fields=[FieldError(field="requests", reason=reason)])
+        named = body.models()
+        for name in sorted(named):
+            self._model(name, "model")
+        if len(named) > 1:
+            reason = f"names {', '.join(map(repr, sorted(named)))}; one model per call"
+            raise ApiError(400, fields=[FieldError(field="model", reason=reason)],
+                           code="invalid_value")  # fmt: skip
+        model = self._model(next(iter(named), None), "model")
         checked = body.image_requests(online_namespace(), self.config.limits)
         if isinstance(checked, list):
             raise ApiError(400, fields=checked, code="invalid_value")
         image_requests, client_ids = checked
-        named = {r.model for r in image_requests if r.model is not None}
-        if len(named) > 1:
-            raise ApiError(
-                400, fields=[FieldError(field="requests.model", reason="one model per call")]
-            )
-        model = self._model(body.model or next(iter(named), None), "model")
+        self._check_budget(model, image_requests, "requests")
         stored = await self._make(model, image_requests, body.response_format, request,
                                   client_ids)  # fmt: skip
         data = [
@@ -240,14 +320,13 @@ class ApiIngress:
             )
         )
 
-    @app.get("/v1/files/{key:path}")
-    async def files(self, key: str, request: Request) -> Response:
+    @app.get("/v1/files/{key:path}", response_class=Response,
+             responses={200: {"content": {"image/png": {}}, "description": "The PNG."},
+                        **error_responses(400, 401, 403, 404)})  # fmt: skip
+    async def files(self, key: str, request: Request, expires: int | None = None,
+                    signature: str | None = None) -> Response:  # fmt: skip
         """An image written for response_format=url under a local output prefix: by its
-        signed link, or with the bearer token."""
-        expires, signature = (
-            request.query_params.get("expires"),
-            request.query_params.get("signature"),
-        )
+        signed link (`expires` and `signature`), or with the bearer token."""
         if signature is not None or expires is not None:
             self._check_signature(key, expires, signature)
         else:
@@ -256,7 +335,7 @@ class ApiIngress:
             raise ApiError(404, f"{key!r}: not an image key", code="not_found")
         try:
             data = await asyncio.to_thread(self.storage.fs.cat_file, self.storage.path(key))
-        except FileNotFoundError:
+        except OSError:  # missing, or not a file
             raise ApiError(404, f"{key}: no such image", code="not_found") from None
         return Response(data, media_type="image/png")
 
@@ -277,11 +356,8 @@ class ApiIngress:
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
-    def _check_signature(self, key: str, expires: str | None, signature: str | None) -> None:
-        try:
-            deadline = int(expires or "")
-        except ValueError:
-            deadline = 0
+    def _check_signature(self, key: str, expires: int | None, signature: str | None) -> None:
+        deadline = expires or 0
         good = sign_key(self.url_secret, key, deadline)
         if not signature or not hmac.compare_digest(signature.encode(), good.encode()):
             raise ApiError(403, "this link's signature does not match (tampered or from another "
@@ -291,12 +367,18 @@ class ApiIngress:
                            type="permission_error", code="link_expired")  # fmt: skip
 
     def _model(self, name: str | None, field: str) -> str:
-        name = name or self.default_model
+        name = self.default_model if name is None else name
         if name not in self.engines:
             reason = f"{name!r} is not served here (served: {', '.join(self.engines)})"
             raise ApiError(404, fields=[FieldError(field=field, reason=reason)],
                            code="model_not_found")  # fmt: skip
         return name
+
+    def _check_budget(self, model: str, requests: list[ImageRequest], field: str) -> None:
+        budget = self.config.max_request_pixel_steps
+        errors = over_budget(requests, self.default_sides.get(model, 512), budget, field)
+        if errors:
+            raise ApiError(400, fields=errors, code="over_budget")
 
     async def _make(self, model: str, requests: list[ImageRequest], response_format: ResponseFormat,
                     request: Request, client_ids: dict[str, str]) -> list[tuple[StoredImage, dict]]:  # fmt: skip

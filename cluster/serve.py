@@ -70,11 +70,12 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
 
     config = args if isinstance(args, ServeConfig) else validate_config(ServeConfig, args or {})
     cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-    engines = {}
+    engines, default_sides = {}, {}
     for model in config.models:
         engine = model.engine.model_copy(update={"model": node_model_path(model.engine.model)})
         # an unknown preset, a bad folder or unusable storage fails here, not in a replica
-        describe_model(engine.model, config.storage)
+        info = describe_model(engine.model, config.storage)
+        default_sides[model.served_name] = info.default_size
         deployment = EngineDeployment.options(**deployment_options(model, cluster_gpus))
         engines[model.served_name] = deployment.bind(
             engine.model_dump(mode="json"), model.batch_wait_timeout_s, config.storage,
@@ -90,7 +91,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
     # Every ingress replica signs links with one secret: configured, or made for this app.
     url_secret = os.environ.get(config.url_secret_env) or secrets.token_hex(32)
     # The config object itself travels (not a JSON dump, which would mask its secrets).
-    return ingress.bind(config, engines, url_secret)
+    return ingress.bind(config, engines, url_secret, default_sides)
 
 
 def check_port(host: str, port: int) -> None:

@@ -312,6 +312,15 @@ class ServeConfig(BaseModel):
     max_images_per_request: int = Field(
         10, ge=1, le=100, description="Most images one native request may ask for (OpenAI n <= 10)."
     )
+    max_request_pixel_steps: int | None = Field(
+        1024 * 1024 * 50 * 4,
+        ge=1,
+        description="Compute budget of one HTTP request: width x height x steps summed over its "
+        "images (default: four 1024x1024 images at 50 steps); beyond it, 400. null: none.",
+    )
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="Largest HTTP request body, checked before parsing (413)."
+    )
     output: str = Field(
         "output/serve",
         description="Prefix (folder or s3://) where response_format=url images and metadata go.",

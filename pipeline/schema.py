@@ -55,6 +55,25 @@ SEED_LIMIT = 2**63  # seeds are int64 in the manifest: 0 <= seed < SEED_LIMIT
 # An id becomes a storage key (`images/<id>.png`): path segments of these characters only.
 _ID_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
 MAX_ID_CHARS = 200
+ID_PATTERN = (
+    r"^[A-Za-z0-9][A-Za-z0-9._=+-]*(/[A-Za-z0-9][A-Za-z0-9._=+-]*)*$"  # the same rule, whole
+)
+
+# A prompt must hold a character that is not blank. Blank is whitespace to Python's
+# str.isspace or to JSON Schema's (ECMA-262) \s, so the OpenAPI document's pattern and
+# this check agree on every string.
+_BLANK = "\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff"
+TEXT_PATTERN = f"[^{_BLANK}]"
+_TEXT = re.compile(TEXT_PATTERN)
+
+
+def _check_unicode(v: str) -> str:
+    """`v`, unless it holds a lone surrogate (JSON allows one; no UTF-8 writer does)."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("is not valid Unicode (it holds a lone surrogate)") from None
+    return v
 
 
 class RequestLimits(BaseModel):
@@ -141,8 +160,9 @@ class ImageRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _check_prompt(cls, v: str, info: ValidationInfo) -> str:
-        if not v.strip():
+        if not _TEXT.search(v):
             raise ValueError("must not be empty")
+        _check_unicode(v)
         limit = _limits(info).max_prompt_chars
         if len(v) > limit:
             raise ValueError(f"is {len(v)} characters long; at most {limit} allowed")
@@ -151,9 +171,17 @@ class ImageRequest(BaseModel):
     @field_validator("negative_prompt")
     @classmethod
     def _check_negative_prompt(cls, v: str, info: ValidationInfo) -> str:
+        _check_unicode(v)
         limit = _limits(info).max_prompt_chars
         if len(v) > limit:
             raise ValueError(f"is {len(v)} characters long; at most {limit} allowed")
+        return v
+
+    @field_validator("metadata")
+    @classmethod
+    def _check_metadata(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            _check_unicode(key), _check_unicode(value)
         return v
 
     @field_validator("seed")

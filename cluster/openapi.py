@@ -1,0 +1,98 @@
+"""The API's OpenAPI document, true to the deployment that serves it.
+
+FastAPI derives the document from the routes and the HTTP models; this module corrects
+what it cannot know:
+- errors: the server answers 400 (not FastAPI's 422) in one shape, `ErrorResponse`; each
+  route lists the statuses it really returns (declared on the routes, ingress.py);
+- limits: every rule of the deployment's `RequestLimits` that JSON Schema can state (prompt
+  lengths, step and guidance ranges, sizes as multiples of `size_multiple`, id syntax,
+  images per call), so generated clients and fuzzers see what the validators enforce;
+- auth: the bearer scheme on the routes that need it, when a token is configured.
+
+What JSON Schema cannot state (the per-request compute budget, pixels per image when
+`max_pixels` < `max_side`**2, one model per native call) is said in the operations'
+descriptions; those requests get a 400 naming the rule.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from ..pipeline.config import ServeConfig
+from ..pipeline.schema import ID_PATTERN, MAX_ID_CHARS, SEED_LIMIT, TEXT_PATTERN, RequestLimits
+
+BEARER = "bearer"
+# Routes anyone may call; every other route needs the bearer token when auth is on.
+OPEN_ROUTES = {"/healthz", "/v1/files/{key}"}
+
+
+def api_document(base: dict[str, Any], config: ServeConfig, *, auth: bool) -> dict[str, Any]:
+    """The served document: FastAPI's `base` corrected for `config` (see the module doc)."""
+    doc = copy.deepcopy(base)
+    schemas = doc.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    for path, item in doc["paths"].items():
+        for operation in item.values():
+            operation.get("responses", {}).pop("422", None)
+            if auth and path not in OPEN_ROUTES:
+                operation["security"] = [{BEARER: []}]
+    if auth:
+        doc["components"]["securitySchemes"] = {BEARER: {"type": "http", "scheme": "bearer"}}
+        files = doc["paths"]["/v1/files/{key}"]["get"]
+        files["security"] = [{BEARER: []}, {}]  # or a signed link (expires + signature)
+    _state_limits(schemas, config)
+    return doc
+
+
+def _state_limits(schemas: dict[str, Any], config: ServeConfig) -> None:
+    limits = config.limits
+    text = {"type": "string", "maxLength": limits.max_prompt_chars}
+    prompt = {**text, "minLength": 1, "pattern": TEXT_PATTERN}
+    steps = {"type": "integer", "minimum": 1, "maximum": limits.max_steps}
+    guidance = {"type": "number", "minimum": 0, "maximum": limits.max_guidance_scale}
+    seed = {"type": "integer", "minimum": 0, "maximum": SEED_LIMIT - 1}
+    side = {"type": "integer", "minimum": limits.size_multiple, "maximum": limits.max_side,
+            "multipleOf": limits.size_multiple}  # fmt: skip
+    images = schemas["ImagesGenerationRequest"]["properties"]
+    images["prompt"].update(prompt)
+    images["negative_prompt"].update(text)
+    _nullable(images["steps"], steps)
+    _nullable(images["guidance_scale"], guidance)
+    _nullable(images["seed"], seed)
+    _nullable(images["size"], {"type": "string", "pattern": size_pattern(limits)})
+    item = schemas["ImageRequestIn"]["properties"]
+    item["prompt"].update(prompt)
+    id_rule = {"type": "string", "maxLength": MAX_ID_CHARS, "pattern": ID_PATTERN}
+    _nullable(item["id"], id_rule)
+    _nullable(item["negative_prompt"], text)
+    _nullable(item["steps"], steps)
+    _nullable(item["guidance_scale"], guidance)
+    _nullable(item["seed"], seed)
+    _nullable(item["width"], side)
+    _nullable(item["height"], side)
+    schemas["GenerateRequest"]["properties"]["requests"]["maxItems"] = config.max_images_per_request
+
+
+def _nullable(prop: dict[str, Any], rule: dict[str, Any]) -> None:
+    """Replace the non-null branch of an `anyOf: [X, null]` property by `rule`."""
+    prop["anyOf"] = [rule, {"type": "null"}]
+
+
+def size_pattern(limits: RequestLimits) -> str:
+    """A pattern matching exactly the `size` strings `limits` accept: "auto", or
+    "WIDTHxHEIGHT" with both sides multiples of `size_multiple` up to `max_side` and at most
+    `max_pixels` pixels (widths sharing their tallest height share one alternative)."""
+    step = limits.size_multiple
+    sides = range(step, limits.max_side + 1, step)
+    tallest: dict[int, list[int]] = {}  # tallest height allowed -> widths allowing it
+    for width in sides:
+        height = min(limits.max_side, limits.max_pixels // width // step * step)
+        if height >= step:
+            tallest.setdefault(height, []).append(width)
+    branches = [
+        f"({'|'.join(map(str, widths))})x({'|'.join(str(h) for h in sides if h <= height)})"
+        for height, widths in tallest.items()
+    ]
+    return f"^(auto|{'|'.join(branches)})$"
