@@ -75,7 +75,8 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
 
 
 def run_schemathesis(url: str, examples: int, seed: int, report: Path, workers: int) -> str:
-    """`st run --checks all` against the served document; its output."""
+    """`st run --checks all` against the served document; its output (its cache of
+    findings stays in the report's folder)."""
     exe = Path(sys.executable).with_name("st")
     command = [
         str(exe), "run", f"{url}/openapi.json", "--checks", "all",
@@ -83,7 +84,7 @@ def run_schemathesis(url: str, examples: int, seed: int, report: Path, workers: 
         "-H", f"Authorization: Bearer {TOKEN}", "--request-timeout", "120",
         "--report", "json", "--report-json-path", str(report), "--no-color",
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=report.parent)
     return done.stdout + done.stderr
 
 

@@ -18,7 +18,6 @@ import base64
 import hashlib
 import hmac
 import importlib.resources
-import json
 import logging
 import os
 import secrets
@@ -26,19 +25,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import daguerre
 
 from ..pipeline.config import ServeConfig, first_line
 from ..pipeline.outputs import StoredImage, new_run_id, write_outputs
-from ..pipeline.schema import _ID_SEGMENT, FieldError, ImageRequest, field_error
+from ..pipeline.schema import _ID_SEGMENT, FieldError, ImageRequest
 from ..pipeline.storage import IMAGES, Storage, image_key
 from .api import (
     GeneratedImageOut,
@@ -48,129 +45,15 @@ from .api import (
     ImagesGenerationRequest,
     ImagesResponse,
     ResponseFormat,
-    error_body,
     error_responses,
     online_namespace,
     over_budget,
 )
+from .http_app import ApiError, app, limit_bodies
 from .openapi import api_document
 from .replica import EngineLoopFailed, ReplicaImage
 
 logger = logging.getLogger("ray.serve")
-
-# No /docs or /redoc: FastAPI's pages load their scripts from a CDN, which leaves them blank
-# on a cluster without internet. The page at / and /openapi.json work offline; the ingress
-# serves the document itself, corrected for its limits and auth (cluster/openapi.py).
-app = FastAPI(
-    title="daguerre",
-    description="Diffusion image generation: OpenAI-compatible images API and a native API.",
-    version=daguerre.__version__,
-    docs_url=None,
-    redoc_url=None,
-    openapi_url=None,
-)
-# The largest body this process's ingress replica accepts (set from its ServeConfig).
-_BODY_LIMIT = {"bytes": 1024 * 1024}
-
-
-class ErrorJSON(JSONResponse):
-    """An error body as ASCII JSON: whatever a client sent, echoed, encodes."""
-
-    def render(self, content: Any) -> bytes:
-        return json.dumps(content, separators=(",", ":")).encode()
-
-
-class BodyLimit:
-    """Refuses a body over the limit with 413 before any of it is parsed: by its
-    Content-Length, or while it streams in."""
-
-    def __init__(self, inner: Any):
-        self.inner = inner
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        limit = _BODY_LIMIT["bytes"]
-        if scope["type"] != "http":
-            return await self.inner(scope, receive, send)
-        declared = dict(scope.get("headers") or ()).get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > limit:
-            reason = "is not a number" if not declared.isdigit() else f"is over {limit} bytes"
-            status = 400 if not declared.isdigit() else 413
-            body = error_body(f"body: Content-Length {reason}", code="payload_too_large"
-                              if status == 413 else "invalid_value")  # fmt: skip
-            return await ErrorJSON(body, status_code=status)(scope, receive, send)
-        seen = 0
-
-        async def limited() -> dict:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise StarletteHTTPException(413, f"the body is over {limit} bytes")
-            return message
-
-        await self.inner(scope, limited, send)
-
-
-app.add_middleware(BodyLimit)
-
-
-class ApiError(Exception):
-    """An error answered as JSON in OpenAI's error shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str | None = None,
-        *,
-        fields: list[FieldError] | None = None,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.headers = status, headers
-        self.body = error_body(message, fields=fields, type=type, code=code)
-
-
-@app.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return ErrorJSON(exc.body, status_code=exc.status, headers=exc.headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    fields = [_request_field_error(err) for err in exc.errors()]
-    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if request.method == "POST" and kind != "application/json":
-        fields = [FieldError(field="body", reason=f"must be sent as JSON with Content-Type: "
-                             f"application/json (got {kind or 'no content type'})")]  # fmt: skip
-    return ErrorJSON(error_body(fields=fields, code="invalid_value"), status_code=400)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Unknown routes and methods answer in the same JSON error shape as everything else."""
-    message = f"{request.method} {request.url.path}: {exc.detail}"
-    code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
-        exc.status_code
-    )
-    return ErrorJSON(error_body(message, code=code), status_code=exc.status_code,
-                        headers=getattr(exc, "headers", None))  # fmt: skip
-
-
-def _request_field_error(err: dict[str, Any]) -> FieldError:
-    loc = list(err.get("loc", ()))
-    if loc and loc[0] == "body":
-        loc = loc[1:]
-    if err.get("type") == "json_invalid":
-        return FieldError(field="body", reason=f"is not valid JSON ({err.get('msg', '')})")
-    if not loc and err.get("type") == "missing":
-        return FieldError(
-            field="body", reason="is required: send a JSON object (Content-Type: application/json)"
-        )
-    if not loc and err.get("type") in ("model_attributes_type", "dict_type"):
-        return FieldError(field="body", reason="must be a JSON object")
-    return field_error({**err, "loc": tuple(loc)})
 
 
 def _read_token(config: ServeConfig) -> str | None:
@@ -209,7 +92,7 @@ class ApiIngress:
         self.config = ServeConfig.model_validate(config)
         self.engines = engines  # served name -> DeploymentHandle
         self.default_sides = default_sides  # served name -> the model's native side
-        _BODY_LIMIT["bytes"] = self.config.max_body_bytes
+        limit_bodies(self.config.max_body_bytes)
         self.default_model = self.config.models[0].served_name
         self.storage = Storage(self.config.output, self.config.storage)
         self.token = _read_token(self.config)

@@ -253,7 +253,7 @@ def test_native_generate_returns_images_and_records(server):
     resp = httpx.post(f"{server['url']}/v1/generate", json=body, timeout=120)
     assert resp.status_code == 200, resp.text
     data = resp.json()["data"]
-    assert data[0]["client_id"] == "native-a" and data[0]["id"].endswith("/native-a")
+    assert data[0]["client_id"] == "native-a" and data[0]["id"].endswith("/0")
     assert data[0]["id"].startswith("online/") and data[1]["id"].startswith("online/")
     assert "client_id" not in data[1]
     for item in data:
