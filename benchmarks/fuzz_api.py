@@ -7,6 +7,8 @@
 2. Runs `st run URL/openapi.json --checks all` over every route: no 5xx, each status
    documented, every body valid against the documented schema (the error shape included),
    schema-valid requests accepted, schema-violating ones refused, auth enforced.
+   Then the files route again with the key of a stored image fixed (generated keys never
+   name a file), so its found-file path, auth and signed-link parameters are fuzzed too.
 3. Checks the server is healthy afterwards (it answers /healthz and makes an image), and
    writes requests tried, failures found (by check) and per-route figures as JSON.
 
@@ -74,18 +76,71 @@ def start_server(folder: Path) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("daguerre serve did not start:\n" + "".join(lines)[-3000:])
 
 
-def run_schemathesis(url: str, examples: int, seed: int, report: Path, workers: int) -> str:
-    """`st run --checks all` against the served document; its output (its cache of
-    findings stays in the report's folder)."""
+def stored_key(url: str) -> str:
+    """The key of one image made with response_format=url (a file the files route has)."""
+    import httpx2 as httpx
+
+    body = {"prompt": "a stored image", "size": "16x16", "steps": 1, "response_format": "url"}
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    resp = httpx.post(f"{url}/v1/images/generations", json=body, headers=headers, timeout=120)
+    return resp.json()["data"][0]["url"].split("/v1/files/", 1)[1].split("?", 1)[0]
+
+
+def run_schemathesis(url: str, examples: int, seed: int, folder: Path, workers: int,
+                     extra: tuple[str, ...] = ()) -> tuple[dict, str]:  # fmt: skip
+    """`st run --checks all` against the served document, in `folder` (its schemathesis.toml,
+    if any, and its cache): the JSON report and the output."""
     exe = Path(sys.executable).with_name("st")
+    report = folder / "report.json"
     command = [
         str(exe), "run", f"{url}/openapi.json", "--checks", "all",
         "--max-examples", str(examples), "--seed", str(seed), "--workers", str(workers),
         "-H", f"Authorization: Bearer {TOKEN}", "--request-timeout", "120",
-        "--report", "json", "--report-json-path", str(report), "--no-color",
+        "--report", "json", "--report-json-path", str(report), "--no-color", *extra,
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, cwd=report.parent)
-    return done.stdout + done.stderr
+    done = subprocess.run(command, capture_output=True, text=True, cwd=folder)
+    output = done.stdout + done.stderr
+    if not report.exists():
+        raise RuntimeError(f"schemathesis wrote no report:\n{output[-3000:]}")
+    return json.loads(report.read_text()), output
+
+
+def fuzz_runs(url: str, examples: int, seed: int, root: Path, workers: int) -> list[dict]:
+    """Every route with generated keys; then the files route again with the key of a
+    stored image fixed, so its found-file path (auth, signed-link parameters) is fuzzed."""
+    everything, files = root / "all", root / "files"
+    everything.mkdir(), files.mkdir()
+    (files / "schemathesis.toml").write_text(
+        f'[[operations]]\ninclude-path = "/v1/files/{{key}}"\n'
+        f'parameters = {{ "path.key" = "{stored_key(url)}" }}\n'
+    )
+    runs = []
+    for name, folder, extra in (("every route", everything, ()),
+                                ("files, a stored key", files,
+                                 ("--include-path", "/v1/files/{key}"))):  # fmt: skip
+        t0 = time.monotonic()
+        report, output = run_schemathesis(url, examples, seed, folder, workers, extra)
+        runs.append(summarise(name, report, output, time.monotonic() - t0))
+    return runs
+
+
+def summarise(name: str, report: dict, output: str, seconds: float) -> dict:
+    """One schemathesis run's figures."""
+    cases = report["test_cases"]
+    found = cases["unique_failures"] or report["errors"]
+    return {
+        "run": name,
+        "seconds": round(seconds, 1),
+        "operations_tested": report["operations"]["tested"],
+        "requests_tried": cases["generated"],
+        "failures_found": cases["unique_failures"],
+        "failures": report["failures"],
+        "errors": report["errors"],
+        "warnings": {k: v for k, v in report["warnings"].items() if v},
+        # per route and phase: generated requests the server accepted / rejected
+        "valid_rates": report.get("valid_rates", {}),
+        "output_tail": output[-4000:] if found else "",
+    }
 
 
 def healthy(url: str) -> bool:
@@ -106,30 +161,30 @@ def fuzz(examples: int, seed: int, workers: int) -> dict[str, Any]:
         folder = Path(tmp)
         proc, url = start_server(folder)
         try:
-            t0 = time.monotonic()
-            output = run_schemathesis(url, examples, seed, folder / "report.json", workers)
-            seconds = time.monotonic() - t0
-            report = json.loads((folder / "report.json").read_text())
+            runs = fuzz_runs(url, examples, seed, folder, workers)
             alive = healthy(url)
         finally:
             proc.terminate()
             proc.wait(timeout=120)
-    cases = report["test_cases"]
     return {
         "examples_per_operation": examples,
         "seed": seed,
         "checks": "all",
-        "seconds": round(seconds, 1),
-        "operations_tested": report["operations"]["tested"],
-        "requests_tried": cases["generated"],
-        "failures_found": cases["unique_failures"],
-        "failures": report["failures"],
-        "errors": report["errors"],
-        "warnings": {k: v for k, v in report["warnings"].items() if v},
+        "seconds": round(sum(r["seconds"] for r in runs), 1),
+        "operations_tested": runs[0]["operations_tested"],
+        "requests_tried": sum(r["requests_tried"] for r in runs),
+        "failures_found": sum(r["failures_found"] for r in runs),
+        "errors": [e for r in runs for e in r["errors"]],
         "healthy_after": alive,
-        "schemathesis": report["schemathesis_version"],
-        "output_tail": output[-4000:] if cases["unique_failures"] or report["errors"] else "",
+        "schemathesis": _version(),
+        "runs": runs,
     }
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("schemathesis")
 
 
 def plot(result: dict, path: Path) -> None:
