@@ -13,7 +13,7 @@
    writes requests tried, failures found (by check) and per-route figures as JSON.
 
     python benchmarks/fuzz_api.py --examples 1000 --json benchmarks/results/fuzz_api_cpu.json
-    python benchmarks/fuzz_api.py --examples 30 --json /tmp/fuzz.json    # what CI runs
+    python benchmarks/fuzz_api.py --examples 25 --json /tmp/fuzz.json    # what CI runs
 
 Exit status 1 when schemathesis found a failure or the server was unhealthy afterwards.
 """

@@ -151,10 +151,12 @@ def over_budget(requests: list[ImageRequest], default_side: int, budget: int | N
     if budget is None or total <= budget:
         return []
     w, h, steps = max(work, key=lambda s: s[0] * s[1] * s[2])
+    images = f"{len(requests)} images up to" if len(requests) > 1 else "one image of"
+    ways = "fewer images, fewer steps or a smaller size, or split the request"
     reason = (
-        f"{len(requests)} image(s) up to {w}x{h} at {steps} steps is {total:,} pixel-steps "
-        f"(width x height x steps, summed); this server allows at most {budget:,} per request: "
-        "ask for fewer images, fewer steps or a smaller size, or split the request"
+        f"{images} {w}x{h} at {steps} steps is {total:,} pixel-steps (width x height x steps, "
+        f"summed); this server allows at most {budget:,} per request: ask for "
+        + (ways if len(requests) > 1 else "fewer steps or a smaller size")
     )
     return [FieldError(field=field, reason=reason)]
 

@@ -8,7 +8,9 @@ body over the replica's `max_body_bytes` is refused with 413 before any of it is
 No `from __future__ import annotations`: FastAPI resolves the handlers' annotations.
 """
 
+import hmac
 import json
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -32,15 +34,39 @@ app = FastAPI(
     redoc_url=None,
     openapi_url=None,
 )
-# The largest body this process's ingress replica accepts: set by limit_bodies() from the
-# replica's ServeConfig (a function of this module, so the replica's copy of the ingress
-# class, pickled by value, sets the state the middleware reads).
-_BODY_LIMIT = {"bytes": 1024 * 1024}
+# This process's ingress replica's settings: set by configure() from its ServeConfig (a
+# function of this module, so the replica's copy of the ingress class, pickled by value,
+# sets the state the middleware and the handlers read).
+_SETTINGS: dict[str, Any] = {"max_body_bytes": None, "token": None}
+UNAUTHORIZED = ("missing or wrong bearer token (send 'Authorization: Bearer <token>')",
+                "authentication_error", "invalid_api_key")  # fmt: skip
 
 
-def limit_bodies(max_bytes: int) -> None:
-    """Bodies over `max_bytes` get 413 in this process from now on."""
-    _BODY_LIMIT["bytes"] = max_bytes
+def configure(max_body_bytes: int, token: str | None) -> None:
+    """Bodies over `max_body_bytes` get 413, and the /v1 routes need `token` (None: auth
+    off), in this process from now on."""
+    _SETTINGS.update(max_body_bytes=max_body_bytes, token=token)
+
+
+def authorized(authorization: str | None) -> bool:
+    """Whether an Authorization header value carries the bearer token (or auth is off)."""
+    token = _SETTINGS["token"]
+    if token is None:
+        return True
+    scheme, _, given = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode(errors="replace"), token.encode()
+    )
+
+
+def needs_token(path: str) -> bool:
+    """The routes behind the token: /v1/..., but for file links (they carry a signature)."""
+    return "/v1/" in path and "/v1/files/" not in path
+
+
+def unauthorized_body() -> dict[str, Any]:
+    message, kind, code = UNAUTHORIZED
+    return error_body(message, type=kind, code=code)
 
 
 class ErrorJSON(JSONResponse):
@@ -51,34 +77,50 @@ class ErrorJSON(JSONResponse):
 
 
 class BodyLimit:
-    """Refuses a body over the limit with 413 before any of it is parsed: by its
-    Content-Length, or while it streams in."""
+    """Refuses a body over the limit with 413 before any of it is parsed (401 first where the
+    route needs the token and it is missing): by its Content-Length, or as it streams in."""
 
     def __init__(self, inner: Any):
         self.inner = inner
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        limit = _BODY_LIMIT["bytes"]
-        if scope["type"] != "http":
+        limit = _SETTINGS["max_body_bytes"]
+        if scope["type"] != "http" or limit is None:
             return await self.inner(scope, receive, send)
-        declared = dict(scope.get("headers") or ()).get(b"content-length", b"0")
-        if not declared.isdigit() or int(declared) > limit:
-            reason = "is not a number" if not declared.isdigit() else f"is over {limit} bytes"
-            status = 400 if not declared.isdigit() else 413
-            body = error_body(f"body: Content-Length {reason}", code="payload_too_large"
-                              if status == 413 else "invalid_value")  # fmt: skip
+        headers = dict(scope.get("headers") or ())
+        declared = headers.get(b"content-length", b"0")
+        refusal = None
+        if len(declared) > 20 or not declared.isdigit():
+            refusal = 400, error_body(fields=[FieldError(field="Content-Length",
+                                      reason="is not a byte count")], code="invalid_value")  # fmt: skip
+        elif int(declared) > limit:
+            refusal = 413, error_body(f"body: Content-Length {int(declared)} is over this "
+                                      f"server's {limit} bytes", code="payload_too_large")  # fmt: skip
+        if (
+            refusal
+            and needs_token(scope.get("path", ""))
+            and not authorized(headers.get(b"authorization", b"").decode("latin-1"))
+        ):
+            refusal = 401, unauthorized_body()
+        if refusal:
+            status, body = refusal
             return await ErrorJSON(body, status_code=status)(scope, receive, send)
-        seen = 0
+        await self.inner(scope, _counting(receive, limit), send)
 
-        async def limited() -> dict:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise StarletteHTTPException(413, f"the body is over {limit} bytes")
-            return message
 
-        await self.inner(scope, limited, send)
+def _counting(receive: Any, limit: int) -> Any:
+    """`receive`, refusing (413) the message that takes the body past `limit` bytes."""
+    seen = 0
+
+    async def limited() -> dict:
+        nonlocal seen
+        message = await receive()
+        seen += len(message.get("body", b""))
+        if seen > limit:
+            raise StarletteHTTPException(413, f"the body is over this server's {limit} bytes")
+        return message
+
+    return limited
 
 
 app.add_middleware(BodyLimit)
@@ -109,6 +151,10 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    if needs_token(request.url.path) and not authorized(request.headers.get("authorization")):
+        return ErrorJSON(
+            unauthorized_body(), status_code=401, headers={"WWW-Authenticate": "Bearer"}
+        )
     fields = [_request_field_error(err) for err in exc.errors()]
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if request.method == "POST" and kind != "application/json":
@@ -126,6 +172,16 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     )
     return ErrorJSON(error_body(message, code=code), status_code=exc.status_code,
                         headers=getattr(exc, "headers", None))  # fmt: skip
+
+
+@app.exception_handler(Exception)
+async def _server_error(request: Request, exc: Exception) -> JSONResponse:
+    """A fault of ours (a storage write, a bug): logged, answered 500 in the error shape."""
+    logging.getLogger("ray.serve").error("%s %s failed", request.method, request.url.path,
+                                         exc_info=exc)  # fmt: skip
+    message = f"{request.method} {request.url.path}: {type(exc).__name__}: {exc}"
+    return ErrorJSON(error_body(message[:500], type="server_error", code="internal_error"),
+                     status_code=500)  # fmt: skip
 
 
 def _request_field_error(err: dict[str, Any]) -> FieldError:

@@ -49,7 +49,7 @@ from .api import (
     online_namespace,
     over_budget,
 )
-from .http_app import ApiError, app, limit_bodies
+from .http_app import UNAUTHORIZED, ApiError, app, authorized, configure
 from .openapi import api_document
 from .replica import EngineLoopFailed, ReplicaImage
 
@@ -92,10 +92,10 @@ class ApiIngress:
         self.config = ServeConfig.model_validate(config)
         self.engines = engines  # served name -> DeploymentHandle
         self.default_sides = default_sides  # served name -> the model's native side
-        limit_bodies(self.config.max_body_bytes)
         self.default_model = self.config.models[0].served_name
         self.storage = Storage(self.config.output, self.config.storage)
         self.token = _read_token(self.config)
+        configure(self.config.max_body_bytes, self.token)
         self.url_secret = url_secret.encode()
         self.run_id = new_run_id(kind="serve")
         self.created = int(time.time())
@@ -225,19 +225,10 @@ class ApiIngress:
     # -- helpers ---------------------------------------------------------------------------
 
     def _authorize(self, request: Request) -> None:
-        if self.token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode(), self.token.encode()
-        ):
-            raise ApiError(
-                401,
-                "missing or wrong bearer token (send 'Authorization: Bearer <token>')",
-                type="authentication_error",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        if not authorized(request.headers.get("authorization")):
+            message, kind, code = UNAUTHORIZED
+            raise ApiError(401, message, type=kind, code=code,
+                           headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
     def _check_signature(self, key: str, expires: int | None, signature: str | None) -> None:
         deadline = expires or 0

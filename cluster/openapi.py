@@ -23,6 +23,8 @@ from ..pipeline.config import ServeConfig
 from ..pipeline.schema import ID_PATTERN, MAX_ID_CHARS, SEED_LIMIT, TEXT_PATTERN, RequestLimits
 
 BEARER = "bearer"
+MAX_SIZE_PATTERN_CHARS = 64 * 1024  # above it, the plain WIDTHxHEIGHT syntax is documented
+BUDGETED = ("/v1/images/generations", "/v1/generate")
 # Routes anyone may call; every other route needs the bearer token when auth is on.
 OPEN_ROUTES = {"/healthz", "/v1/files/{key}"}
 
@@ -43,6 +45,11 @@ def api_document(base: dict[str, Any], config: ServeConfig, *, auth: bool) -> di
         files = doc["paths"]["/v1/files/{key}"]["get"]
         files["security"] = [{BEARER: []}, {}]  # or a signed link (expires + signature)
     _state_limits(schemas, config)
+    budget = config.max_request_pixel_steps
+    for path in BUDGETED:
+        operation = doc["paths"][path]["post"]
+        operation["description"] += (f" This server's budget: {budget:,} pixel-steps." if budget
+                                      else " This server sets no budget.")  # fmt: skip
     return doc
 
 
@@ -62,6 +69,10 @@ def _state_limits(schemas: dict[str, Any], config: ServeConfig) -> None:
     _nullable(images["guidance_scale"], guidance)
     _nullable(images["seed"], seed)
     _nullable(images["size"], {"type": "string", "pattern": size_pattern(limits)})
+    images["size"]["description"] += (
+        f" Sides: multiples of {limits.size_multiple} up to {limits.max_side}; at most "
+        f"{limits.max_pixels:,} pixels."
+    )
     item = schemas["ImageRequestIn"]["properties"]
     item["prompt"].update(prompt)
     id_rule = {"type": "string", "maxLength": MAX_ID_CHARS, "pattern": ID_PATTERN}
@@ -83,7 +94,9 @@ def _nullable(prop: dict[str, Any], rule: dict[str, Any]) -> None:
 def size_pattern(limits: RequestLimits) -> str:
     """A pattern matching exactly the `size` strings `limits` accept: "auto", or
     "WIDTHxHEIGHT" with both sides multiples of `size_multiple` up to `max_side` and at most
-    `max_pixels` pixels (widths sharing their tallest height share one alternative)."""
+    `max_pixels` pixels (widths sharing their tallest height share one alternative). Where
+    that would be over MAX_SIZE_PATTERN_CHARS (fine steps, large sides), only the syntax:
+    the sides' rules are then in the description and the 400 names them."""
     step = limits.size_multiple
     sides = range(step, limits.max_side + 1, step)
     tallest: dict[int, list[int]] = {}  # tallest height allowed -> widths allowing it
@@ -95,4 +108,10 @@ def size_pattern(limits: RequestLimits) -> str:
         f"({'|'.join(map(str, widths))})x({'|'.join(str(h) for h in sides if h <= height)})"
         for height, widths in tallest.items()
     ]
-    return f"^(auto|{'|'.join(branches)})$"
+    if not branches:
+        return "^auto$"
+    pattern = f"^(auto|{'|'.join(branches)})$"
+    return pattern if len(pattern) <= MAX_SIZE_PATTERN_CHARS else SYNTAX_ONLY
+
+
+SYNTAX_ONLY = "^(auto|[1-9][0-9]{0,5}x[1-9][0-9]{0,5})$"

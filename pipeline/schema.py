@@ -53,11 +53,11 @@ class Speed(str, Enum):
 SEED_LIMIT = 2**63  # seeds are int64 in the manifest: 0 <= seed < SEED_LIMIT
 
 # An id becomes a storage key (`images/<id>.png`): path segments of these characters only.
-_ID_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=+-]*$")
+_SEGMENT = r"[A-Za-z0-9][A-Za-z0-9._=+-]*"
+_ID_SEGMENT = re.compile(f"^{_SEGMENT}$")
+ID_PATTERN = f"^{_SEGMENT}(/{_SEGMENT})*$"  # a whole id, as the OpenAPI document states it
 MAX_ID_CHARS = 200
-ID_PATTERN = (
-    r"^[A-Za-z0-9][A-Za-z0-9._=+-]*(/[A-Za-z0-9][A-Za-z0-9._=+-]*)*$"  # the same rule, whole
-)
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 30, 7.5  # a request's defaults, capped by its limits
 
 # A prompt must hold a character that is not blank. Blank is whitespace to Python's
 # str.isspace or to JSON Schema's (ECMA-262) \s, so the OpenAPI document's pattern and
@@ -73,6 +73,14 @@ def _check_unicode(v: str) -> str:
         v.encode("utf-8")
     except UnicodeEncodeError:
         raise ValueError("is not valid Unicode (it holds a lone surrogate)") from None
+    return v
+
+
+def _check_text(v: str, limit: int) -> str:
+    """Prompt text: valid Unicode, at most `limit` characters."""
+    _check_unicode(v)
+    if len(v) > limit:
+        raise ValueError(f"is {len(v)} characters long; at most {limit} allowed")
     return v
 
 
@@ -110,8 +118,10 @@ class ImageRequest(BaseModel):
     seed: int | None = Field(
         None, description="Seed of this image's noise; derived from `id` when missing."
     )
-    steps: int = Field(30, description="Denoising steps.")
-    guidance_scale: float = Field(7.5, description="Classifier-free guidance scale (1 = off).")
+    steps: int = Field(DEFAULT_STEPS, description="Denoising steps.")
+    guidance_scale: float = Field(
+        DEFAULT_GUIDANCE, description="Classifier-free guidance scale (1 = off)."
+    )
     width: int | None = Field(
         None, description="Image width in pixels; the model's default when missing."
     )
@@ -162,26 +172,18 @@ class ImageRequest(BaseModel):
     def _check_prompt(cls, v: str, info: ValidationInfo) -> str:
         if not _TEXT.search(v):
             raise ValueError("must not be empty")
-        _check_unicode(v)
-        limit = _limits(info).max_prompt_chars
-        if len(v) > limit:
-            raise ValueError(f"is {len(v)} characters long; at most {limit} allowed")
-        return v
+        return _check_text(v, _limits(info).max_prompt_chars)
 
     @field_validator("negative_prompt")
     @classmethod
     def _check_negative_prompt(cls, v: str, info: ValidationInfo) -> str:
-        _check_unicode(v)
-        limit = _limits(info).max_prompt_chars
-        if len(v) > limit:
-            raise ValueError(f"is {len(v)} characters long; at most {limit} allowed")
-        return v
+        return _check_text(v, _limits(info).max_prompt_chars)
 
     @field_validator("metadata")
     @classmethod
     def _check_metadata(cls, v: dict[str, str]) -> dict[str, str]:
-        for key, value in v.items():
-            _check_unicode(key), _check_unicode(value)
+        for text in (*v, *v.values()):
+            _check_unicode(text)
         return v
 
     @field_validator("seed")
@@ -287,9 +289,12 @@ def validate_request(
 ) -> ImageRequest | list[FieldError]:
     """An `ImageRequest` from a row, or the list of field errors that prevent one.
 
-    Null values count as missing, so Parquet nulls take the defaults; an Arrow map
+    Null values count as missing, so Parquet nulls take the defaults (steps and guidance
+    capped by `limits`: a deployment with max_steps 4 makes 4 steps, not 30); an Arrow map
     (a list of key/value pairs in Python) is accepted for `metadata`."""
     clean = {k: v for k, v in row.items() if v is not None}
+    clean.setdefault("steps", min(DEFAULT_STEPS, limits.max_steps))
+    clean.setdefault("guidance_scale", min(DEFAULT_GUIDANCE, limits.max_guidance_scale))
     if isinstance(clean.get("metadata"), list):
         try:
             clean["metadata"] = dict(clean["metadata"])

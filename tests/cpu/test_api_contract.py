@@ -2,15 +2,13 @@
 and each defect the fuzzing found stays fixed (a regression test per defect).
 
 The schema-driven fuzzing itself (schemathesis --checks all against `daguerre serve`) is
-test_fuzz_api_finds_nothing below; the property-based tests of validation and the manifest
-path are in test_properties.py.
+test_fuzz_api.py; the property-based tests of validation and the manifest path are in
+test_properties.py.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx2 as httpx
@@ -73,12 +71,14 @@ def test_the_document_lists_400_and_each_routes_errors_never_422(api):
     )
     statuses = {path: sorted(op["responses"]) for path, item in doc["paths"].items()
                 for op in item.values()}  # fmt: skip
+    assert all("422" not in codes for codes in statuses.values())
     assert statuses["/v1/images/generations"] == ["200", "400", "401", "404", "413", "500", "503"]
     assert statuses["/v1/files/{key}"] == ["200", "400", "401", "403", "404"]
     error = doc["paths"]["/v1/generate"]["post"]["responses"]["400"]["content"]
     assert error["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert doc["paths"]["/v1/models"]["get"]["security"] == [{"bearer": []}]
+    assert "budget: 32,768 pixel-steps" in doc["paths"]["/v1/generate"]["post"]["description"]
 
 
 def test_the_document_states_the_deployments_limits(api):
@@ -194,20 +194,18 @@ def test_a_request_over_the_compute_budget_is_400_saying_how_to_fit(api):
     assert post(api, "/v1/images/generations", body).status_code == 200
 
 
-# -- the fuzzing, bounded for CI --------------------------------------------------------------
+def test_a_client_without_the_token_gets_401_before_any_validation(api):
+    for content, kind in (
+        (b'{"prompt": ""}', "application/json"),
+        (b"x" * (65 * 1024), "text/plain"),
+    ):
+        resp = httpx.post(f"{api}/v1/images/generations", content=content, timeout=60,
+                          headers={"content-type": kind})  # fmt: skip
+        assert error_of(resp, 401)["code"] == "invalid_api_key"
 
 
-@pytest.mark.timeout(600)
-def test_fuzz_api_finds_nothing(tmp_path):
-    """benchmarks/fuzz_api.py as CI runs it: `daguerre serve` with auth, schemathesis
-    --checks all over every route, the server healthy afterwards."""
-    out = tmp_path / "fuzz.json"
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fuzz_api.py"),
-                           "--examples", "25", "--json", str(out)],
-                          capture_output=True, text=True, timeout=540)  # fmt: skip
-    assert out.exists(), done.stdout[-3000:] + done.stderr[-3000:]
-    fuzzed = json.loads(out.read_text())["fuzz"]
-    tails = "".join(run["output_tail"] for run in fuzzed["runs"])
-    assert fuzzed["failures_found"] == 0 and not fuzzed["errors"], tails
-    assert fuzzed["operations_tested"] == 6 and fuzzed["requests_tried"] > 200
-    assert fuzzed["healthy_after"] and done.returncode == 0
+def test_defaults_are_capped_by_the_limits(api):
+    """A request without steps makes max_steps (4) steps here, not the default 30."""
+    record = post(api, "/v1/generate", {"requests": [{"prompt": "x", "width": 16, "height": 16}]}
+                  ).json()["data"][0]["record"]  # fmt: skip
+    assert record["steps"] == 4 and record["guidance_scale"] == 7.5
