@@ -33,6 +33,8 @@ $(RUN_STAMP): pyproject.toml
 # The test toolchain on top: pytest, the S3 server, ONNX Runtime, Triton, the OpenAI client.
 $(DEV_STAMP): $(RUN_STAMP) pyproject.toml
 	$(PIP) -e ".[dev]"
+	# The invisible watermark's library; its own deps would add opencv-python's GUI build.
+	$(PIP) --no-deps invisible-watermark==0.2.0
 	touch $(DEV_STAMP)
 
 demo: install

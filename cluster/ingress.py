@@ -300,6 +300,7 @@ class ApiIngress:
         stored = write_outputs(
             [(i.image, i.provenance) for i in images], self.storage if url else None,
             run_id=self.run_id, version=daguerre.__version__, client_ids=client_ids,
+            marks=self.config.marks,
         )  # fmt: skip
         out = []
         for item in stored:

@@ -229,6 +229,7 @@ def _run_pipeline(
             "run_id": summary.run_id,
             "version": daguerre.__version__,
             "layout": layout,
+            "marks": config.marks,
         },  # fmt: skip
         batch_format="pyarrow",
         num_cpus=config.writer_num_cpus,

@@ -17,6 +17,7 @@ from ..kernels.tensorrt import tensorrt_unavailable
 from ..kernels.unet import UNetBackend
 from ..pipeline.config import ConfigError, JobConfig
 from ..pipeline.manifest import ManifestInfo, inspect_manifest
+from ..pipeline.marks import marks_unavailable
 from ..pipeline.models import ModelInfo, describe_model
 from ..pipeline.schema import ImageRequest
 from ..pipeline.storage import Storage
@@ -100,6 +101,9 @@ def check_inputs(manifest: str, config: JobConfig, local: bool,
     """The manifest, the model and its backend, checked; for a local Ray, the pool fitted.
     With `served`, the model is what the app's replicas run (they need no pool here)."""
     info = inspect_manifest(manifest, config.storage)
+    reason = marks_unavailable(config.marks)  # the write tasks apply them, in both pools
+    if reason:
+        raise ConfigError(reason)
     if served is not None:
         d = served.description
         model = ModelInfo(spec=served.app, name=d["model"], kind="served",

@@ -17,7 +17,8 @@ import secrets
 import socket
 from typing import Any
 
-from ..pipeline.config import ModelDeploymentConfig, ServeConfig, validate_config
+from ..pipeline.config import ConfigError, ModelDeploymentConfig, ServeConfig, validate_config
+from ..pipeline.marks import marks_unavailable
 from ..pipeline.models import describe_model
 from ..pipeline.storage import Storage, is_remote
 from .runtime import ResourceError, engine_resources, init_ray, node_model_path
@@ -69,6 +70,9 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
     from .replica import EngineDeployment
 
     config = args if isinstance(args, ServeConfig) else validate_config(ServeConfig, args or {})
+    reason = marks_unavailable(config.marks)
+    if reason:
+        raise ConfigError(reason)
     cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     engines, default_sides = {}, {}
     for model in config.models:

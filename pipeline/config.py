@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from ..kernels.attention import AttentionBackend
 from ..kernels.quantize import QUANTIZABLE_UNET_BACKENDS, Quantization
 from ..kernels.unet import UNetBackend
+from .marks import MarksConfig
 from .schema import RequestLimits, field_error
 
 M = TypeVar("M", bound=BaseModel)
@@ -159,6 +160,7 @@ class JobConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     limits: RequestLimits = Field(default_factory=RequestLimits)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    marks: MarksConfig = Field(default_factory=MarksConfig)
     batch_size: int = Field(4, ge=1, description="Rows per engine call (Ray Data batch).")
     min_actors: int = Field(1, ge=1, description="Engine actors kept alive.")
     max_actors: int = Field(1, ge=1, description="Engine actors Ray Data may scale up to.")
@@ -309,6 +311,7 @@ class ServeConfig(BaseModel):
     )
     limits: RequestLimits = Field(default_factory=RequestLimits)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    marks: MarksConfig = Field(default_factory=MarksConfig)
     max_images_per_request: int = Field(
         10, ge=1, le=100, description="Most images one native request may ask for (OpenAI n <= 10)."
     )

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .marks import NO_MARKS, MarksConfig, text_chunks, watermarked
 from .schema import ErrorRecord, GeneratedImage, ImageRecord, error_schema, record_schema
 from .storage import ERRORS, METADATA, SHARDS, Storage, fragment_key, image_key
 
@@ -48,13 +49,32 @@ def new_run_id(started: dt.datetime | None = None, kind: str = "") -> str:
     return f"{stamp}-{kind + '-' if kind else ''}{secrets.token_hex(3)}"
 
 
-def encode_png(pixels: Any) -> bytes:
-    """PNG bytes of a [H, W, 3] uint8 array (fast compression: encode time matters more)."""
+def encode_png(pixels: Any, text: Any = None) -> bytes:
+    """PNG bytes of a [H, W, 3] uint8 array (fast compression: encode time matters more),
+    with `text` (a PIL PngInfo) as its text chunks."""
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1)
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1, pnginfo=text)
     return buf.getvalue()
+
+
+def encode_marked(generated: GeneratedImage, provenance: Provenance, marks: MarksConfig,
+                  run_id: str, version: str) -> tuple[bytes, str | None]:  # fmt: skip
+    """The image's PNG with the marks `marks` asks for, and the watermark payload in it."""
+    pixels, payload = watermarked(generated.image, marks)
+    text = None
+    if marks.png_text:
+        request = generated.request
+        fields = {"id": request.id, "prompt": request.prompt, "seed": generated.seed,
+                  "negative_prompt": request.negative_prompt, "steps": request.steps,
+                  "guidance_scale": request.guidance_scale, "width": generated.width,
+                  "height": generated.height, "scheduler": request.scheduler.value,
+                  "model": provenance.model, "weights_hash": provenance.weights_hash,
+                  "run_id": run_id, "daguerre_version": version, "ai_generated": True,
+                  "watermark": payload}  # fmt: skip
+        text = text_chunks(fields, version)
+    return encode_png(pixels, text), payload
 
 
 def image_record(
@@ -67,6 +87,7 @@ def image_record(
     version: str,
     created_at: dt.datetime,
     client_id: str | None = None,
+    watermark: str | None = None,
 ) -> ImageRecord:
     """The metadata row of one image: the request with defaults resolved, and its provenance."""
     request = generated.request
@@ -94,6 +115,7 @@ def image_record(
         run_id=run_id,
         created_at=created_at,
         client_id=client_id,
+        watermark=watermark,
     )
 
 
@@ -117,32 +139,36 @@ def write_outputs(
     version: str,
     client_ids: dict[str, str] | None = None,
     layout: OutputLayout | None = None,
+    marks: MarksConfig = NO_MARKS,
 ) -> list[StoredImage]:
-    """Encode every image as PNG and build its record; with `storage`, write the images (or
-    their shard) and then their metadata fragment. Without it (inline online answers)
-    nothing is written."""
+    """Encode every image as PNG (with its `marks`) and build its record; with `storage`,
+    write the images (or their shard) and then their metadata fragment. Without it (inline
+    online answers) nothing is written."""
     import pyarrow as pa
 
     layout = layout or FLAT_IMAGES
     created_at = dt.datetime.now(dt.timezone.utc)
-    encoded = []
+    encoded, payloads = [], []
     for generated, provenance in images:
         t0 = time.perf_counter()
-        png = encode_png(generated.image)
+        png, payload = encode_marked(generated, provenance, marks, run_id, version)
         encoded.append((generated, provenance, png, time.perf_counter() - t0))
+        payloads.append(payload)
     if storage is not None and encoded and layout.output_format == "webdataset":
         uris, write_s = _write_shard(encoded, storage, layout, run_id)
     else:
         uris, write_s = _write_images(encoded, storage, layout)
     out = []
-    for (generated, provenance, png, encode_s), uri, seconds in zip(encoded, uris, write_s,
-                                                                    strict=True):  # fmt: skip
+    for (generated, provenance, png, encode_s), uri, seconds, payload in zip(
+        encoded, uris, write_s, payloads, strict=True
+    ):
         timings = generated.timings.model_copy(update={"encode_png_s": encode_s,
                                                        "write_s": seconds})  # fmt: skip
         generated = dataclasses.replace(generated, timings=timings)
         record = image_record(
             generated, png=png, uri=uri, provenance=provenance, run_id=run_id, version=version,
             created_at=created_at, client_id=(client_ids or {}).get(generated.request.id),
+            watermark=payload,
         )  # fmt: skip
         out.append(StoredImage(png=png, record=record))
     if storage is not None and out:

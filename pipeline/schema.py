@@ -423,6 +423,7 @@ class ImageRecord(BaseModel):
     run_id: str  # the job run (or Serve deployment) that wrote this row; later runs supersede
     created_at: dt.datetime
     client_id: str | None = None  # online: the id the client sent (the stored id is namespaced)
+    watermark: str | None = None  # the invisible watermark's payload in the file (marks:)
     status: Literal["ok"] = "ok"  # failures go to the errors table, never here
     error: str | None = None
 
