@@ -270,6 +270,8 @@ ERROR_MEANINGS = {
     403: "A signed link whose signature does not match, or that has expired.",
     404: "No such model, route or image.",
     413: "The body is larger than the server's max_body_bytes.",
+    422: "An image failed the server's quality gate (after its regenerations); `error.fields` "
+    "names it and why.",
     500: "Generation failed inside the engine (a server fault, logged).",
     503: "The model is at capacity or restarting: retry after Retry-After seconds.",
 }

@@ -35,6 +35,7 @@ import daguerre
 
 from ..pipeline.config import ServeConfig, first_line
 from ..pipeline.outputs import StoredImage, new_run_id, write_outputs
+from ..pipeline.quality import Rejected
 from ..pipeline.schema import _ID_SEGMENT, FieldError, ImageRequest
 from ..pipeline.storage import IMAGES, Storage, image_key
 from .api import (
@@ -148,7 +149,7 @@ class ApiIngress:
         return out
 
     @app.post("/v1/images/generations", response_model=ImagesResponse,
-              responses=error_responses(400, 401, 404, 413, 500, 503),
+              responses=error_responses(400, 401, 404, 413, 422, 500, 503),
               description="OpenAI's images API. Beyond the schema: the images' pixels x steps "
               "together within the server's compute budget, else 400 (code over_budget).")  # fmt: skip
     async def images_generations(self, body: ImagesGenerationRequest, request: Request) -> Any:
@@ -166,7 +167,7 @@ class ApiIngress:
         )
 
     @app.post("/v1/generate", response_model=GenerateResponse,
-              responses=error_responses(400, 401, 404, 413, 500, 503),
+              responses=error_responses(400, 401, 404, 413, 422, 500, 503),
               description="Native API: each image an ImageRequestIn. Beyond the schema: one "
               "model per call, each image within max_pixels, and the images' pixels x steps "
               "together within the server's compute budget (code over_budget), else 400.")  # fmt: skip
@@ -281,6 +282,9 @@ class ApiIngress:
         except asyncio.CancelledError:  # the client went away: its unstarted images are dropped
             call.cancel()
             raise
+        except Rejected as exc:  # the quality gate refused an image of this request
+            raise ApiError(422, fields=[FieldError(field="image", reason=str(exc))],
+                           type="invalid_request_error", code="quality_rejected") from None  # fmt: skip
         except EngineLoopFailed as exc:
             raise ApiError(503, str(exc), type="server_error", code="engine_restarted",
                            headers={"Retry-After": "1"}) from None  # fmt: skip

@@ -284,7 +284,7 @@ def _engine_stage(ds: Any, plan: JobPlan, address: str | None) -> Any:
     return ds.map_batches(
         EngineWorker,
         fn_constructor_kwargs={"engine_config": config.engine.model_dump(mode="json"),
-                               "storage_config": config.storage},  # fmt: skip
+                               "storage_config": config.storage, "quality": config.quality},  # fmt: skip
         compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
         **resources, **common,
     )  # fmt: skip

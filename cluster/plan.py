@@ -19,6 +19,7 @@ from ..pipeline.config import ConfigError, JobConfig
 from ..pipeline.manifest import ManifestInfo, inspect_manifest
 from ..pipeline.marks import marks_unavailable
 from ..pipeline.models import ModelInfo, describe_model
+from ..pipeline.quality import check_quality
 from ..pipeline.schema import ImageRequest
 from ..pipeline.storage import Storage
 from .planning import IdSets
@@ -104,6 +105,7 @@ def check_inputs(manifest: str, config: JobConfig, local: bool,
     reason = marks_unavailable(config.marks)  # the write tasks apply them, in both pools
     if reason:
         raise ConfigError(reason)
+    check_quality(config.quality)
     if served is not None:
         d = served.description
         model = ModelInfo(spec=served.app, name=d["model"], kind="served",

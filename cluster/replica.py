@@ -34,6 +34,7 @@ from ray import serve
 
 from ..pipeline.config import EngineConfig, StorageConfig, first_line
 from ..pipeline.outputs import Provenance
+from ..pipeline.quality import QualityConfig
 from ..pipeline.schema import GeneratedImage, ImageRequest
 
 logger = logging.getLogger("ray.serve")
@@ -279,12 +280,13 @@ class EngineDeployment:
         storage_config: StorageConfig | None = None,
         max_replicas: int = 1,
         online_fill_slack: float | None = 0.25,
+        quality: QualityConfig | None = None,
     ):
         import ray
 
         from ..pipeline.engine import EngineThread
 
-        self._thread = EngineThread(EngineConfig(**engine_config), storage_config)
+        self._thread = EngineThread(EngineConfig(**engine_config), storage_config, quality)
         engine = self._thread.engine
         context = ray.get_runtime_context()
         self.provenance = Provenance(

@@ -20,6 +20,7 @@ from typing import Any
 from ..pipeline.config import ConfigError, ModelDeploymentConfig, ServeConfig, validate_config
 from ..pipeline.marks import marks_unavailable
 from ..pipeline.models import describe_model
+from ..pipeline.quality import check_quality
 from ..pipeline.storage import Storage, is_remote
 from .runtime import ResourceError, engine_resources, init_ray, node_model_path
 
@@ -73,6 +74,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
     reason = marks_unavailable(config.marks)
     if reason:
         raise ConfigError(reason)
+    check_quality(config.quality)
     cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     engines, default_sides = {}, {}
     for model in config.models:
@@ -83,7 +85,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
         deployment = EngineDeployment.options(**deployment_options(model, cluster_gpus))
         engines[model.served_name] = deployment.bind(
             engine.model_dump(mode="json"), model.batch_wait_timeout_s, config.storage,
-            model.max_replicas, model.online_fill_slack,
+            model.max_replicas, model.online_fill_slack, config.quality,
         )  # fmt: skip
     ingress = ApiIngress.options(
         num_replicas=config.ingress_replicas,

@@ -17,6 +17,7 @@ from ..pipeline.config import EngineConfig, StorageConfig, first_line
 from ..pipeline.lease import check_lease
 from ..pipeline.marks import NO_MARKS, MarksConfig
 from ..pipeline.outputs import FLAT_IMAGES, OutputLayout, Provenance, write_errors, write_outputs
+from ..pipeline.quality import QualityConfig, Rejected
 from ..pipeline.schema import (
     EngineRow,
     ErrorRecord,
@@ -138,14 +139,15 @@ def check_row(
 class EngineWorker:
     """A Ray Data actor holding one DiffusionEngine; turns request rows into raw images."""
 
-    def __init__(self, engine_config: dict[str, Any], storage_config: StorageConfig | None = None):
+    def __init__(self, engine_config: dict[str, Any], storage_config: StorageConfig | None = None,
+                 quality: QualityConfig | None = None):  # fmt: skip
         import ray
 
         from ..pipeline.engine import EngineThread
 
         # The engine runs on a thread of its own (see EngineThread), where it also sets its
-        # thread count (Ray caps OMP_NUM_THREADS at the actor's CPU share).
-        self._engine_thread = EngineThread(EngineConfig(**engine_config), storage_config)
+        # thread count (Ray caps OMP_NUM_THREADS at the actor's CPU share) and its gate.
+        self._engine_thread = EngineThread(EngineConfig(**engine_config), storage_config, quality)
         engine = self._engine_thread.engine
         context = ray.get_runtime_context()
         self.busy = {"engine_busy_s": 0.0, "engine_since": None, "engine_until": None}
@@ -260,6 +262,9 @@ def _engine_row(row: dict[str, Any], result: Any, provenance: dict[str, Any]) ->
             seed=result.seed, batch_size=result.batch_size,
             scheduler_config=result.scheduler_config, timings=result.timings,
         )  # fmt: skip
+    if isinstance(result, Rejected) or (isinstance(result, str) and result.startswith(REJECTED)):
+        reason = str(result).removeprefix(REJECTED)  # the quality gate's, after its retries
+        return EngineRow(**base, error_stage="quality", error_field="image", error_reason=reason)
     if isinstance(result, str):  # a replica's one-line reason
         reason = result
     else:
@@ -269,6 +274,7 @@ def _engine_row(row: dict[str, Any], result: Any, provenance: dict[str, Any]) ->
 
 # -- stage 3: encode and write (CPU tasks) ------------------------------------------------
 
+REJECTED = f"{Rejected.__name__}: "  # how a replica's one-line reason names a rejection
 BUSY_COLUMNS = ("engine_busy_s", "engine_since", "engine_until")
 SUMMARY_COLUMNS = ("id", "status", "stage", "written_at", "batch_size", "actor_id",
                    *BUSY_COLUMNS, *StageTimings.model_fields)  # fmt: skip

@@ -15,6 +15,7 @@ from ..kernels.attention import AttentionBackend
 from ..kernels.quantize import QUANTIZABLE_UNET_BACKENDS, Quantization
 from ..kernels.unet import UNetBackend
 from .marks import MarksConfig
+from .quality import QualityConfig
 from .schema import RequestLimits, field_error
 
 M = TypeVar("M", bound=BaseModel)
@@ -161,6 +162,7 @@ class JobConfig(BaseModel):
     limits: RequestLimits = Field(default_factory=RequestLimits)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     marks: MarksConfig = Field(default_factory=MarksConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
     batch_size: int = Field(4, ge=1, description="Rows per engine call (Ray Data batch).")
     min_actors: int = Field(1, ge=1, description="Engine actors kept alive.")
     max_actors: int = Field(1, ge=1, description="Engine actors Ray Data may scale up to.")
@@ -312,6 +314,7 @@ class ServeConfig(BaseModel):
     limits: RequestLimits = Field(default_factory=RequestLimits)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     marks: MarksConfig = Field(default_factory=MarksConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig)
     max_images_per_request: int = Field(
         10, ge=1, le=100, description="Most images one native request may ask for (OpenAI n <= 10)."
     )

@@ -24,6 +24,7 @@ import torch
 
 from .config import HOT_PATH_OPTIONS, EngineConfig, StorageConfig
 from .models import SDXL_TIME_IDS, ModelComponents, load_model
+from .quality import QualityConfig, QualityGate
 from .schema import (
     BucketKey,
     GeneratedImage,
@@ -340,23 +341,33 @@ class EngineThread:
     fight for the cores (~20% slower on a 2-core CPU, measured), and a Serve replica's
     event loop must stay free to accept requests while the engine computes."""
 
-    def __init__(self, config: EngineConfig, storage_config: StorageConfig | None = None):
+    def __init__(self, config: EngineConfig, storage_config: StorageConfig | None = None,
+                 quality: QualityConfig | None = None):  # fmt: skip
         from concurrent.futures import ThreadPoolExecutor
 
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daguerre-engine")
         self.engine: DiffusionEngine = self.executor.submit(
             DiffusionEngine, config, None, storage_config
         ).result()
+        self.gate = QualityGate(quality) if quality is not None and quality.enabled else None
+
+    def _generate(self, requests: list[ImageRequest]) -> list[GeneratedImage | Exception]:
+        """`generate_each`, then the quality gate (its regenerations included)."""
+        results = generate_each(self.engine, requests)
+        if self.gate is None:
+            return results
+        return self.gate.run(lambda again: generate_each(self.engine, again), requests, results)
 
     def generate_each(self, requests: list[ImageRequest]) -> list[GeneratedImage | Exception]:
-        """`generate_each` on the engine's thread (blocking the caller)."""
-        return self.executor.submit(generate_each, self.engine, requests).result()
+        """`generate_each` and the gate on the engine's thread (blocking the caller)."""
+        return self.executor.submit(self._generate, requests).result()
 
     async def generate_each_async(
         self, requests: list[ImageRequest]
     ) -> list[GeneratedImage | Exception]:
-        """`generate_each` on the engine's thread, awaited without blocking the event loop."""
+        """`generate_each` and the gate on the engine's thread, awaited without blocking the
+        event loop."""
         import asyncio
 
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, generate_each, self.engine, requests)
+        return await loop.run_in_executor(self.executor, self._generate, requests)

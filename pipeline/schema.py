@@ -432,7 +432,7 @@ class ErrorRecord(BaseModel):
     """One row of the errors table: a request that produced no image, and why."""
 
     id: str
-    stage: Literal["validate", "generate", "write"]
+    stage: Literal["validate", "generate", "quality", "write"]
     field: str
     reason: str
     row: str  # the offending row as JSON, truncated
