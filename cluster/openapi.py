@@ -2,8 +2,9 @@
 
 FastAPI derives the document from the routes and the HTTP models; this module corrects
 what it cannot know:
-- errors: the server answers 400 (not FastAPI's 422) in one shape, `ErrorResponse`; each
-  route lists the statuses it really returns (declared on the routes, ingress.py);
+- errors: the server answers 400 (not FastAPI's validation 422) in one shape,
+  `ErrorResponse`; each route lists the statuses it really returns (declared on the
+  routes, ingress.py; 422 there is the quality gate's);
 - limits: every rule of the deployment's `RequestLimits` that JSON Schema can state (prompt
   lengths, step and guidance ranges, sizes as multiples of `size_multiple`, id syntax,
   images per call), so generated clients and fuzzers see what the validators enforce;
@@ -17,6 +18,7 @@ descriptions; those requests get a 400 naming the rule.
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 from ..pipeline.config import ServeConfig
@@ -37,7 +39,9 @@ def api_document(base: dict[str, Any], config: ServeConfig, *, auth: bool) -> di
         schemas.pop(name, None)
     for path, item in doc["paths"].items():
         for operation in item.values():
-            operation.get("responses", {}).pop("422", None)
+            responses = operation.get("responses", {})
+            if "HTTPValidationError" in json.dumps(responses.get("422", {})):  # FastAPI's
+                responses.pop("422")
             if auth and path not in OPEN_ROUTES:
                 operation["security"] = [{BEARER: []}]
     if auth:

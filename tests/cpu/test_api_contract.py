@@ -64,11 +64,9 @@ def error_of(resp: httpx.Response, status: int) -> dict:
 # -- the document ---------------------------------------------------------------------------
 
 
-def test_the_document_lists_400_and_each_routes_errors_never_422(api):
+def test_the_document_lists_400_and_each_routes_errors_not_fastapis_422(api):
     doc = httpx.get(f"{api}/openapi.json").json()
-    assert (
-        "422" not in json.dumps(doc) and "HTTPValidationError" not in doc["components"]["schemas"]
-    )
+    assert "HTTPValidationError" not in json.dumps(doc)
     statuses = {path: sorted(op["responses"]) for path, item in doc["paths"].items()
                 for op in item.values()}  # fmt: skip
     # 422 is the quality gate's (an image refused), never FastAPI's validation error
