@@ -5,7 +5,8 @@ the Serve replicas alike (`quality:` in the job or serve config). An image is re
 when it is near-uniform (blank, or a NaN decode, which comes out one colour), mostly
 clipped to pure black or white, under `min_side`, or refused by a user classifier
 (`module:function` or `path/to/file.py:function`, called as `fn(pixels, request)` and
-answering None/True to accept, False or a reason to reject). With `regenerate: N` a
+answering None/True to accept, False or a reason to reject; one that raises rejects that
+image with the error, never its batch). With `regenerate: N` a
 rejected image is made again with a derived seed (deterministic: attempt k of seed s is
 `derived_seed(s, k)`, the one recorded) up to N times; one still rejected becomes a
 `Rejected` result: an errors-table row (stage `quality`) in a job, a 422 online. A
@@ -115,7 +116,10 @@ class QualityGate:
             return (f"clipped: {clipped:.0%} of pixels pure black or white "
                     f"(> {self.config.max_clipped_fraction:.0%})")  # fmt: skip
         if self.classifier is not None:
-            verdict = self.classifier(pixels, image.request)
+            try:
+                verdict = self.classifier(pixels, image.request)
+            except Exception as exc:  # a broken check rejects its image, never the batch
+                return f"classifier failed: {type(exc).__name__}: {exc}"
             if verdict is False or isinstance(verdict, str):
                 return f"classifier: {verdict if isinstance(verdict, str) else 'rejected'}"
         return None

@@ -26,6 +26,8 @@ pytestmark = pytest.mark.timeout(300)
 CLASSIFIER = '''
 def verdict(pixels, request):
     """Rejects prompts asking for it; rejects seed 7 of "retry" prompts (not its regenerations)."""
+    if "crash" in request.prompt:
+        raise RuntimeError("the check broke")
     if "reject" in request.prompt:
         return "the prompt asks to be rejected"
     if "retry" in request.prompt and request.seed == 7:
@@ -58,6 +60,15 @@ def test_the_gate_names_what_is_wrong():
     assert "near-uniform" in gate.reason(image(np.full((64, 64, 3), 128, np.uint8)))
     assert "clipped: 100% of pixels" in gate.reason(image(half))
     assert "under min_side 32" in gate.reason(image(noise[:16]))
+
+
+def test_a_classifier_that_raises_rejects_that_image_only(classifier):
+    gate = QualityGate(QualityConfig(enabled=True, classifier=classifier))
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    crash = image(noise)
+    crash.request = ImageRequest(id="c", prompt="crash it")
+    assert gate.reason(crash) == "classifier failed: RuntimeError: the check broke"
+    assert gate.reason(image(noise)) is None
 
 
 def test_a_rejected_image_is_regenerated_with_a_derived_seed(tiny_engine, classifier):
