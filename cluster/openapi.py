@@ -23,12 +23,11 @@ from typing import Any
 
 from ..pipeline.config import ServeConfig
 from ..pipeline.schema import ID_PATTERN, MAX_ID_CHARS, SEED_LIMIT, TEXT_PATTERN, RequestLimits
+from .http_app import needs_token
 
 BEARER = "bearer"
 MAX_SIZE_PATTERN_CHARS = 64 * 1024  # above it, the plain WIDTHxHEIGHT syntax is documented
 BUDGETED = ("/v1/images/generations", "/v1/generate")
-# Routes anyone may call; every other route needs the bearer token when auth is on.
-OPEN_ROUTES = {"/healthz", "/v1/files/{key}"}
 
 
 def api_document(base: dict[str, Any], config: ServeConfig, *, auth: bool) -> dict[str, Any]:
@@ -42,7 +41,7 @@ def api_document(base: dict[str, Any], config: ServeConfig, *, auth: bool) -> di
             responses = operation.get("responses", {})
             if "HTTPValidationError" in json.dumps(responses.get("422", {})):  # FastAPI's
                 responses.pop("422")
-            if auth and path not in OPEN_ROUTES:
+            if auth and needs_token(path):
                 operation["security"] = [{BEARER: []}]
     if auth:
         doc["components"]["securitySchemes"] = {BEARER: {"type": "http", "scheme": "bearer"}}

@@ -34,7 +34,7 @@ from ray import serve
 
 from ..pipeline.config import EngineConfig, StorageConfig, first_line
 from ..pipeline.outputs import Provenance
-from ..pipeline.quality import QualityConfig
+from ..pipeline.quality import QualityConfig, Rejected
 from ..pipeline.schema import GeneratedImage, ImageRequest
 
 logger = logging.getLogger("ray.serve")
@@ -334,12 +334,16 @@ class EngineDeployment:
                 raise result
         return [ReplicaImage(image=r, provenance=self.provenance) for r in results]
 
-    async def generate_batch(self, requests: list[ImageRequest]) -> list[ReplicaImage | str]:
-        """A batch job's engine call: behind online work; one image or the failure's one-line
-        reason per request (a bad request does not fail its batch-mates)."""
+    async def generate_batch(
+        self, requests: list[ImageRequest]
+    ) -> list[ReplicaImage | Rejected | str]:
+        """A batch job's engine call: behind online work; one image, the quality gate's
+        Rejected, or the failure's one-line reason per request (a bad request does not fail
+        its batch-mates)."""
         results = await self.scheduler.generate(requests, BATCH)
         return [
-            f"{type(r).__name__}: {first_line(r)}" if isinstance(r, Exception)
+            r if isinstance(r, Rejected)
+            else f"{type(r).__name__}: {first_line(r)}" if isinstance(r, Exception)
             else ReplicaImage(image=r, provenance=self.provenance)
             for r in results
         ]  # fmt: skip

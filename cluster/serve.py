@@ -17,8 +17,8 @@ import secrets
 import socket
 from typing import Any
 
-from ..pipeline.config import ConfigError, ModelDeploymentConfig, ServeConfig, validate_config
-from ..pipeline.marks import marks_unavailable
+from ..pipeline.config import ModelDeploymentConfig, ServeConfig, validate_config
+from ..pipeline.marks import check_marks
 from ..pipeline.models import describe_model
 from ..pipeline.quality import check_quality
 from ..pipeline.storage import Storage, is_remote
@@ -71,9 +71,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
     from .replica import EngineDeployment
 
     config = args if isinstance(args, ServeConfig) else validate_config(ServeConfig, args or {})
-    reason = marks_unavailable(config.marks)
-    if reason:
-        raise ConfigError(reason)
+    check_marks(config.marks)
     check_quality(config.quality)
     cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     engines, default_sides = {}, {}

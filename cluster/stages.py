@@ -204,7 +204,7 @@ class ServeEngineClient:
         answers = self._call(requests) if requests else []
         results, provenance = [], []
         for answer in answers:
-            if isinstance(answer, str):  # one request failed in the engine: its reason
+            if isinstance(answer, (str, Rejected)):  # one request failed, or was rejected
                 results.append(answer)
                 provenance.append(self.provenance)
             else:
@@ -262,9 +262,9 @@ def _engine_row(row: dict[str, Any], result: Any, provenance: dict[str, Any]) ->
             seed=result.seed, batch_size=result.batch_size,
             scheduler_config=result.scheduler_config, timings=result.timings,
         )  # fmt: skip
-    if isinstance(result, Rejected) or (isinstance(result, str) and result.startswith(REJECTED)):
-        reason = str(result).removeprefix(REJECTED)  # the quality gate's, after its retries
-        return EngineRow(**base, error_stage="quality", error_field="image", error_reason=reason)
+    if isinstance(result, Rejected):  # the quality gate's, after its retries
+        return EngineRow(**base, error_stage="quality", error_field="image",
+                         error_reason=str(result))  # fmt: skip
     if isinstance(result, str):  # a replica's one-line reason
         reason = result
     else:
@@ -274,7 +274,6 @@ def _engine_row(row: dict[str, Any], result: Any, provenance: dict[str, Any]) ->
 
 # -- stage 3: encode and write (CPU tasks) ------------------------------------------------
 
-REJECTED = f"{Rejected.__name__}: "  # how a replica's one-line reason names a rejection
 BUSY_COLUMNS = ("engine_busy_s", "engine_since", "engine_until")
 SUMMARY_COLUMNS = ("id", "status", "stage", "written_at", "batch_size", "actor_id",
                    *BUSY_COLUMNS, *StageTimings.model_fields)  # fmt: skip

@@ -52,16 +52,18 @@ class MarksConfig(BaseModel):
 NO_MARKS = MarksConfig()
 
 
-def marks_unavailable(marks: MarksConfig) -> str | None:
-    """Why `marks` cannot be applied on this machine (a one-line reason), or None."""
+def check_marks(marks: MarksConfig) -> None:
+    """ConfigError with one line naming the field when `marks` cannot be applied here."""
+    from .config import ConfigError
+
     if marks.watermark is None:
-        return None
+        return
     try:
         import imwatermark  # noqa: F401
     except ImportError as exc:
-        return (f"marks.watermark: needs invisible-watermark ({exc}); install it with "
-                "pip install 'daguerre[marks]' && pip install --no-deps invisible-watermark==0.2.0")  # fmt: skip
-    return None
+        raise ConfigError(f"marks.watermark: needs invisible-watermark ({exc}); install it with "
+                          "pip install 'daguerre[marks]' && pip install --no-deps "
+                          "invisible-watermark==0.2.0") from None  # fmt: skip
 
 
 def watermarked(pixels: Any, marks: MarksConfig) -> tuple[Any, str | None]:

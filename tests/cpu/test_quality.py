@@ -142,3 +142,22 @@ def test_an_unloadable_classifier_fails_before_any_actor_starts(tmp_path):
             check_quality(QualityConfig(enabled=True, classifier=spec))
     with pytest.raises(ConfigError, match="quality.classifier"):
         build_app(ServeConfig(quality=QualityConfig(enabled=True, classifier="nope:fn")))
+
+
+def test_a_rejection_crossing_ray_is_an_errors_row_of_stage_quality():
+    """What a Serve replica returns for a rejected image of a batch-class call (the
+    --via-serve job) arrives whole and becomes the same errors row as the actor pool's."""
+    import pickle
+
+    from daguerre.cluster.stages import engine_rows
+    from daguerre.pipeline.quality import Rejected
+
+    request = ImageRequest(id="a", prompt="x")
+    rows = [{"id": "a", "request": request.model_dump_json(), "row": None,
+             "error_field": None, "error_reason": None}]  # fmt: skip
+    provenance = {"model": "tiny", "weights_hash": "h", "backend": {}, "node_id": "n",
+                  "actor_id": "r"}  # fmt: skip
+    rejected = pickle.loads(pickle.dumps(Rejected("near-uniform: grey-level std 0.00 < 2.0")))
+    (row,) = engine_rows(rows, [request], [rejected], [provenance], provenance).to_pylist()
+    assert (row["error_stage"], row["error_field"]) == ("quality", "image")
+    assert row["error_reason"] == "near-uniform: grey-level std 0.00 < 2.0"
