@@ -34,7 +34,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 import daguerre
 
 from ..pipeline.config import ServeConfig, first_line
-from ..pipeline.outputs import StoredImage, new_run_id, write_outputs
+from ..pipeline.formats import EXTENSIONS, FORMAT_OF_EXTENSION, MEDIA_TYPES, VARIANTS
+from ..pipeline.outputs import StoredImage, WriteOptions, new_run_id, write_outputs
 from ..pipeline.quality import Rejected
 from ..pipeline.schema import _ID_SEGMENT, FieldError, ImageRequest
 from ..pipeline.storage import IMAGES, Storage, image_key
@@ -71,12 +72,20 @@ def sign_key(secret: bytes, key: str, expires: int) -> str:
     return hmac.new(secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
 
-def _is_image_key(key: str) -> bool:
+def _image_media_type(key: str) -> str | None:
+    """The media type of a stored image's key (images/... or variants/<name>/...), or None
+    when `key` names no image."""
     parts = key.split("/")
-    return (
-        len(parts) >= 2 and parts[0] == IMAGES and parts[-1].endswith(".png")
-        and all(_ID_SEGMENT.fullmatch(p) for p in parts[1:])
-    )  # fmt: skip
+    ext = parts[-1].rpartition(".")[2]
+    if parts[0] == VARIANTS and len(parts) >= 3:
+        parts = parts[2:]
+    elif parts[0] == IMAGES and len(parts) >= 2:
+        parts = parts[1:]
+    else:
+        return None
+    if ext not in FORMAT_OF_EXTENSION or not all(_ID_SEGMENT.fullmatch(p) for p in parts):
+        return None
+    return MEDIA_TYPES[FORMAT_OF_EXTENSION[ext]]
 
 
 def _page() -> str:
@@ -205,7 +214,8 @@ class ApiIngress:
         )
 
     @app.get("/v1/files/{key:path}", response_class=Response,
-             responses={200: {"content": {"image/png": {}}, "description": "The PNG."},
+             responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()},
+                              "description": "The image file."},
                         **error_responses(400, 401, 403, 404)})  # fmt: skip
     async def files(self, key: str, request: Request, expires: int | None = None,
                     signature: str | None = None) -> Response:  # fmt: skip
@@ -215,13 +225,14 @@ class ApiIngress:
             self._check_signature(key, expires, signature)
         else:
             self._authorize(request)
-        if not _is_image_key(key):
+        media_type = _image_media_type(key)
+        if media_type is None:
             raise ApiError(404, f"{key!r}: not an image key", code="not_found")
         try:
             data = await asyncio.to_thread(self.storage.fs.cat_file, self.storage.path(key))
         except OSError:  # missing, or not a file
             raise ApiError(404, f"{key}: no such image", code="not_found") from None
-        return Response(data, media_type="image/png")
+        return Response(data, media_type=media_type)
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -304,14 +315,15 @@ class ApiIngress:
         stored = write_outputs(
             [(i.image, i.provenance) for i in images], self.storage if url else None,
             run_id=self.run_id, version=daguerre.__version__, client_ids=client_ids,
-            marks=self.config.marks,
+            options=WriteOptions.of(self.config),
         )  # fmt: skip
         out = []
         for item in stored:
             if url:
-                fields = {"url": self._public_url(image_key(item.record.id), base_url)}
+                key = image_key(item.record.id, ext=EXTENSIONS[item.record.format])
+                fields = {"url": self._public_url(key, base_url)}
             else:
-                fields = {"b64_json": base64.b64encode(item.png).decode()}
+                fields = {"b64_json": base64.b64encode(item.data).decode()}
             out.append((item, fields))
         return out
 

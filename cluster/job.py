@@ -27,7 +27,7 @@ from ..pipeline.catalog import prune_superseded
 from ..pipeline.config import JobConfig
 from ..pipeline.environment import git_commit, host, software_versions
 from ..pipeline.lease import OutputLease
-from ..pipeline.outputs import OutputLayout, new_run_id
+from ..pipeline.outputs import OutputLayout, WriteOptions, new_run_id
 from ..pipeline.report import mean_engine_batch_counts, speed_figures_s
 from ..pipeline.schema import StageTimings
 from ..pipeline.storage import METADATA, RUNS, Storage, StorageError, transient_errors
@@ -228,8 +228,7 @@ def _run_pipeline(
             "output": storage,
             "run_id": summary.run_id,
             "version": daguerre.__version__,
-            "layout": layout,
-            "marks": config.marks,
+            "options": WriteOptions.of(config, layout),
         },  # fmt: skip
         batch_format="pyarrow",
         num_cpus=config.writer_num_cpus,

@@ -15,8 +15,7 @@ from typing import Any
 
 from ..pipeline.config import EngineConfig, StorageConfig, first_line
 from ..pipeline.lease import check_lease
-from ..pipeline.marks import NO_MARKS, MarksConfig
-from ..pipeline.outputs import FLAT_IMAGES, OutputLayout, Provenance, write_errors, write_outputs
+from ..pipeline.outputs import PLAIN, Provenance, WriteOptions, write_errors, write_outputs
 from ..pipeline.quality import QualityConfig, Rejected
 from ..pipeline.schema import (
     EngineRow,
@@ -280,7 +279,7 @@ SUMMARY_COLUMNS = ("id", "status", "stage", "written_at", "batch_size", "actor_i
 
 
 def write_batch(batch: Any, output: Storage, run_id: str, version: str,
-                layout: OutputLayout = FLAT_IMAGES, marks: MarksConfig = NO_MARKS) -> Any:  # fmt: skip
+                options: WriteOptions = PLAIN) -> Any:  # fmt: skip
     """Write a batch's images, then their metadata fragment, then its errors, if this run
     still holds the output's lease; return one summary row per input row."""
     import numpy as np
@@ -310,7 +309,7 @@ def write_batch(batch: Any, output: Storage, run_id: str, version: str,
                 reason=row["error_reason"], run_id=run_id, created_at=_utc(now),
                 row=row["row"] or (row["request"] or "")[:MAX_ERROR_ROW_CHARS],
             ))  # fmt: skip
-    stored, failed = _write_or_record(images, output, run_id, version, now, layout, marks)
+    stored, failed = _write_or_record(images, output, run_id, version, now, options)
     errors += failed
     write_errors(errors, output, run_id)
     _record_metrics(stored, errors, time.time() - now)
@@ -337,15 +336,14 @@ def _record_metrics(stored: list[Any], errors: list[ErrorRecord], seconds: float
 
 
 def _write_or_record(images: list, output: Storage, run_id: str, version: str, now: float,
-                     layout: OutputLayout, marks: MarksConfig) -> tuple[list[Any], list[ErrorRecord]]:  # fmt: skip
+                     options: WriteOptions) -> tuple[list[Any], list[ErrorRecord]]:  # fmt: skip
     """Write a batch's images and metadata fragment: (stored, []), or, when the storage
     still fails after its retries, ([], one `write` error per image): without a metadata
     row the next run makes them again, so nothing is lost and nothing is written twice."""
     from ..pipeline.storage import explain, transient_errors
 
     try:
-        stored = write_outputs(images, output, run_id=run_id, version=version, layout=layout,
-                               marks=marks)  # fmt: skip
+        stored = write_outputs(images, output, run_id=run_id, version=version, options=options)
         return stored, []
     except (OSError, TimeoutError, *transient_errors()) as exc:  # recorded; the job goes on
         reason = f"the write failed after retries: {explain(exc, output)}"

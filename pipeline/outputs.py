@@ -13,10 +13,11 @@ import datetime as dt
 import hashlib
 import io
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from .marks import NO_MARKS, MarksConfig, text_chunks, watermarked
+from .formats import EXTENSIONS, MEDIA_TYPES, PNG_ONLY, EncodingConfig, encode, resized, variant_key
+from .marks import NO_MARKS, MarksConfig, text_chunks, visibly_marked, watermarked
 from .schema import ErrorRecord, GeneratedImage, ImageRecord, error_schema, record_schema
 from .storage import ERRORS, METADATA, SHARDS, Storage, fragment_key, image_key
 
@@ -34,89 +35,14 @@ class Provenance:
 
 @dataclass
 class StoredImage:
-    """One written (or encoded) image: its PNG bytes and its metadata row."""
+    """One written (or encoded) image: its master file's bytes and its metadata row."""
 
-    png: bytes
+    data: bytes
     record: ImageRecord
 
-
-def new_run_id(started: dt.datetime | None = None, kind: str = "") -> str:
-    """A run id that sorts by start time: rows of later runs supersede earlier ones'."""
-    import secrets
-
-    started = started or dt.datetime.now(dt.timezone.utc)
-    stamp = f"{started:%Y%m%dT%H%M%S}{started.microsecond // 1000:03d}Z"
-    return f"{stamp}-{kind + '-' if kind else ''}{secrets.token_hex(3)}"
-
-
-def encode_png(pixels: Any, text: Any = None) -> bytes:
-    """PNG bytes of a [H, W, 3] uint8 array (fast compression: encode time matters more),
-    with `text` (a PIL PngInfo) as its text chunks."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", compress_level=1, pnginfo=text)
-    return buf.getvalue()
-
-
-def encode_marked(generated: GeneratedImage, provenance: Provenance, marks: MarksConfig,
-                  run_id: str, version: str) -> tuple[bytes, str | None]:  # fmt: skip
-    """The image's PNG with the marks `marks` asks for, and the watermark payload in it."""
-    pixels, payload = watermarked(generated.image, marks)
-    text = None
-    if marks.png_text:
-        request = generated.request
-        fields = {"id": request.id, "prompt": request.prompt, "seed": generated.seed,
-                  "negative_prompt": request.negative_prompt, "steps": request.steps,
-                  "guidance_scale": request.guidance_scale, "width": generated.width,
-                  "height": generated.height, "scheduler": request.scheduler.value,
-                  "model": provenance.model, "weights_hash": provenance.weights_hash,
-                  "run_id": run_id, "daguerre_version": version, "ai_generated": True,
-                  "watermark": payload}  # fmt: skip
-        text = text_chunks(fields, version)
-    return encode_png(pixels, text), payload
-
-
-def image_record(
-    generated: GeneratedImage,
-    *,
-    png: bytes,
-    uri: str,
-    provenance: Provenance,
-    run_id: str,
-    version: str,
-    created_at: dt.datetime,
-    client_id: str | None = None,
-    watermark: str | None = None,
-) -> ImageRecord:
-    """The metadata row of one image: the request with defaults resolved, and its provenance."""
-    request = generated.request
-    fields = request.model_dump(exclude={"seed", "width", "height", "scheduler", "model",
-                                         "speed"})  # fmt: skip
-    return ImageRecord(
-        **fields,
-        speed=request.speed.value,
-        seed=generated.seed,
-        width=generated.width,
-        height=generated.height,
-        scheduler=request.scheduler.value,
-        model=provenance.model,
-        uri=uri,
-        sha256=hashlib.sha256(png).hexdigest(),
-        request_fingerprint=request.fingerprint(generated.width, generated.height),
-        weights_hash=provenance.weights_hash,
-        scheduler_config=generated.scheduler_config,
-        backend=provenance.backend,
-        batch_size=generated.batch_size,
-        daguerre_version=version,
-        timings=generated.timings,
-        node_id=provenance.node_id,
-        actor_id=provenance.actor_id,
-        run_id=run_id,
-        created_at=created_at,
-        client_id=client_id,
-        watermark=watermark,
-    )
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.record.format]
 
 
 @dataclass(frozen=True)
@@ -131,6 +57,117 @@ class OutputLayout:
 FLAT_IMAGES = OutputLayout()
 
 
+@dataclass(frozen=True)
+class WriteOptions:
+    """Everything that decides the files of an image beyond its pixels: where they go, the
+    marks in them, their formats and sizes. A job and a deployment build it from their
+    config (`of`), so both fronts write alike."""
+
+    layout: OutputLayout = FLAT_IMAGES
+    marks: MarksConfig = field(default_factory=lambda: NO_MARKS)
+    encoding: EncodingConfig = field(default_factory=lambda: PNG_ONLY)
+
+    @classmethod
+    def of(cls, config: Any, layout: OutputLayout = FLAT_IMAGES) -> WriteOptions:
+        """The options of a JobConfig or ServeConfig."""
+        return cls(layout=layout, marks=config.marks, encoding=config.encoding)
+
+
+PLAIN = WriteOptions()
+
+
+@dataclass
+class EncodedImage:
+    """One image's files before they are written: the master and its variants."""
+
+    generated: GeneratedImage
+    provenance: Provenance
+    format: str  # the master's: png, webp or jpeg
+    master: bytes
+    variants: list[tuple[str, str, bytes]]  # (name, format, bytes)
+    watermark: str | None  # the invisible watermark's payload, or None
+    seconds: float  # time spent encoding
+
+
+def new_run_id(started: dt.datetime | None = None, kind: str = "") -> str:
+    """A run id that sorts by start time: rows of later runs supersede earlier ones'."""
+    import secrets
+
+    started = started or dt.datetime.now(dt.timezone.utc)
+    stamp = f"{started:%Y%m%dT%H%M%S}{started.microsecond // 1000:03d}Z"
+    return f"{stamp}-{kind + '-' if kind else ''}{secrets.token_hex(3)}"
+
+
+def encode_image(generated: GeneratedImage, provenance: Provenance, options: WriteOptions,
+                 run_id: str, version: str) -> EncodedImage:  # fmt: skip
+    """The image's master file and variants, with the marks `options` asks for."""
+    t0 = time.perf_counter()
+    marks, encoding = options.marks, options.encoding
+    pixels, payload = watermarked(visibly_marked(generated.image, marks), marks)
+    text = None
+    if marks.png_text:
+        text = text_chunks(provenance_fields(generated, provenance, run_id, version, payload),
+                           version)  # fmt: skip
+    master = encode(pixels, encoding.format, encoding, text)
+    variants = []
+    for variant in encoding.variants:
+        fmt = variant.format or encoding.format
+        variants.append((variant.name, fmt, encode(resized(pixels, variant), fmt, encoding, text)))
+    return EncodedImage(generated, provenance, encoding.format, master, variants, payload,
+                        time.perf_counter() - t0)  # fmt: skip
+
+
+def provenance_fields(generated: GeneratedImage, provenance: Provenance, run_id: str,
+                      version: str, watermark: str | None) -> dict[str, Any]:  # fmt: skip
+    """What a file says about itself (PNG text chunks, content credentials): the request
+    as made and where it was made."""
+    request = generated.request
+    return {"id": request.id, "prompt": request.prompt, "seed": generated.seed,
+            "negative_prompt": request.negative_prompt, "steps": request.steps,
+            "guidance_scale": request.guidance_scale, "width": generated.width,
+            "height": generated.height, "scheduler": request.scheduler.value,
+            "model": provenance.model, "weights_hash": provenance.weights_hash,
+            "run_id": run_id, "daguerre_version": version, "ai_generated": True,
+            "watermark": watermark}  # fmt: skip
+
+
+def image_record(encoded: EncodedImage, *, uri: str, variants: dict[str, str], run_id: str,
+                 version: str, created_at: dt.datetime,
+                 client_id: str | None = None) -> ImageRecord:  # fmt: skip
+    """The metadata row of one image: the request with defaults resolved, its files and its
+    provenance."""
+    generated, provenance = encoded.generated, encoded.provenance
+    request = generated.request
+    fields = request.model_dump(exclude={"seed", "width", "height", "scheduler", "model",
+                                         "speed"})  # fmt: skip
+    return ImageRecord(
+        **fields,
+        speed=request.speed.value,
+        seed=generated.seed,
+        width=generated.width,
+        height=generated.height,
+        scheduler=request.scheduler.value,
+        model=provenance.model,
+        uri=uri,
+        sha256=hashlib.sha256(encoded.master).hexdigest(),
+        request_fingerprint=request.fingerprint(generated.width, generated.height),
+        weights_hash=provenance.weights_hash,
+        scheduler_config=generated.scheduler_config,
+        backend=provenance.backend,
+        batch_size=generated.batch_size,
+        daguerre_version=version,
+        timings=generated.timings,
+        node_id=provenance.node_id,
+        actor_id=provenance.actor_id,
+        run_id=run_id,
+        created_at=created_at,
+        client_id=client_id,
+        watermark=encoded.watermark,
+        format=encoded.format,
+        variants=variants,
+    )
+
+
 def write_outputs(
     images: list[tuple[GeneratedImage, Provenance]],
     storage: Storage | None,
@@ -138,55 +175,57 @@ def write_outputs(
     run_id: str,
     version: str,
     client_ids: dict[str, str] | None = None,
-    layout: OutputLayout | None = None,
-    marks: MarksConfig = NO_MARKS,
+    options: WriteOptions = PLAIN,
 ) -> list[StoredImage]:
-    """Encode every image as PNG (with its `marks`) and build its record; with `storage`,
-    write the images (or their shard) and then their metadata fragment. Without it (inline
-    online answers) nothing is written."""
+    """Encode every image (its master and variants, with the marks `options` asks for) and
+    build its record; with `storage`, write the files (or their shard) and then their
+    metadata fragment. Without it (inline online answers) nothing is written."""
     import pyarrow as pa
 
-    layout = layout or FLAT_IMAGES
     created_at = dt.datetime.now(dt.timezone.utc)
-    encoded, payloads = [], []
-    for generated, provenance in images:
-        t0 = time.perf_counter()
-        png, payload = encode_marked(generated, provenance, marks, run_id, version)
-        encoded.append((generated, provenance, png, time.perf_counter() - t0))
-        payloads.append(payload)
-    if storage is not None and encoded and layout.output_format == "webdataset":
-        uris, write_s = _write_shard(encoded, storage, layout, run_id)
+    encoded = [encode_image(g, p, options, run_id, version) for g, p in images]
+    if storage is not None and encoded and options.layout.output_format == "webdataset":
+        written = _write_shard(encoded, storage, options, run_id)
     else:
-        uris, write_s = _write_images(encoded, storage, layout)
+        written = _write_images(encoded, storage, options)
     out = []
-    for (generated, provenance, png, encode_s), uri, seconds, payload in zip(
-        encoded, uris, write_s, payloads, strict=True
-    ):
-        timings = generated.timings.model_copy(update={"encode_png_s": encode_s,
-                                                       "write_s": seconds})  # fmt: skip
-        generated = dataclasses.replace(generated, timings=timings)
+    for item, (uri, variants, seconds) in zip(encoded, written, strict=True):
+        timings = item.generated.timings.model_copy(update={"encode_png_s": item.seconds,
+                                                            "write_s": seconds})  # fmt: skip
+        item.generated = dataclasses.replace(item.generated, timings=timings)
         record = image_record(
-            generated, png=png, uri=uri, provenance=provenance, run_id=run_id, version=version,
-            created_at=created_at, client_id=(client_ids or {}).get(generated.request.id),
-            watermark=payload,
+            item, uri=uri, variants=variants, run_id=run_id, version=version,
+            created_at=created_at, client_id=(client_ids or {}).get(item.generated.request.id),
         )  # fmt: skip
-        out.append(StoredImage(png=png, record=record))
+        out.append(StoredImage(data=item.master, record=record))
     if storage is not None and out:
         table = pa.Table.from_pylist([s.record.model_dump() for s in out], schema=record_schema())
         storage.write_table(fragment_key(METADATA, run_id, [s.record.id for s in out]), table)
     return out
 
 
-def _write_images(encoded: list, storage: Storage | None,
-                  layout: OutputLayout) -> tuple[list[str], list[float]]:  # fmt: skip
-    """One object per image: (uris, seconds per write)."""
-    uris, seconds = [], []
-    for generated, _, png, _ in encoded:
+Written = tuple[str, dict[str, str], float]  # master uri, variant uris by name, seconds
+
+
+def _write_images(encoded: list[EncodedImage], storage: Storage | None,
+                  options: WriteOptions) -> list[Written]:  # fmt: skip
+    """One object per file: per image, its master's uri, its variants' and the seconds."""
+    hashed = options.layout.key_prefix == "hashed"
+    out = []
+    for item in encoded:
         t0 = time.perf_counter()
-        key = image_key(generated.request.id, hashed=layout.key_prefix == "hashed")
-        uris.append(storage.write_bytes(key, png) if storage is not None else "")
-        seconds.append(time.perf_counter() - t0)
-    return uris, seconds
+        image_id = item.generated.request.id
+        if storage is None:
+            out.append(("", {}, 0.0))
+            continue
+        key = image_key(image_id, hashed=hashed, ext=EXTENSIONS[item.format])
+        uri = storage.write_bytes(key, item.master)
+        variants = {
+            name: storage.write_bytes(variant_key(name, image_id, EXTENSIONS[fmt], hashed), data)
+            for name, fmt, data in item.variants
+        }  # fmt: skip
+        out.append((uri, variants, time.perf_counter() - t0))
+    return out
 
 
 def shard_member(image_id: str) -> str:
@@ -195,34 +234,50 @@ def shard_member(image_id: str) -> str:
     return image_id.replace("%", "%25").replace(".", "%2E")
 
 
-def _write_shard(encoded: list, storage: Storage, layout: OutputLayout,
-                 run_id: str) -> tuple[list[str], list[float]]:  # fmt: skip
-    """One WebDataset tar of the batch (`<member>.png` and `<member>.json` per image, the
-    json holding the request and provenance), written whole and named by its content, so a
-    retried batch rewrites the same object; uris `<shard>#<member>.png`."""
+def _shard_files(item: EncodedImage, options: WriteOptions, run_id: str) -> list[tuple[str, bytes]]:
+    """(member name, bytes) of one image in a shard: `<member>.<ext>`, each variant as
+    `<member>.<variant>.<ext>` and `<member>.json` holding the request and provenance."""
     import json
+
+    generated, provenance = item.generated, item.provenance
+    member = shard_member(generated.request.id)
+    files = [(f"{member}.{EXTENSIONS[item.format]}", item.master)]
+    files += [(f"{member}.{name}.{EXTENSIONS[fmt]}", data) for name, fmt, data in item.variants]
+    sample = {"id": generated.request.id, "request": generated.request.model_dump(mode="json"),
+              "seed": generated.seed, "width": generated.width, "height": generated.height,
+              "model": provenance.model, "weights_hash": provenance.weights_hash,
+              "run_id": run_id, "sha256": hashlib.sha256(item.master).hexdigest()}  # fmt: skip
+    return [*files, (f"{member}.json", json.dumps(sample, sort_keys=True).encode())]
+
+
+def _write_shard(encoded: list[EncodedImage], storage: Storage, options: WriteOptions,
+                 run_id: str) -> list[Written]:  # fmt: skip
+    """One WebDataset tar of the batch (_shard_files per image), written whole and named by
+    its content, so a retried batch rewrites the same object; uris `<shard>#<member file>`."""
     import tarfile
 
     t0 = time.perf_counter()
     buf = io.BytesIO()
+    names = []
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for generated, provenance, png, _ in encoded:
-            member = shard_member(generated.request.id)
-            sample = {"id": generated.request.id, "request": generated.request.model_dump(mode="json"),
-                      "seed": generated.seed, "width": generated.width, "height": generated.height,
-                      "model": provenance.model, "weights_hash": provenance.weights_hash,
-                      "run_id": run_id, "sha256": hashlib.sha256(png).hexdigest()}  # fmt: skip
-            for name, data in ((f"{member}.png", png),
-                               (f"{member}.json", json.dumps(sample, sort_keys=True).encode())):  # fmt: skip
+        for item in encoded:
+            files = _shard_files(item, options, run_id)
+            names.append([name for name, _ in files])
+            for name, data in files:
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(data), 0, 0o644
                 tar.addfile(info, io.BytesIO(data))
     data = buf.getvalue()
     digest = hashlib.sha256(data).hexdigest()[:32]
-    prefix = f"{SHARDS}/{digest[:2]}/" if layout.key_prefix == "hashed" else f"{SHARDS}/"
-    uri = storage.write_bytes(f"{prefix}{digest}.tar", data)
+    hashed = options.layout.key_prefix == "hashed"
+    uri = storage.write_bytes(f"{SHARDS}/{digest[:2] + '/' if hashed else ''}{digest}.tar", data)
     each = (time.perf_counter() - t0) / max(len(encoded), 1)
-    return [f"{uri}#{shard_member(g.request.id)}.png" for g, *_ in encoded], [each] * len(encoded)
+    out = []
+    for item, files in zip(encoded, names, strict=True):
+        variant_names = [name for name, _, _ in item.variants]
+        variants = {v: f"{uri}#{f}" for v, f in zip(variant_names, files[1:], strict=False)}
+        out.append((f"{uri}#{files[0]}", variants, each))
+    return out
 
 
 def write_errors(errors: list[ErrorRecord], storage: Storage, run_id: str) -> None:

@@ -424,6 +424,11 @@ class ImageRecord(BaseModel):
     created_at: dt.datetime
     client_id: str | None = None  # online: the id the client sent (the stored id is namespaced)
     watermark: str | None = None  # the invisible watermark's payload in the file (marks:)
+    format: str = "png"  # the master file's format (encoding.format): png, webp or jpeg
+    variants: dict[str, str] = {}  # resized variants (encoding.variants): name -> uri
+    content_credentials: bool = False  # a signed C2PA manifest is embedded in the files
+    cache_hit: bool = False  # answered from the result cache (cache:) instead of generated
+    cache_source: str | None = None  # on a hit: the cache entry's key (weights + request)
     status: Literal["ok"] = "ok"  # failures go to the errors table, never here
     error: str | None = None
 
@@ -436,6 +441,7 @@ class ErrorRecord(BaseModel):
     field: str
     reason: str
     row: str  # the offending row as JSON, truncated
+    uri: str | None = None  # stage quality with quality.keep_rejected: the image kept aside
     run_id: str  # the run that recorded it; a later run's rows for the same id supersede it
     created_at: dt.datetime
 

@@ -1,8 +1,11 @@
 """Object storage for job inputs and outputs, through fsspec: a local folder by default.
 
 An output prefix holds
-    images/<id>.png                    one PNG per finished image (deterministic key;
-                                       key_prefix hashed: images/<hh>/<id>.png)
+    images/<id>.png                    one file per finished image (deterministic key;
+                                       key_prefix hashed: images/<hh>/<id>.png; .webp or
+                                       .jpg with encoding.format)
+    variants/<name>/<id>.png           encoding.variants: resized files per image
+    rejected/<id>.png                  quality.keep_rejected: the images the gate refused
     shards/<digest>.tar                output_format webdataset: a write batch's images
                                        and JSON per image, named by content
     metadata/part-<run>-<d>.parquet    ImageRecord rows; one fragment per written batch
@@ -276,12 +279,12 @@ def fragment_key(prefix: str, run_id: str, ids: list[str]) -> str:
     return f"{prefix}/part-{run_id}-{digest}.parquet"
 
 
-def image_key(image_id: str, hashed: bool = False) -> str:
-    """images/<id>.png, or (hashed) images/<2 hex of the id's sha256>/<id>.png: 256
+def image_key(image_id: str, hashed: bool = False, ext: str = "png") -> str:
+    """images/<id>.<ext>, or (hashed) images/<2 hex of the id's sha256>/<id>.<ext>: 256
     prefixes, so an object store does not throttle one hot prefix."""
     if hashed:
-        return f"{IMAGES}/{hashlib.sha256(image_id.encode()).hexdigest()[:2]}/{image_id}.png"
-    return f"{IMAGES}/{image_id}.png"
+        return f"{IMAGES}/{hashlib.sha256(image_id.encode()).hexdigest()[:2]}/{image_id}.{ext}"
+    return f"{IMAGES}/{image_id}.{ext}"
 
 
 def explain(exc: BaseException, storage: Storage | None = None) -> str:

@@ -1,0 +1,124 @@
+"""File formats and sizes: the master image as PNG, WebP or JPEG, and resized variants.
+
+`encoding:` in a job or serve config says how every image is written: the master file's
+format and quality, and extra variants (a 512 thumbnail next to a 1024 master, a square
+crop for a product grid), each under its own key and listed in the metadata row
+(`format`, `variants`: name -> uri). Keys:
+
+    images/<id>.<ext>                   the master (png, webp or jpg)
+    variants/<name>/<id>.<ext>          each variant (hashed keys: variants/<name>/<hh>/<id>.<ext>)
+
+Variants are cut from the master's pixels after its marks are applied, so a visible mark
+shows in every size. Provenance text chunks are a PNG feature; WebP and JPEG files carry
+provenance in their content credentials (credentials:).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Format = Literal["png", "webp", "jpeg"]
+EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
+MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+FORMAT_OF_EXTENSION = {ext: fmt for fmt, ext in EXTENSIONS.items()}
+VARIANTS = "variants"
+
+
+class Variant(BaseModel):
+    """One extra size of every image: a box and how the image fits it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$",
+        description="Key of the variant (variants/<name>/<id>.<ext>, the metadata's variants map).",
+    )
+    width: int | None = Field(None, ge=8, le=8192, description="Box width in pixels.")
+    height: int | None = Field(None, ge=8, le=8192, description="Box height in pixels.")
+    fit: Literal["contain", "cover"] = Field(
+        "contain",
+        description="contain: scaled to fit inside the box, aspect kept (a thumbnail); cover: "
+        "scaled to fill the box and centre-cropped to exactly width x height.",
+    )
+    format: Format | None = Field(None, description="File format; default: the master's.")
+
+    @model_validator(mode="after")
+    def _check_box(self) -> Variant:
+        if self.width is None and self.height is None:
+            raise ValueError("give width, height or both")
+        if self.fit == "cover" and (self.width is None or self.height is None):
+            raise ValueError("fit cover needs both width and height")
+        return self
+
+
+class EncodingConfig(BaseModel):
+    """How images are written (`encoding:` in a job or serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Format = Field("png", description="The master file's format: png, webp or jpeg.")
+    quality: int = Field(
+        90, ge=1, le=100, description="webp and jpeg: encoder quality (100: best, largest)."
+    )
+    lossless: bool = Field(False, description="webp: lossless (quality then sets the effort).")
+    variants: list[Variant] = Field(
+        default_factory=list, description="Extra resized or cropped files per image."
+    )
+
+    @model_validator(mode="after")
+    def _check_names(self) -> EncodingConfig:
+        names = [v.name for v in self.variants]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"variants: the name {twice[0]!r} is used twice")
+        return self
+
+
+PNG_ONLY = EncodingConfig()
+
+
+def encode(pixels: Any, fmt: str, config: EncodingConfig, text: Any = None) -> bytes:
+    """The bytes of a [H, W, 3] uint8 array in `fmt`; `text` (a PIL PngInfo) goes into a
+    PNG's text chunks. PNG uses fast compression: encode time matters more than bytes."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    image = Image.fromarray(pixels)
+    if fmt == "png":
+        image.save(buf, format="PNG", compress_level=1, pnginfo=text)
+    elif fmt == "webp":
+        image.save(buf, format="WEBP", quality=config.quality, lossless=config.lossless,
+                   method=4)  # fmt: skip
+    else:
+        image.save(buf, format="JPEG", quality=config.quality, optimize=False)
+    return buf.getvalue()
+
+
+def resized(pixels: Any, variant: Variant) -> Any:
+    """The pixels of `variant`: fitted into (contain) or cropped to (cover) its box."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    image = Image.fromarray(pixels)
+    height, width = pixels.shape[:2]
+    if variant.fit == "cover":
+        out = ImageOps.fit(image, (variant.width, variant.height), Image.Resampling.LANCZOS)
+    else:
+        scale = min(
+            (variant.width or 10**9) / width, (variant.height or 10**9) / height
+        )  # fmt: skip
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        out = image.resize(size, Image.Resampling.LANCZOS)
+    return np.asarray(out)
+
+
+def variant_key(name: str, image_id: str, ext: str, hashed: bool = False) -> str:
+    """variants/<name>/<id>.<ext>, or (hashed) variants/<name>/<hh>/<id>.<ext>."""
+    import hashlib
+
+    if hashed:
+        return f"{VARIANTS}/{name}/{hashlib.sha256(image_id.encode()).hexdigest()[:2]}/{image_id}.{ext}"
+    return f"{VARIANTS}/{name}/{image_id}.{ext}"
