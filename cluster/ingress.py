@@ -15,6 +15,7 @@ FastAPI must resolve the route annotations from the objects themselves.
 
 import asyncio
 import base64
+import datetime as dt
 import hashlib
 import hmac
 import importlib.resources
@@ -35,9 +36,17 @@ import daguerre
 
 from ..pipeline.config import ServeConfig, first_line
 from ..pipeline.formats import EXTENSIONS, FORMAT_OF_EXTENSION, MEDIA_TYPES, VARIANTS
-from ..pipeline.outputs import StoredImage, WriteOptions, new_run_id, write_outputs
+from ..pipeline.lora import LoraError
+from ..pipeline.outputs import (
+    StoredImage,
+    WriteOptions,
+    keep_rejected,
+    new_run_id,
+    write_errors,
+    write_outputs,
+)
 from ..pipeline.quality import Rejected
-from ..pipeline.schema import _ID_SEGMENT, FieldError, ImageRequest
+from ..pipeline.schema import _ID_SEGMENT, ErrorRecord, FieldError, ImageRequest
 from ..pipeline.storage import IMAGES, Storage, image_key
 from .api import (
     GeneratedImageOut,
@@ -48,6 +57,7 @@ from .api import (
     ImagesResponse,
     ResponseFormat,
     error_responses,
+    lora_errors,
     online_namespace,
     over_budget,
 )
@@ -108,6 +118,7 @@ class ApiIngress:
         configure(self.config.max_body_bytes, self.token)
         self.url_secret = url_secret.encode()
         self.run_id = new_run_id(kind="serve")
+        self.options = WriteOptions.of(self.config)  # how every image's files are written
         self.created = int(time.time())
         self.in_flight = dict.fromkeys(self.engines, 0)  # engine calls this ingress awaits
         self.document: dict[str, Any] | None = None  # the OpenAPI document, built once
@@ -168,6 +179,7 @@ class ApiIngress:
         image_requests = body.image_requests(online_namespace(), base_seed, self.config.limits)
         if image_requests and isinstance(image_requests[0], FieldError):
             raise ApiError(400, fields=image_requests, code="invalid_value")
+        self._check_lora(image_requests, "lora")
         self._check_budget(model, image_requests, "n")
         stored = await self._make(model, image_requests, body.response_format, request, {})
         data = [ImageData(seed=s.record.seed, id=s.record.id, **fields) for s, fields in stored]
@@ -198,6 +210,7 @@ class ApiIngress:
         if isinstance(checked, list):
             raise ApiError(400, fields=checked, code="invalid_value")
         image_requests, client_ids = checked
+        self._check_lora(image_requests, "requests.{i}.lora")
         self._check_budget(model, image_requests, "requests")
         stored = await self._make(model, image_requests, body.response_format, request,
                                   client_ids)  # fmt: skip
@@ -260,6 +273,13 @@ class ApiIngress:
                            code="model_not_found")  # fmt: skip
         return name
 
+    def _check_lora(self, requests: list[ImageRequest], field: str) -> None:
+        """400 unless every named adapter lies under lora_roots (online never reads elsewhere)."""
+        errors = lora_errors(requests, self.config.lora_roots, field)
+        if errors:  # the n images of an OpenAI request share one lora: one error says it
+            raise ApiError(400, fields=errors if "{i}" in field else errors[:1],
+                           code="invalid_value")  # fmt: skip
+
     def _check_budget(self, model: str, requests: list[ImageRequest], field: str) -> None:
         budget = self.config.max_request_pixel_steps
         errors = over_budget(requests, self.default_sides.get(model, 512), budget, field)
@@ -294,8 +314,14 @@ class ApiIngress:
             call.cancel()
             raise
         except Rejected as exc:  # the quality gate refused an image of this request
+            if exc.image is not None and self.options.keep_rejected:
+                await asyncio.to_thread(self._keep_rejected, exc)
             raise ApiError(422, fields=[FieldError(field="image", reason=str(exc))],
                            type="invalid_request_error", code="quality_rejected") from None  # fmt: skip
+        except LoraError as exc:  # the adapter under lora_roots does not load: the client's
+            cause = getattr(exc, "cause", exc)  # Ray's wrapper keeps the engine's exception
+            raise ApiError(400, fields=[FieldError(field="lora", reason=first_line(cause))],
+                           code="invalid_value") from None  # fmt: skip
         except EngineLoopFailed as exc:
             raise ApiError(503, str(exc), type="server_error", code="engine_restarted",
                            headers={"Retry-After": "1"}) from None  # fmt: skip
@@ -315,7 +341,7 @@ class ApiIngress:
         stored = write_outputs(
             [(i.image, i.provenance) for i in images], self.storage if url else None,
             run_id=self.run_id, version=daguerre.__version__, client_ids=client_ids,
-            options=WriteOptions.of(self.config),
+            options=self.options,
         )  # fmt: skip
         out = []
         for item in stored:
@@ -326,6 +352,16 @@ class ApiIngress:
                 fields = {"b64_json": base64.b64encode(item.data).decode()}
             out.append((item, fields))
         return out
+
+    def _keep_rejected(self, rejected: Rejected) -> None:
+        """quality.keep_rejected online: the image under rejected/ and its errors row."""
+        image = rejected.image
+        uri = keep_rejected(image, self.storage)
+        error = ErrorRecord(id=image.request.id, stage="quality", field="image",
+                            reason=str(rejected), row=image.request.model_dump_json(),
+                            uri=uri, run_id=self.run_id,
+                            created_at=dt.datetime.now(dt.timezone.utc))  # fmt: skip
+        write_errors([error], self.storage, self.run_id)
 
     def _public_url(self, key: str, base_url: str) -> str:
         if self.storage.is_local:

@@ -15,7 +15,14 @@ from typing import Any
 
 from ..pipeline.config import EngineConfig, StorageConfig, first_line
 from ..pipeline.lease import check_lease
-from ..pipeline.outputs import PLAIN, Provenance, WriteOptions, write_errors, write_outputs
+from ..pipeline.outputs import (
+    PLAIN,
+    Provenance,
+    WriteOptions,
+    keep_rejected,
+    write_errors,
+    write_outputs,
+)
 from ..pipeline.quality import QualityConfig, Rejected
 from ..pipeline.schema import (
     EngineRow,
@@ -262,8 +269,11 @@ def _engine_row(row: dict[str, Any], result: Any, provenance: dict[str, Any]) ->
             scheduler_config=result.scheduler_config, timings=result.timings,
         )  # fmt: skip
     if isinstance(result, Rejected):  # the quality gate's, after its retries
+        last = result.image  # its pixels travel on, for quality.keep_rejected
+        pixels = {} if last is None else {"pixels": last.image.tobytes(), "width": last.width,
+                                          "height": last.height, "seed": last.seed}  # fmt: skip
         return EngineRow(**base, error_stage="quality", error_field="image",
-                         error_reason=str(result))  # fmt: skip
+                         error_reason=str(result), **pixels)  # fmt: skip
     if isinstance(result, str):  # a replica's one-line reason
         reason = result
     else:
@@ -282,7 +292,6 @@ def write_batch(batch: Any, output: Storage, run_id: str, version: str,
                 options: WriteOptions = PLAIN) -> Any:  # fmt: skip
     """Write a batch's images, then their metadata fragment, then its errors, if this run
     still holds the output's lease; return one summary row per input row."""
-    import numpy as np
     import pyarrow as pa
 
     check_lease(output, run_id)  # a killed driver's orphaned workers stop here
@@ -290,25 +299,20 @@ def write_batch(batch: Any, output: Storage, run_id: str, version: str,
     now = time.time()
     for row in batch.to_pylist():
         if row["error_stage"] is None:
-            request = ImageRequest.model_validate_json(row["request"])
-            pixels = np.frombuffer(row["pixels"], dtype=np.uint8)
-            generated = GeneratedImage(
-                request=request, image=pixels.reshape(row["height"], row["width"], 3),
-                seed=row["seed"], width=row["width"], height=row["height"],
-                batch_size=row["batch_size"], scheduler_config=row["scheduler_config"],
-                timings=StageTimings(**row["timings"]),
-            )  # fmt: skip
             provenance = Provenance(
                 model=row["model"], weights_hash=row["weights_hash"],
                 backend=dict(row["backend"]), node_id=row["node_id"], actor_id=row["actor_id"],
             )  # fmt: skip
-            images.append((generated, provenance))
-        else:
-            errors.append(ErrorRecord(
-                id=row["id"], stage=row["error_stage"], field=row["error_field"],
-                reason=row["error_reason"], run_id=run_id, created_at=_utc(now),
-                row=row["row"] or (row["request"] or "")[:MAX_ERROR_ROW_CHARS],
-            ))  # fmt: skip
+            images.append((_generated(row), provenance))
+            continue
+        kept = None
+        if row["error_stage"] == "quality" and row["pixels"] and options.keep_rejected:
+            kept = keep_rejected(_generated(row), output)
+        errors.append(ErrorRecord(
+            id=row["id"], stage=row["error_stage"], field=row["error_field"],
+            reason=row["error_reason"], run_id=run_id, created_at=_utc(now), uri=kept,
+            row=row["row"] or (row["request"] or "")[:MAX_ERROR_ROW_CHARS],
+        ))  # fmt: skip
     stored, failed = _write_or_record(images, output, run_id, version, now, options)
     errors += failed
     write_errors(errors, output, run_id)
@@ -323,6 +327,20 @@ def write_batch(batch: Any, output: Storage, run_id: str, version: str,
         _summary_row(summary, error.id, "error", error.stage, now, None, None, StageTimings(),
                      busy.get(error.id, {}))  # fmt: skip
     return pa.table(summary, schema=summary_schema())
+
+
+def _generated(row: dict[str, Any]) -> GeneratedImage:
+    """The engine's image an engine-stage row carries (pixels, size, how it was made)."""
+    import numpy as np
+
+    pixels = np.frombuffer(row["pixels"], dtype=np.uint8)
+    return GeneratedImage(
+        request=ImageRequest.model_validate_json(row["request"]),
+        image=pixels.reshape(row["height"], row["width"], 3), seed=row["seed"],
+        width=row["width"], height=row["height"], batch_size=row["batch_size"] or 0,
+        scheduler_config=row["scheduler_config"] or "{}",
+        timings=StageTimings(**(row["timings"] or {})),
+    )  # fmt: skip
 
 
 def _record_metrics(stored: list[Any], errors: list[ErrorRecord], seconds: float) -> None:

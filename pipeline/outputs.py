@@ -19,7 +19,7 @@ from typing import Any
 from .formats import EXTENSIONS, MEDIA_TYPES, PNG_ONLY, EncodingConfig, encode, resized, variant_key
 from .marks import NO_MARKS, MarksConfig, text_chunks, visibly_marked, watermarked
 from .schema import ErrorRecord, GeneratedImage, ImageRecord, error_schema, record_schema
-from .storage import ERRORS, METADATA, SHARDS, Storage, fragment_key, image_key
+from .storage import ERRORS, METADATA, REJECTED, SHARDS, Storage, fragment_key, image_key
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,13 @@ class WriteOptions:
     layout: OutputLayout = FLAT_IMAGES
     marks: MarksConfig = field(default_factory=lambda: NO_MARKS)
     encoding: EncodingConfig = field(default_factory=lambda: PNG_ONLY)
+    keep_rejected: bool = False  # the quality gate's rejected images go to rejected/
 
     @classmethod
     def of(cls, config: Any, layout: OutputLayout = FLAT_IMAGES) -> WriteOptions:
         """The options of a JobConfig or ServeConfig."""
-        return cls(layout=layout, marks=config.marks, encoding=config.encoding)
+        return cls(layout=layout, marks=config.marks, encoding=config.encoding,
+                   keep_rejected=config.quality.enabled and config.quality.keep_rejected)  # fmt: skip
 
 
 PLAIN = WriteOptions()
@@ -278,6 +280,13 @@ def _write_shard(encoded: list[EncodedImage], storage: Storage, options: WriteOp
         variants = {v: f"{uri}#{f}" for v, f in zip(variant_names, files[1:], strict=False)}
         out.append((f"{uri}#{files[0]}", variants, each))
     return out
+
+
+def keep_rejected(image: GeneratedImage, storage: Storage) -> str:
+    """Write an image the quality gate refused as rejected/<id>.png (plain PNG, for review:
+    never under images/, so it is never taken for a finished image); its URI."""
+    return storage.write_bytes(f"{REJECTED}/{image.request.id}.png",
+                               encode(image.image, "png", PNG_ONLY))  # fmt: skip
 
 
 def write_errors(errors: list[ErrorRecord], storage: Storage, run_id: str) -> None:

@@ -47,10 +47,19 @@ class QualityConfig(BaseModel):
         "None/True (accept), False or a reason (reject).",
     )  # fmt: skip
     regenerate: int = Field(0, ge=0, le=5, description="Derived-seed retries of a rejected image.")
+    keep_rejected: bool = Field(
+        False, description="Keep each rejected image (its last attempt) as rejected/<id>.png, "
+        "named by its errors row (`uri`), for review; it never reaches images/.",
+    )  # fmt: skip
 
 
 class Rejected(Exception):
-    """An image the gate refused after every attempt; the message is the reason."""
+    """An image the gate refused after every attempt; the message is the reason, `image`
+    the last attempt (kept under rejected/ with keep_rejected)."""
+
+    def __init__(self, reason: str, image: GeneratedImage | None = None):
+        super().__init__(reason)
+        self.image = image  # in __dict__: it survives pickling across Ray
 
 
 def derived_seed(seed: int, attempt: int) -> int:
@@ -149,5 +158,6 @@ class QualityGate:
                     if self.config.regenerate
                     else ""
                 )
-                results[i] = Rejected(f"{why}{tries}")
+                last = results[i] if isinstance(results[i], GeneratedImage) else None
+                results[i] = Rejected(f"{why}{tries}", last)
         return results

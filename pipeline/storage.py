@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 IMAGES, METADATA, ERRORS, RUNS = "images", "metadata", "errors", "runs"
 SHARDS = "shards"  # output_format webdataset: shards/<content digest>.tar
+REJECTED = "rejected"  # quality.keep_rejected: rejected/<id>.png
 READ_RELISTS = 5  # a reader racing compaction lists again at most this often
 MARKER = "_daguerre"  # written at the output root when a job starts: proves write access
 

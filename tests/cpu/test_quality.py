@@ -21,6 +21,7 @@ from daguerre.pipeline.config import (
 )
 from daguerre.pipeline.quality import QualityConfig, QualityGate, check_quality, derived_seed
 from daguerre.pipeline.schema import GeneratedImage, ImageRequest, StageTimings, manifest_schema
+from PIL import Image
 
 pytestmark = pytest.mark.timeout(300)
 CLASSIFIER = '''
@@ -93,7 +94,7 @@ def test_a_job_records_rejections_and_writes_only_what_passed(ray_session, tmp_p
             {"id": "bad", "prompt": "reject a cup", "seed": 3, "steps": 2}]  # fmt: skip
     schema = pa.schema([f.with_nullable(True) for f in manifest_schema()])
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "m.parquet")
-    quality = QualityConfig(enabled=True, classifier=classifier, regenerate=1)
+    quality = QualityConfig(enabled=True, classifier=classifier, regenerate=1, keep_rejected=True)
     config = JobConfig(engine=EngineConfig(model="tiny", device="cpu"), quality=quality)
     out = tmp_path / "out"
     summary = run_job(str(tmp_path / "m.parquet"), str(out), config, progress=False)
@@ -104,6 +105,8 @@ def test_a_job_records_rejections_and_writes_only_what_passed(ray_session, tmp_p
     assert error["id"] == "bad" and error["stage"] == "quality" and error["field"] == "image"
     assert error["reason"] == "classifier: the prompt asks to be rejected after 1 regenerations"
     assert sorted(p.name for p in (out / "images").glob("*.png")) == ["ok.png", "retry.png"]
+    kept = out / "rejected" / "bad.png"  # keep_rejected: its last attempt, named by its row
+    assert error["uri"] == f"file://{kept}" and Image.open(kept).size == (64, 64)
 
 
 def test_online_a_rejected_image_is_a_422_naming_it(ray_session, tmp_path, classifier):
@@ -112,7 +115,7 @@ def test_online_a_rejected_image_is_a_422_naming_it(ray_session, tmp_path, class
     from test_api_contract import _free_port
 
     engine = EngineConfig(model="tiny", device="cpu", torch_threads=1)
-    quality = QualityConfig(enabled=True, classifier=classifier, regenerate=1)
+    quality = QualityConfig(enabled=True, classifier=classifier, regenerate=1, keep_rejected=True)
     config = ServeConfig(port=_free_port(), models=[ModelDeploymentConfig(engine=engine, num_cpus=1)],
                          output=str(tmp_path / "out"), quality=quality)  # fmt: skip
     url = start(config)
@@ -124,6 +127,11 @@ def test_online_a_rejected_image_is_a_422_naming_it(ray_session, tmp_path, class
         error = resp.json()["error"]
         assert error["code"] == "quality_rejected" and error["param"] == "image"
         assert "the prompt asks to be rejected after 1 regenerations" in error["message"]
+        (row,) = pads.dataset(tmp_path / "out" / "errors").to_table().to_pylist()
+        assert row["stage"] == "quality" and row["uri"].startswith(
+            f"file://{tmp_path}/out/rejected/"
+        )
+        assert Image.open(row["uri"].removeprefix("file://")).size == (64, 64)
         ok = httpx.post(f"{url}/v1/images/generations", timeout=120,
                         json={"prompt": "retry it", "seed": 7, **small}).json()  # fmt: skip
         assert ok["data"][0]["seed"] == derived_seed(7, 1) and base64.b64decode(
