@@ -17,8 +17,8 @@ from ..kernels.tensorrt import tensorrt_unavailable
 from ..kernels.unet import UNetBackend
 from ..pipeline.config import ConfigError, JobConfig
 from ..pipeline.manifest import ManifestInfo, inspect_manifest
-from ..pipeline.marks import check_marks
 from ..pipeline.models import ModelInfo, describe_model
+from ..pipeline.outputs import check_outputs
 from ..pipeline.quality import check_quality
 from ..pipeline.schema import ImageRequest
 from ..pipeline.storage import Storage
@@ -102,7 +102,7 @@ def check_inputs(manifest: str, config: JobConfig, local: bool,
     """The manifest, the model and its backend, checked; for a local Ray, the pool fitted.
     With `served`, the model is what the app's replicas run (they need no pool here)."""
     info = inspect_manifest(manifest, config.storage)
-    check_marks(config.marks)  # the write tasks apply them, in both pools
+    check_outputs(config)  # marks, credentials: the write tasks apply them, in both pools
     check_quality(config.quality)
     if served is not None:
         d = served.description

@@ -18,8 +18,8 @@ import socket
 from typing import Any
 
 from ..pipeline.config import ModelDeploymentConfig, ServeConfig, validate_config
-from ..pipeline.marks import check_marks
 from ..pipeline.models import describe_model
+from ..pipeline.outputs import check_outputs
 from ..pipeline.quality import check_quality
 from ..pipeline.storage import Storage, is_remote
 from .runtime import ResourceError, engine_resources, init_ray, node_model_path
@@ -71,7 +71,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
     from .replica import EngineDeployment
 
     config = args if isinstance(args, ServeConfig) else validate_config(ServeConfig, args or {})
-    check_marks(config.marks)
+    check_outputs(config)
     check_quality(config.quality)
     cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     engines, default_sides = {}, {}

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from ..kernels.attention import AttentionBackend
 from ..kernels.quantize import QUANTIZABLE_UNET_BACKENDS, Quantization
 from ..kernels.unet import UNetBackend
+from .credentials import CredentialsConfig
 from .formats import EncodingConfig
 from .marks import MarksConfig
 from .quality import QualityConfig
@@ -165,6 +166,7 @@ class JobConfig(BaseModel):
     marks: MarksConfig = Field(default_factory=MarksConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     encoding: EncodingConfig = Field(default_factory=EncodingConfig)
+    credentials: CredentialsConfig = Field(default_factory=CredentialsConfig)
     batch_size: int = Field(4, ge=1, description="Rows per engine call (Ray Data batch).")
     min_actors: int = Field(1, ge=1, description="Engine actors kept alive.")
     max_actors: int = Field(1, ge=1, description="Engine actors Ray Data may scale up to.")
@@ -318,6 +320,7 @@ class ServeConfig(BaseModel):
     marks: MarksConfig = Field(default_factory=MarksConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     encoding: EncodingConfig = Field(default_factory=EncodingConfig)
+    credentials: CredentialsConfig = Field(default_factory=CredentialsConfig)
     max_images_per_request: int = Field(
         10, ge=1, le=100, description="Most images one native request may ask for (OpenAI n <= 10)."
     )

@@ -16,8 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .credentials import NO_CREDENTIALS, CredentialsConfig, check_credentials, sign
 from .formats import EXTENSIONS, MEDIA_TYPES, PNG_ONLY, EncodingConfig, encode, resized, variant_key
-from .marks import NO_MARKS, MarksConfig, text_chunks, visibly_marked, watermarked
+from .marks import NO_MARKS, MarksConfig, check_marks, text_chunks, visibly_marked, watermarked
 from .schema import ErrorRecord, GeneratedImage, ImageRecord, error_schema, record_schema
 from .storage import ERRORS, METADATA, REJECTED, SHARDS, Storage, fragment_key, image_key
 
@@ -67,12 +68,22 @@ class WriteOptions:
     marks: MarksConfig = field(default_factory=lambda: NO_MARKS)
     encoding: EncodingConfig = field(default_factory=lambda: PNG_ONLY)
     keep_rejected: bool = False  # the quality gate's rejected images go to rejected/
+    credentials: CredentialsConfig = field(default_factory=lambda: NO_CREDENTIALS)
 
     @classmethod
     def of(cls, config: Any, layout: OutputLayout = FLAT_IMAGES) -> WriteOptions:
         """The options of a JobConfig or ServeConfig."""
         return cls(layout=layout, marks=config.marks, encoding=config.encoding,
-                   keep_rejected=config.quality.enabled and config.quality.keep_rejected)  # fmt: skip
+                   keep_rejected=config.quality.enabled and config.quality.keep_rejected,
+                   credentials=config.credentials)  # fmt: skip
+
+
+def check_outputs(config: Any) -> None:
+    """What a JobConfig or ServeConfig asks of the write path, checked before any actor
+    starts (a logo to read, a watermark library, a key that signs): ConfigError naming
+    the field."""
+    check_marks(config.marks)
+    check_credentials(config.credentials)
 
 
 PLAIN = WriteOptions()
@@ -89,6 +100,7 @@ class EncodedImage:
     variants: list[tuple[str, str, bytes]]  # (name, format, bytes)
     watermark: str | None  # the invisible watermark's payload, or None
     seconds: float  # time spent encoding
+    credentials: bool = False  # every file carries a signed C2PA manifest
 
 
 def new_run_id(started: dt.datetime | None = None, kind: str = "") -> str:
@@ -102,21 +114,22 @@ def new_run_id(started: dt.datetime | None = None, kind: str = "") -> str:
 
 def encode_image(generated: GeneratedImage, provenance: Provenance, options: WriteOptions,
                  run_id: str, version: str) -> EncodedImage:  # fmt: skip
-    """The image's master file and variants, with the marks `options` asks for."""
+    """The image's master file and variants, with the marks and the content credentials
+    `options` asks for (signed last: every byte before is covered by the signature)."""
     t0 = time.perf_counter()
     marks, encoding = options.marks, options.encoding
     pixels, payload = watermarked(visibly_marked(generated.image, marks), marks)
-    text = None
-    if marks.png_text:
-        text = text_chunks(provenance_fields(generated, provenance, run_id, version, payload),
-                           version)  # fmt: skip
-    master = encode(pixels, encoding.format, encoding, text)
-    variants = []
+    fields = provenance_fields(generated, provenance, run_id, version, payload)
+    text = text_chunks(fields, version) if marks.png_text else None
+    files = [("", encoding.format, encode(pixels, encoding.format, encoding, text))]
     for variant in encoding.variants:
         fmt = variant.format or encoding.format
-        variants.append((variant.name, fmt, encode(resized(pixels, variant), fmt, encoding, text)))
-    return EncodedImage(generated, provenance, encoding.format, master, variants, payload,
-                        time.perf_counter() - t0)  # fmt: skip
+        files.append((variant.name, fmt, encode(resized(pixels, variant), fmt, encoding, text)))
+    if options.credentials.enabled:
+        files = [(name, fmt, sign(data, MEDIA_TYPES[fmt], fields, options.credentials))
+                 for name, fmt, data in files]  # fmt: skip
+    return EncodedImage(generated, provenance, encoding.format, files[0][2], files[1:], payload,
+                        time.perf_counter() - t0, options.credentials.enabled)  # fmt: skip
 
 
 def provenance_fields(generated: GeneratedImage, provenance: Provenance, run_id: str,
@@ -167,6 +180,7 @@ def image_record(encoded: EncodedImage, *, uri: str, variants: dict[str, str], r
         watermark=encoded.watermark,
         format=encoded.format,
         variants=variants,
+        content_credentials=encoded.credentials,
     )
 
 
