@@ -10,6 +10,7 @@ from typing import Any
 
 import daguerre
 
+from ..pipeline.review import DEFAULT_HTML_LIMIT
 from ..pipeline.schema import SCHEDULERS
 
 DEFAULT_DEMO_OUT = "output/demo"
@@ -160,11 +161,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub, "inspect", "summarise an output prefix: counts, errors, speed, provenance",
         "Read an output's metadata, errors and run records (nothing else): images, standing\n"
         "errors by stage and reason, the last run's speed figures, models and backends.",
-        "daguerre inspect output/demo --json",
+        "daguerre inspect output/demo --html review.html",
     )  # fmt: skip
     ins.add_argument("output", help="output prefix (folder or s3://...)")
     ins.add_argument("--config", type=Path, help="job YAML whose storage: settings to use")
-    ins.add_argument("--json", action="store_true", help="print the report as JSON")
+    shown = ins.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help="print the report as JSON")
+    shown.add_argument("--html", type=Path, metavar="FILE",
+                       help="write a review sheet instead: one self-contained HTML page with "
+                       "thumbnails of the images, the rejected ones and the errors")  # fmt: skip
+    ins.add_argument("--html-limit", type=_positive, default=DEFAULT_HTML_LIMIT, metavar="N",
+                     help="most entries per section of the --html page (sorted by id)")  # fmt: skip
 
     cpt = _sub(
         sub, "compact", "merge an output's metadata and errors fragments into large files",

@@ -139,6 +139,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from ..pipeline.report import inspect_output, print_report
 
     storage = load_yaml(args.config, JobConfig).storage if args.config else None
+    if args.html:
+        from ..pipeline.review import write_review
+
+        sheet = write_review(args.output, args.html, storage, args.html_limit)
+        print(f"wrote review sheet {args.html}: {sheet.summary()}")
+        return 0
     report = inspect_output(args.output, storage)
     if args.json:
         print(report.to_json())
