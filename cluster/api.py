@@ -92,6 +92,8 @@ class ImagesGenerationRequest(BaseModel):
     guidance_scale: Float | None = Field(None, description=_about("guidance_scale"))
     scheduler: Scheduler | None = Field(None, description="Sampler.")
     speed: Speed | None = Field(None, description=_about("speed"))
+    lora: str | None = Field(None, description=_about("lora"))
+    lora_scale: Float | None = Field(None, description=_about("lora_scale"))
 
     @field_validator("size")
     @classmethod
@@ -121,6 +123,8 @@ class ImagesGenerationRequest(BaseModel):
             "height": height,
             "scheduler": self.scheduler,
             "speed": self.speed,
+            "lora": self.lora,
+            "lora_scale": self.lora_scale,
             "metadata": {"user": self.user} if self.user else {},
         }
         requests: list[ImageRequest] = []
@@ -180,6 +184,8 @@ class ImageRequestIn(BaseModel):
     height: Int | None = Field(None, description=_about("height"))
     scheduler: Scheduler | None = Field(None, description=_about("scheduler"))
     speed: Speed | None = Field(None, description=_about("speed"))
+    lora: str | None = Field(None, description=_about("lora"))
+    lora_scale: Float | None = Field(None, description=_about("lora_scale"))
     model: str | None = Field(None, description="A served model; must agree with the call's.")
     metadata: dict[str, str] | None = Field(None, description=_about("metadata"))
 
@@ -220,6 +226,27 @@ class GenerateRequest(BaseModel):
                 client_ids[stored.id] = item.id
             requests.append(stored)
         return errors or (requests, client_ids)
+
+
+def lora_errors(requests: list[ImageRequest], roots: list[str], field: str) -> list[FieldError]:
+    """Why online requests may not name their `lora` adapters (the server reads only under
+    `roots`, ServeConfig.lora_roots), one error per offending request; `field` is the field
+    path, with `{i}` for the request's index."""
+    from ..pipeline.lora import under_roots
+
+    errors = []
+    for i, request in enumerate(requests):
+        if request.lora is None:
+            continue
+        if not roots:
+            reason = "online LoRA is off on this server (its lora_roots is empty)"
+        elif under_roots(request.lora, roots):
+            continue
+        else:
+            reason = (f"{request.lora!r} is not under this server's LoRA folders "
+                      f"({', '.join(roots)}); name an adapter inside one")  # fmt: skip
+        errors.append(FieldError(field=field.format(i=i), reason=reason))
+    return errors
 
 
 class ImageData(BaseModel):

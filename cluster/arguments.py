@@ -199,6 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--device", default="auto", help="auto, cpu or cuda")
     comp.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"))
 
+    cred = _sub(
+        sub, "credentials", "make a throwaway certificate chain to try content credentials",
+        "init DIR writes chain.pem, key.pem and root.pem: a root CA and a signing certificate\n"
+        "in the profile C2PA requires, for `credentials:` in a job or serve config. Readers\n"
+        "see files signed with it as valid but untrusted: use a CA-issued certificate for real.",
+        "daguerre credentials init certs/",
+    )  # fmt: skip
+    cred.add_argument("action", choices=("init",), help="init: write a new chain")
+    cred.add_argument("folder", type=Path, help="folder to write the files into")
+    cred.add_argument("--name", default="daguerre trial", help="the certificates' common name")
+    cred.add_argument("--days", type=_positive, default=365, help="validity in days")
+
     sub.add_parser("bench", add_help=False,
                    help="images/s, MFU and memory per backend and batch size (--help for more)")  # fmt: skip
 

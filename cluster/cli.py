@@ -190,6 +190,19 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_credentials(args: argparse.Namespace) -> int:
+    from ..pipeline.trial_chain import KEY, make_trial_chain
+
+    if (args.folder / KEY).exists():
+        raise ConfigError(f"{args.folder / KEY} exists; pick another folder (a key is never "
+                          "overwritten)")  # fmt: skip
+    files = make_trial_chain(args.folder, args.name, args.days)
+    print(f"wrote {files['cert_file']}, {files['key_file']} and {files['root']}; use them as\n"
+          f"credentials:\n  enabled: true\n  cert_file: {files['cert_file']}\n"
+          f"  key_file: {files['key_file']}")  # fmt: skip
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ..pipeline.manifest import demo_manifest, write_manifest
     from .job import run_job
@@ -218,7 +231,8 @@ def print_summary(summary: Any) -> None:
     rows = [
         ("manifest rows", str(summary.manifest_rows)),
         ("generated", str(summary.generated)
-         + (f" ({summary.regenerated} made again: --overwrite)" if summary.regenerated else "")),
+         + (f" ({summary.regenerated} made again: --overwrite)" if summary.regenerated else "")
+         + (f" ({summary.cache_hits} from the result cache)" if summary.cache_hits else "")),
         ("skipped as done", f"{summary.skipped_done} (finished before)"),
         ("errors", errors),
         ("wall time", f"{summary.wall_s:.1f} s"),
@@ -230,7 +244,7 @@ def print_summary(summary: Any) -> None:
     console = Console()
     console.print(table)
     out = summary.output.rstrip("/")
-    console.print(f"images:     {out}/images/<id>.png", soft_wrap=True)
+    console.print(f"images:     {out}/images/<id>.{summary.image_extension}", soft_wrap=True)
     console.print(f"metadata:   {out}/metadata/ (one row per image)", soft_wrap=True)
     console.print(f"errors:     {out}/errors/ (one row per rejected row)", soft_wrap=True)
     console.print(f"run record: {out}/runs/{summary.run_id}.json", soft_wrap=True)
@@ -251,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "generate": cmd_generate, "manifest": cmd_manifest, "serve": cmd_serve,
         "inspect": cmd_inspect, "compile": cmd_compile, "demo": cmd_demo,
-        "compact": cmd_compact,
+        "compact": cmd_compact, "credentials": cmd_credentials,
     }  # fmt: skip
     if args.command in ("generate", "serve", "demo") and not getattr(args, "verbose", False):
         from .runtime import quiet_native_stderr

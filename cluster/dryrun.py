@@ -64,7 +64,8 @@ def dry_run(manifest: str, output: str, config: JobConfig, *, address: str | Non
     buckets: collections.Counter[tuple] = collections.Counter()
     valid = finished = 0
     for row, duplicate, done in zip(table.to_pylist(), duplicated, finished_mask, strict=True):
-        result = check_row(row, plan.config.limits, names, duplicate=bool(duplicate))
+        result = check_row(row, plan.config.limits, names, duplicate=bool(duplicate),
+                           rules=plan.config.rules)  # fmt: skip
         if not isinstance(result, ImageRequest):
             invalid[result[0].field] += 1
             continue

@@ -15,6 +15,7 @@ FastAPI must resolve the route annotations from the objects themselves.
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -38,6 +39,7 @@ from ..pipeline.config import ServeConfig, first_line
 from ..pipeline.formats import EXTENSIONS, FORMAT_OF_EXTENSION, MEDIA_TYPES, VARIANTS
 from ..pipeline.lora import LoraError
 from ..pipeline.outputs import (
+    Provenance,
     StoredImage,
     WriteOptions,
     keep_rejected,
@@ -46,8 +48,10 @@ from ..pipeline.outputs import (
     write_outputs,
 )
 from ..pipeline.quality import Rejected
+from ..pipeline.rules import apply_rules
 from ..pipeline.schema import _ID_SEGMENT, ErrorRecord, FieldError, ImageRequest
 from ..pipeline.storage import IMAGES, Storage, image_key
+from . import metrics
 from .api import (
     GeneratedImageOut,
     GenerateRequest,
@@ -118,7 +122,8 @@ class ApiIngress:
         configure(self.config.max_body_bytes, self.token)
         self.url_secret = url_secret.encode()
         self.run_id = new_run_id(kind="serve")
-        self.options = WriteOptions.of(self.config)  # how every image's files are written
+        self.options = WriteOptions.of(self.config, self.config.output)  # how files are written
+        self.weights_hashes: dict[str, str] = {}  # served name -> weights hash (result cache)
         self.created = int(time.time())
         self.in_flight = dict.fromkeys(self.engines, 0)  # engine calls this ingress awaits
         self.document: dict[str, Any] | None = None  # the OpenAPI document, built once
@@ -180,6 +185,7 @@ class ApiIngress:
         if image_requests and isinstance(image_requests[0], FieldError):
             raise ApiError(400, fields=image_requests, code="invalid_value")
         self._check_lora(image_requests, "lora")
+        image_requests = self._apply_rules(image_requests, "prompt")
         self._check_budget(model, image_requests, "n")
         stored = await self._make(model, image_requests, body.response_format, request, {})
         data = [ImageData(seed=s.record.seed, id=s.record.id, **fields) for s, fields in stored]
@@ -211,6 +217,7 @@ class ApiIngress:
             raise ApiError(400, fields=checked, code="invalid_value")
         image_requests, client_ids = checked
         self._check_lora(image_requests, "requests.{i}.lora")
+        image_requests = self._apply_rules(image_requests, "requests.{i}.prompt")
         self._check_budget(model, image_requests, "requests")
         stored = await self._make(model, image_requests, body.response_format, request,
                                   client_ids)  # fmt: skip
@@ -280,6 +287,18 @@ class ApiIngress:
             raise ApiError(400, fields=errors if "{i}" in field else errors[:1],
                            code="invalid_value")  # fmt: skip
 
+    def _apply_rules(self, requests: list[ImageRequest], field: str) -> list[ImageRequest]:
+        """The requests with the prompt rules' style applied; 400 naming the prompt and the
+        rule when one breaks a rule (code rule_broken)."""
+        out, errors = [], []
+        for i, image_request in enumerate(requests):
+            ruled = apply_rules(image_request, self.config.rules, field.format(i=i))
+            (out if isinstance(ruled, ImageRequest) else errors).append(ruled)
+        if errors:  # the n images of an OpenAI request share one prompt: one error says it
+            raise ApiError(400, fields=errors if "{i}" in field else errors[:1],
+                           code="rule_broken")  # fmt: skip
+        return out
+
     def _check_budget(self, model: str, requests: list[ImageRequest], field: str) -> None:
         budget = self.config.max_request_pixel_steps
         errors = over_budget(requests, self.default_sides.get(model, 512), budget, field)
@@ -288,10 +307,39 @@ class ApiIngress:
 
     async def _make(self, model: str, requests: list[ImageRequest], response_format: ResponseFormat,
                     request: Request, client_ids: dict[str, str]) -> list[tuple[StoredImage, dict]]:  # fmt: skip
-        """Generate, then encode (and for url, write) through the one write path."""
-        images = await self._generate(model, requests)
+        """Generate (what the result cache does not hold), then encode (and for url, write)
+        through the one write path."""
+        hits = await self._cached(model, requests) if self.options.cache is not None else {}
+        misses = [r for r in requests if r.id not in hits]
+        made = iter(await self._generate(model, misses) if misses else [])
+        images = [hits[r.id] if r.id in hits else next(made) for r in requests]
+        if hits:
+            metrics.record_cache_hits("serve", model, len(hits))
         base_url = str(request.base_url)
         return await asyncio.to_thread(self._package, images, response_format, base_url, client_ids)
+
+    async def _cached(self, model: str, requests: list[ImageRequest]) -> dict[str, ReplicaImage]:
+        """Request id -> the image the result cache holds for it."""
+        from ..pipeline.result_cache import cache_key, find, load
+
+        if model not in self.weights_hashes:
+            self.weights_hashes[model] = (await self.engines[model].describe.remote())[
+                "weights_hash"
+            ]
+        side = self.default_sides.get(model, 512)
+        keys = {r.id: cache_key(r, self.weights_hashes[model], *r.resolved_size(side))
+                for r in requests}  # fmt: skip
+
+        def read() -> dict[str, ReplicaImage]:
+            present, out = find(self.options.cache, list(keys.values())), {}
+            for r in requests:
+                if keys[r.id] in present:
+                    with contextlib.suppress(OSError, KeyError, ValueError):  # gone: make it
+                        generated, made = load(self.options.cache, keys[r.id], r)
+                        out[r.id] = ReplicaImage(generated, Provenance(**made["provenance"]))
+            return out
+
+        return await asyncio.to_thread(read)
 
     async def _generate(self, model: str, requests: list[ImageRequest]) -> list[ReplicaImage]:
         """The images of one HTTP request, from one engine call (replicas batch calls)."""

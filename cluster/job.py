@@ -15,6 +15,7 @@ fragments hold one row per id too.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime as dt
 import json
@@ -26,6 +27,7 @@ from typing import Any
 from ..pipeline.catalog import prune_superseded
 from ..pipeline.config import JobConfig
 from ..pipeline.environment import git_commit, host, software_versions
+from ..pipeline.formats import EXTENSIONS
 from ..pipeline.lease import OutputLease
 from ..pipeline.outputs import OutputLayout, WriteOptions, new_run_id
 from ..pipeline.report import mean_engine_batch_counts, speed_figures_s
@@ -33,7 +35,7 @@ from ..pipeline.schema import StageTimings
 from ..pipeline.storage import METADATA, RUNS, Storage, StorageError, transient_errors
 from .plan import JobPlan, check_inputs, plan_resume, rejects_only, served_engine
 from .runtime import ResourceError, engine_resources, init_ray
-from .stages import EngineWorker, ServeEngineClient, prepare_batch, write_batch
+from .stages import EngineWorker, RowCache, ServeEngineClient, prepare_batch, write_batch
 
 PROGRESS_EVERY_S = 5.0
 
@@ -47,7 +49,9 @@ class JobSummary:
     output: str
     model: str
     manifest_rows: int = 0
-    generated: int = 0
+    generated: int = 0  # images written, result-cache hits included
+    cache_hits: int = 0  # of those, read from the result cache (cache:) instead of made
+    image_extension: str = "png"  # of the master files (encoding.format)
     skipped_done: int = 0
     regenerated: int = 0  # finished ids made again (--overwrite)
     errors: int = 0
@@ -108,6 +112,7 @@ def run_job(
     summary = JobSummary(
         run_id=new_run_id(started), manifest=manifest, output=storage.url(""),
         model=plan.model.name, manifest_rows=plan.manifest.rows, started_at=started.isoformat(),
+        image_extension=EXTENSIONS[config.encoding.format],
     )  # fmt: skip
     lease = OutputLease(storage, summary.run_id)
     lease.acquire()
@@ -196,6 +201,8 @@ def _run_pipeline(
     ctx.wait_for_min_actors_s = config.wait_for_min_actors_s
     if not verbose:  # daguerre's own progress lines say how the job goes
         ctx.issue_detectors_config.detectors = []
+    layout = OutputLayout(config.output_format, config.key_prefix)
+    options = WriteOptions.of(config, storage.url(""), layout)
     uri = _manifest_uri(plan, storage, summary.run_id)
     manifest_storage = Storage(uri, config.storage)
     ds = ray.data.read_parquet(uri, filesystem=None if manifest_storage.is_local else
@@ -209,7 +216,11 @@ def _run_pipeline(
             "limits": config.limits.model_dump(),
             "model_names": [config.engine.model, plan.model.name, plan.model.spec],
             "default_side": plan.model.default_size,
-        },
+            "rules": config.rules.model_dump(),
+            "cache": None
+            if options.cache is None
+            else RowCache(options.cache, plan.model.weights_hash()),
+        },  # fmt: skip
         batch_format="pyarrow",
         num_cpus=config.writer_num_cpus,
     )
@@ -217,7 +228,6 @@ def _run_pipeline(
         ds = ds.limit(limit)
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     ds = _engine_stage(ds, plan, address)
-    layout = OutputLayout(config.output_format, config.key_prefix)
     shards = {}
     if config.output_format == "webdataset":  # one shard per write batch of shard_images
         ds = ds.repartition(target_num_rows_per_block=config.shard_images)
@@ -228,7 +238,7 @@ def _run_pipeline(
             "output": storage,
             "run_id": summary.run_id,
             "version": daguerre.__version__,
-            "options": WriteOptions.of(config, layout),
+            "options": options,
         },  # fmt: skip
         batch_format="pyarrow",
         num_cpus=config.writer_num_cpus,
@@ -243,17 +253,19 @@ def _record_rejects(rejects: list, storage: Storage, summary: JobSummary) -> Non
     from .stages import error_columns, row_json
 
     now = dt.datetime.now(dt.timezone.utc)
+    from ..pipeline.rules import error_stage
+
     records = []
     for row, errors in rejects:
         field_name, reason = error_columns(errors)
         records.append(ErrorRecord(
-            id="" if row.get("id") is None else str(row["id"]), stage="validate",
+            id="" if row.get("id") is None else str(row["id"]), stage=error_stage(errors),
             field=field_name, reason=reason, row=row_json(row), run_id=summary.run_id,
             created_at=now,
         ))  # fmt: skip
     write_errors(records, storage, summary.run_id)
     summary.errors = len(records)
-    summary.errors_by_stage = {"validate": len(records)} if records else {}
+    summary.errors_by_stage = dict(collections.Counter(r.stage for r in records))
 
 
 def _engine_stage(ds: Any, plan: JobPlan, address: str | None) -> Any:
@@ -378,7 +390,11 @@ def _tally(summary: JobSummary, batches: Any, todo: int, progress: bool,
         if lease.lost.is_set():
             raise LeaseLost(f"{summary.output}: {lease.lost_reason}; this run stops")
         for row in batch.to_pylist():
-            if row["status"] == "ok":
+            if row["status"] == "cached":  # read from the result cache: no engine involved
+                summary.generated += 1
+                summary.cache_hits += 1
+                tally.add_written(row["written_at"])
+            elif row["status"] == "ok":
                 summary.generated += 1
                 tally.add_written(row["written_at"])
                 tally.batch_sizes[row["batch_size"]] += 1

@@ -6,6 +6,7 @@ replicas) are exported by each node's metrics agent at its metrics export port
 their names with `ray_`:
 
     ray_daguerre_images_total{pool, model}              images written (job) or answered (serve)
+    ray_daguerre_cache_hits_total{pool, model}          of those, answered from the result cache
     ray_daguerre_errors_total{stage, field}             rows that failed, by stage and field
     ray_daguerre_stage_seconds{stage, pool}             latency histogram per stage and call
     ray_daguerre_queue_depth{model, priority}           a replica's waiting online/batch requests
@@ -42,6 +43,13 @@ def _metric(kind: str, name: str, description: str, tags: tuple[str, ...]) -> An
 def record_images(pool: str, model: str, count: int) -> None:
     metric = _metric("Counter", "daguerre_images_total", "Images written (job) or answered "
                      "(serve).", ("pool", "model"))  # fmt: skip
+    if metric is not None and count:
+        metric.inc(count, tags={"pool": pool, "model": model})
+
+
+def record_cache_hits(pool: str, model: str, count: int) -> None:
+    metric = _metric("Counter", "daguerre_cache_hits_total", "Images answered from the result "
+                     "cache instead of made.", ("pool", "model"))  # fmt: skip
     if metric is not None and count:
         metric.inc(count, tags={"pool": pool, "model": model})
 

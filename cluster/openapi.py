@@ -7,7 +7,9 @@ what it cannot know:
   routes, ingress.py; 422 there is the quality gate's);
 - limits: every rule of the deployment's `RequestLimits` that JSON Schema can state (prompt
   lengths, step and guidance ranges, sizes as multiples of `size_multiple`, id syntax,
-  images per call), so generated clients and fuzzers see what the validators enforce;
+  images per call, `lora`'s length and `lora_scale`'s range), so generated clients and
+  fuzzers see what the validators enforce; where `lora` may point (`lora_roots`) is said in
+  its description;
 - auth: the bearer scheme on the routes that need it, when a token is configured.
 
 What JSON Schema cannot state (the per-request compute budget, pixels per image when
@@ -19,10 +21,20 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from typing import Any
 
 from ..pipeline.config import ServeConfig
-from ..pipeline.schema import ID_PATTERN, MAX_ID_CHARS, SEED_LIMIT, TEXT_PATTERN, RequestLimits
+from ..pipeline.schema import (
+    ID_PATTERN,
+    LORA_SCALE_LIMIT,
+    MAX_ID_CHARS,
+    MAX_LORA_CHARS,
+    SEED_LIMIT,
+    TEXT_PATTERN,
+    RequestLimits,
+)
+from ..pipeline.storage import is_remote
 from .http_app import needs_token
 
 BEARER = "bearer"
@@ -87,6 +99,38 @@ def _state_limits(schemas: dict[str, Any], config: ServeConfig) -> None:
     _nullable(item["width"], side)
     _nullable(item["height"], side)
     schemas["GenerateRequest"]["properties"]["requests"]["maxItems"] = config.max_images_per_request
+    _state_lora(images, config)
+    _state_lora(item, config)
+
+
+# `lora`: no control characters (ECMA-262 pattern), as ImageRequest checks.
+LORA_CHARS = "[^\\u0000-\\u001f\\u007f]"
+
+
+def _state_lora(properties: dict[str, Any], config: ServeConfig) -> None:
+    """`lora` and `lora_scale` as the validators and this server's lora_roots take them: with
+    no roots only null (online LoRA off); else paths that start with a root (whether the
+    adapter exists and fits the model is known only when it is read: else 400 naming lora)."""
+    _nullable(properties["lora_scale"],
+              {"type": "number", "minimum": -LORA_SCALE_LIMIT, "maximum": LORA_SCALE_LIMIT})  # fmt: skip
+    roots = config.lora_roots
+    if not roots:
+        properties["lora"]["anyOf"] = [{"type": "null"}]
+        properties["lora"]["description"] += " This server has online LoRA off: only null."
+        return
+    shown = [r if is_remote(r) else os.path.realpath(r.removeprefix("file://")) for r in roots]
+    prefixes = "|".join(_ecma_escape(r.rstrip("/") + "/") for r in shown)
+    _nullable(properties["lora"], {"type": "string", "minLength": 1, "maxLength": MAX_LORA_CHARS,
+                                   "pattern": f"^({prefixes}){LORA_CHARS}*$"})  # fmt: skip
+    properties["lora"]["description"] += (
+        f" This server reads adapters under: {', '.join(shown)}; a path outside them (after "
+        "resolving links and ..), missing, or not a LoRA of this model is 400."
+    )
+
+
+def _ecma_escape(text: str) -> str:
+    """`text` as a literal in an ECMA-262 pattern (unicode mode rejects Python's escapes of -)."""
+    return "".join("\\" + c if c in "\\^$.*+?()[]{}|/" else c for c in text)
 
 
 def _nullable(prop: dict[str, Any], rule: dict[str, Any]) -> None:

@@ -181,7 +181,8 @@ def plan_resume(plan: JobPlan, storage: Storage, overwrite: bool, *,
                             plan.manifest.table, distributed=distributed)  # fmt: skip
     asked_hash = plan.model.weights_hash()
     sets = plan_id_sets(source, storage, asked_hash, plan.config.limits.model_dump(),
-                        plan.model.default_size, distributed)  # fmt: skip
+                        plan.model.default_size, distributed,
+                        plan.config.rules.model_dump())  # fmt: skip
     if sets.redone and not overwrite:
         raise ResumeConflict(_conflict_line(plan, sets.findings, asked_hash))
     plan.ids = sets
@@ -223,7 +224,8 @@ def rejects_only(plan: JobPlan) -> list[tuple[dict[str, Any], list[Any]]] | None
     names = [plan.config.engine.model, plan.model.name]
     out = []
     for row, duplicate in zip(table.filter(keep).to_pylist(), duplicated[keep], strict=True):
-        result = check_row(row, plan.config.limits, names, duplicate=bool(duplicate))
+        result = check_row(row, plan.config.limits, names, duplicate=bool(duplicate),
+                           rules=plan.config.rules)  # fmt: skip
         if isinstance(result, ImageRequest):
             return None
         out.append((row, result))

@@ -106,10 +106,14 @@ def merge_finished(tables: list[Any]) -> tuple[IdIndex, dict[str, str]]:
     return index, dict(o.split("\x1f", 1) for o in others)
 
 
-def resume_block(batch: Any, finished: IdIndex, limits: dict[str, Any], default_side: int) -> Any:
+def resume_block(batch: Any, finished: IdIndex, limits: dict[str, Any], default_side: int,
+                 rules: dict[str, Any] | None = None) -> Any:  # fmt: skip
     """A manifest block checked against the finished index: one row per digest to make again
-    (other model, other request fields), then one row with the block's findings (JSON)."""
+    (other model, other request fields: the prompt rules' style counts), then one row with
+    the block's findings (JSON)."""
     import pyarrow as pa
+
+    from ..pipeline.rules import PromptRules, apply_rules
 
     digests = id_digests(batch.column("id"))
     found, at = finished.positions(digests)
@@ -117,7 +121,7 @@ def resume_block(batch: Any, finished: IdIndex, limits: dict[str, Any], default_
     redo: list[bytes] = []
     if findings.finished:
         values = finished.values[at]
-        limits_model = RequestLimits(**limits)
+        limits_model, rules_model = RequestLimits(**limits), PromptRules(**(rules or {}))
         rows = batch.take(pa.array(np.flatnonzero(found))).to_pylist()
         for row, digest, value in zip(rows, digests[found], values[found], strict=True):
             if not value["same_model"]:
@@ -125,6 +129,8 @@ def resume_block(batch: Any, finished: IdIndex, limits: dict[str, Any], default_
                 redo.append(digest)
                 continue
             request = validate_request(row, limits_model)
+            if isinstance(request, ImageRequest):
+                request = apply_rules(request, rules_model)
             if not isinstance(request, ImageRequest):
                 continue  # an invalid row is recorded as such, finished or not
             asked = id_digests([request.fingerprint(*request.resolved_size(default_side))])[0]
@@ -173,7 +179,8 @@ class IdSets:
 
 
 def plan_id_sets(manifest: Any, output: Storage, asked_hash: str, limits: dict[str, Any],
-                 default_side: int, distributed: bool) -> IdSets:  # fmt: skip
+                 default_side: int, distributed: bool,
+                 rules: dict[str, Any] | None = None) -> IdSets:  # fmt: skip
     """Duplicates, finished ids and what a rerun would make again, for `manifest` (a
     `ParquetSource`) against `output`."""
     runner = _RayRunner() if distributed else _LocalRunner()
@@ -183,7 +190,7 @@ def plan_id_sets(manifest: Any, output: Storage, asked_hash: str, limits: dict[s
     finished, others = _finished_index(runner, output, asked_hash, distributed)
     if finished is None:
         return sets
-    skip, findings = runner.resume(manifest.batches(None), finished, limits, default_side)
+    skip, findings = runner.resume(manifest.batches(None), finished, limits, default_side, rules)
     findings.other_models = runner.get(others)
     sets.skip, sets.findings = skip, findings
     return sets
@@ -224,8 +231,10 @@ class _LocalRunner:
     def map_merge(self, batches: Any, block_fn: Any, merge_fn: Any, returns: int = 1) -> Any:
         return merge_fn([block_fn(b) for b in batches])
 
-    def resume(self, batches: Any, finished: IdIndex, limits: dict, side: int) -> tuple:
-        return merge_resume(finished, [resume_block(b, finished, limits, side) for b in batches])
+    def resume(self, batches: Any, finished: IdIndex, limits: dict, side: int,
+               rules: dict | None = None) -> tuple:  # fmt: skip
+        return merge_resume(finished, [resume_block(b, finished, limits, side, rules)
+                                       for b in batches])  # fmt: skip
 
     def size(self, index: IdIndex) -> int:
         return len(index)
@@ -257,11 +266,12 @@ class _RayRunner:
         refs = task.remote(merge_fn, *self._tables(dataset, block_fn))
         return tuple(refs) if returns > 1 else refs
 
-    def resume(self, dataset: Any, finished: Any, limits: dict, side: int) -> tuple:
+    def resume(self, dataset: Any, finished: Any, limits: dict, side: int,
+               rules: dict | None = None) -> tuple:  # fmt: skip
         import ray
 
         tables = self._tables(dataset, _resume_task, finished_ref=finished, limits=limits,
-                              side=side)  # fmt: skip
+                              side=side, rules=rules)  # fmt: skip
         merge = ray.remote(num_returns=2)(_merge_resume_task)
         skip, findings = merge.remote(finished, *tables)
         return skip, ray.get(findings)
@@ -305,10 +315,11 @@ def _merge_task(merge_fn: Any, *tables: Any) -> Any:
     return merge_fn([t for t in tables if t is not None])
 
 
-def _resume_task(batch: Any, finished_ref: Any, limits: dict, side: int) -> Any:
+def _resume_task(batch: Any, finished_ref: Any, limits: dict, side: int,
+                 rules: dict | None = None) -> Any:  # fmt: skip
     import ray
 
-    return resume_block(batch, ray.get(finished_ref), limits, side)
+    return resume_block(batch, ray.get(finished_ref), limits, side, rules)
 
 
 def _merge_resume_task(finished: IdIndex, *tables: Any) -> tuple:

@@ -33,6 +33,7 @@ from typing import Any
 from ray import serve
 
 from ..pipeline.config import EngineConfig, StorageConfig, first_line
+from ..pipeline.lora import LoraError
 from ..pipeline.outputs import Provenance
 from ..pipeline.quality import QualityConfig, Rejected
 from ..pipeline.schema import GeneratedImage, ImageRequest
@@ -336,13 +337,13 @@ class EngineDeployment:
 
     async def generate_batch(
         self, requests: list[ImageRequest]
-    ) -> list[ReplicaImage | Rejected | str]:
+    ) -> list[ReplicaImage | Rejected | LoraError | str]:
         """A batch job's engine call: behind online work; one image, the quality gate's
         Rejected, or the failure's one-line reason per request (a bad request does not fail
         its batch-mates)."""
         results = await self.scheduler.generate(requests, BATCH)
         return [
-            r if isinstance(r, Rejected)
+            r if isinstance(r, (Rejected, LoraError))
             else f"{type(r).__name__}: {first_line(r)}" if isinstance(r, Exception)
             else ReplicaImage(image=r, provenance=self.provenance)
             for r in results

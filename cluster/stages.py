@@ -9,12 +9,14 @@ write_batch     CPU tasks: check the lease, then write images, metadata and erro
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import time
 from typing import Any
 
 from ..pipeline.config import EngineConfig, StorageConfig, first_line
 from ..pipeline.lease import check_lease
+from ..pipeline.lora import LoraError
 from ..pipeline.outputs import (
     PLAIN,
     Provenance,
@@ -24,6 +26,7 @@ from ..pipeline.outputs import (
     write_outputs,
 )
 from ..pipeline.quality import QualityConfig, Rejected
+from ..pipeline.rules import NO_RULES, PromptRules, apply_rules, error_stage
 from ..pipeline.schema import (
     EngineRow,
     ErrorRecord,
@@ -39,14 +42,22 @@ from ..pipeline.schema import (
 from ..pipeline.storage import Storage
 
 MAX_ERROR_ROW_CHARS = 2000
-PREPARED_COLUMNS = ("id", "request", "error_field", "error_reason", "row")
+PREPARED_COLUMNS = (
+    "id",
+    "request",
+    "cache_key",
+    "error_stage",
+    "error_field",
+    "error_reason",
+    "row",
+)
 
 # -- stage 1: validate (CPU tasks, pure) ------------------------------------------------
 
 
 def prepare_batch(
     batch: Any, skip: Any, duplicates: Any, limits: dict[str, Any], model_names: list[str],
-    default_side: int,
+    default_side: int, rules: dict[str, Any] | None = None, cache: RowCache | None = None,
 ) -> Any:  # fmt: skip
     """Drop finished rows; validate the rest. Valid rows carry their request as JSON, sorted
     by bucket (size, steps, scheduler, speed) so engine batches share one denoising loop; invalid
@@ -61,16 +72,18 @@ def prepare_batch(
     started = time.perf_counter()
     # Ray Data does not resolve refs in fn_kwargs.
     skip, duplicates = ray.get([skip, duplicates])
-    prepared = prepare_rows(batch, skip, duplicates, limits, model_names, default_side)
+    prepared = prepare_rows(batch, skip, duplicates, limits, model_names, default_side, rules,
+                            cache)  # fmt: skip
     metrics.observe_stage("prepare", "job", time.perf_counter() - started)
     return prepared
 
 
 def prepare_rows(
     batch: Any, skip: Any, duplicates: Any, limits: dict[str, Any], model_names: list[str],
-    default_side: int,
+    default_side: int, rules: dict[str, Any] | None = None, cache: RowCache | None = None,
 ) -> Any:  # fmt: skip
-    """prepare_batch with the indexes at hand (IdIndex each)."""
+    """prepare_batch with the indexes at hand (IdIndex each). Rows the result cache holds
+    come after the others (their own engine batches, which never call the engine)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -86,29 +99,49 @@ def prepare_rows(
         keep = ~skip.contains(digests)
         batch, digests = batch.filter(pa.array(keep)), digests[keep]
     duplicated = duplicates.contains(digests) if len(duplicates) else np.zeros(len(digests), bool)
-    limits_model = RequestLimits(**limits)
+    limits_model, rules_model = RequestLimits(**limits), PromptRules(**(rules or {}))
     valid, invalid = [], []
     for row, duplicate in zip(batch.to_pylist(), duplicated, strict=True):
-        result = check_row(row, limits_model, model_names, duplicate=bool(duplicate))
+        result = check_row(row, limits_model, model_names, duplicate=bool(duplicate),
+                           rules=rules_model)  # fmt: skip
         if isinstance(result, ImageRequest):
             valid.append((bucket_key(result, default_side), result))
         else:
             invalid.append((row, result))
+    hits = cache.hits([r for _, r in valid], default_side) if cache is not None else {}
     out: dict[str, list[Any]] = {c: [] for c in PREPARED_COLUMNS}
-    for _, request in sorted(valid, key=lambda item: item[0]):
-        out["id"].append(request.id)
-        out["request"].append(request.model_dump_json())
-        out["error_field"].append(None)
-        out["error_reason"].append(None)
-        out["row"].append(None)
+    for _, request in sorted(valid, key=lambda item: (item[1].id in hits, item[0])):
+        _append(out, id=request.id, request=request.model_dump_json(),
+                cache_key=hits.get(request.id))  # fmt: skip
     for row, errors in invalid:
         field, reason = error_columns(errors)
-        out["id"].append("" if row.get("id") is None else str(row["id"]))
-        out["request"].append(None)
-        out["error_field"].append(field)
-        out["error_reason"].append(reason)
-        out["row"].append(row_json(row))
+        _append(out, id="" if row.get("id") is None else str(row["id"]),
+                error_stage=error_stage(errors), error_field=field, error_reason=reason,
+                row=row_json(row))  # fmt: skip
     return pa.table({c: pa.array(v, type=pa.string()) for c, v in out.items()})
+
+
+def _append(out: dict[str, list[Any]], **values: Any) -> None:
+    for column in PREPARED_COLUMNS:
+        out[column].append(values.get(column))
+
+
+@dataclasses.dataclass(frozen=True)
+class RowCache:
+    """The prepare stage's view of the result cache: where entries are and the weights the
+    job runs (entries of other weights never match)."""
+
+    storage: Storage
+    weights_hash: str
+
+    def hits(self, requests: list[ImageRequest], default_side: int) -> dict[str, str]:
+        """Request id -> entry key, for the requests the cache holds."""
+        from ..pipeline.result_cache import cache_key, find
+
+        keys = {r.id: cache_key(r, self.weights_hash, *r.resolved_size(default_side))
+                for r in requests}  # fmt: skip
+        present = find(self.storage, list(keys.values()))
+        return {i: k for i, k in keys.items() if k in present}
 
 
 def error_columns(errors: list[FieldError]) -> tuple[str, str]:
@@ -123,10 +156,15 @@ def row_json(row: dict[str, Any]) -> str:
 
 
 def check_row(
-    row: dict[str, Any], limits: RequestLimits, model_names: list[str], *, duplicate: bool
+    row: dict[str, Any],
+    limits: RequestLimits,
+    model_names: list[str],
+    *,
+    duplicate: bool,
+    rules: PromptRules = NO_RULES,
 ) -> ImageRequest | list[FieldError]:
-    """A manifest row's request, or every reason it is rejected (the field first);
-    `duplicate`: its id appears more than once in the manifest."""
+    """A manifest row's request (the rules' style applied), or every reason it is rejected
+    (the field first); `duplicate`: its id appears more than once in the manifest."""
     result = validate_request(row, limits)
     if isinstance(result, list):
         return result
@@ -136,7 +174,8 @@ def check_row(
     if result.model is not None and result.model not in model_names:
         return [FieldError(field="model", reason=f"{result.model!r} is not served by this job "
                            f"(it runs {model_names[0]!r})")]  # fmt: skip
-    return result
+    ruled = apply_rules(result, rules)
+    return ruled if isinstance(ruled, ImageRequest) else [ruled]
 
 
 # -- stage 2: the engine (actor pool) -----------------------------------------------------
@@ -210,7 +249,7 @@ class ServeEngineClient:
         answers = self._call(requests) if requests else []
         results, provenance = [], []
         for answer in answers:
-            if isinstance(answer, (str, Rejected)):  # one request failed, or was rejected
+            if isinstance(answer, (str, Rejected, LoraError)):  # one failed, or was rejected
                 results.append(answer)
                 provenance.append(self.provenance)
             else:
@@ -237,7 +276,9 @@ class ServeEngineClient:
 
 
 def _requests(rows: list[dict[str, Any]]) -> list[ImageRequest]:
-    return [ImageRequest.model_validate_json(r["request"]) for r in rows if r["request"]]
+    """The requests of rows the engine makes (not invalid ones, not result-cache hits)."""
+    return [ImageRequest.model_validate_json(r["request"]) for r in rows
+            if r["request"] and not r.get("cache_key")]  # fmt: skip
 
 
 def engine_rows(rows: list[dict[str, Any]], requests: list[ImageRequest], results: list[Any],
@@ -260,8 +301,10 @@ def engine_rows(rows: list[dict[str, Any]], requests: list[ImageRequest], result
 def _engine_row(row: dict[str, Any], result: Any, provenance: dict[str, Any]) -> EngineRow:
     base = {"id": row["id"], "request": row["request"], "row": row["row"], **provenance}
     if row["request"] is None:
-        return EngineRow(**base, error_stage="validate", error_field=row["error_field"],
-                         error_reason=row["error_reason"])  # fmt: skip
+        return EngineRow(**base, error_stage=row["error_stage"] or "validate",
+                         error_field=row["error_field"], error_reason=row["error_reason"])  # fmt: skip
+    if row.get("cache_key"):  # the write stage reads it from the result cache
+        return EngineRow(**base, cache_key=row["cache_key"])
     if isinstance(result, GeneratedImage):
         return EngineRow(
             **base, pixels=result.image.tobytes(), width=result.width, height=result.height,
@@ -278,7 +321,8 @@ def _engine_row(row: dict[str, Any], result: Any, provenance: dict[str, Any]) ->
         reason = result
     else:
         reason = f"{type(result).__name__}: {first_line(result)}" if result else "not generated"
-    return EngineRow(**base, error_stage="generate", error_field="engine", error_reason=reason)
+    field = getattr(result, "field", None) or "engine"  # e.g. LoraError: the request's `lora`
+    return EngineRow(**base, error_stage="generate", error_field=field, error_reason=reason)
 
 
 # -- stage 3: encode and write (CPU tasks) ------------------------------------------------
@@ -298,6 +342,10 @@ def write_batch(batch: Any, output: Storage, run_id: str, version: str,
     images, errors = [], []
     now = time.time()
     for row in batch.to_pylist():
+        if row["error_stage"] is None and row["cache_key"]:
+            found = _cached(row, options, run_id)
+            (images if isinstance(found, tuple) else errors).append(found)
+            continue
         if row["error_stage"] is None:
             provenance = Provenance(
                 model=row["model"], weights_hash=row["weights_hash"],
@@ -321,12 +369,30 @@ def write_batch(batch: Any, output: Storage, run_id: str, version: str,
     summary: dict[str, list[Any]] = {c: [] for c in SUMMARY_COLUMNS}
     for item in stored:
         record = item.record
-        _summary_row(summary, record.id, "ok", None, record.created_at.timestamp(),
+        status = "cached" if record.cache_hit else "ok"
+        _summary_row(summary, record.id, status, None, record.created_at.timestamp(),
                      record.batch_size, record.actor_id, record.timings, busy[record.id])  # fmt: skip
     for error in errors:
         _summary_row(summary, error.id, "error", error.stage, now, None, None, StageTimings(),
                      busy.get(error.id, {}))  # fmt: skip
     return pa.table(summary, schema=summary_schema())
+
+
+def _cached(row: dict[str, Any], options: WriteOptions, run_id: str) -> tuple | ErrorRecord:
+    """(image, provenance) of a result-cache hit, read from its entry; an ErrorRecord when
+    the entry is gone since the prepare stage found it (the next run makes the image)."""
+    from ..pipeline.result_cache import load
+
+    request = ImageRequest.model_validate_json(row["request"])
+    try:
+        generated, made = load(options.cache, row["cache_key"], request)
+    except (OSError, KeyError, ValueError) as exc:  # gone, or not an entry
+        return ErrorRecord(id=row["id"], stage="generate", field="cache",
+                           reason=f"the result-cache entry {row['cache_key']} cannot be read "
+                           f"({type(exc).__name__}); the next run makes this image",
+                           row=row["request"][:MAX_ERROR_ROW_CHARS], run_id=run_id,
+                           created_at=_utc(time.time()))  # fmt: skip
+    return generated, Provenance(**made["provenance"])
 
 
 def _generated(row: dict[str, Any]) -> GeneratedImage:
@@ -349,6 +415,9 @@ def _record_metrics(stored: list[Any], errors: list[ErrorRecord], seconds: float
     metrics.observe_stage("write", "job", seconds)
     for model, count in collections.Counter(s.record.model for s in stored).items():
         metrics.record_images("job", model, count)
+    hits = collections.Counter(s.record.model for s in stored if s.record.cache_hit)
+    for model, count in hits.items():
+        metrics.record_cache_hits("job", model, count)
     for (stage, field), count in collections.Counter((e.stage, e.field) for e in errors).items():
         metrics.record_errors(stage, field, count)
 

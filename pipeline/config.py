@@ -18,6 +18,8 @@ from .credentials import CredentialsConfig
 from .formats import EncodingConfig
 from .marks import MarksConfig
 from .quality import QualityConfig
+from .result_cache import CacheConfig
+from .rules import PromptRules
 from .schema import RequestLimits, field_error
 
 M = TypeVar("M", bound=BaseModel)
@@ -128,6 +130,12 @@ class EngineConfig(BaseModel):
     torch_threads: int | None = Field(
         None, ge=1, description="torch threads on CPU (set by the engine); default: all cores."
     )
+    lora_cache_size: int = Field(
+        8, ge=1,
+        description="LoRA adapters (a request's lora at its lora_scale) kept loaded in the UNet "
+        "(LRU; the least recently used is deleted from the UNet to make room). An engine batch "
+        "names at most this many; a batch naming more is split.",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _check_quantize(self) -> EngineConfig:
@@ -167,6 +175,8 @@ class JobConfig(BaseModel):
     quality: QualityConfig = Field(default_factory=QualityConfig)
     encoding: EncodingConfig = Field(default_factory=EncodingConfig)
     credentials: CredentialsConfig = Field(default_factory=CredentialsConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    rules: PromptRules = Field(default_factory=PromptRules)
     batch_size: int = Field(4, ge=1, description="Rows per engine call (Ray Data batch).")
     min_actors: int = Field(1, ge=1, description="Engine actors kept alive.")
     max_actors: int = Field(1, ge=1, description="Engine actors Ray Data may scale up to.")
@@ -321,6 +331,8 @@ class ServeConfig(BaseModel):
     quality: QualityConfig = Field(default_factory=QualityConfig)
     encoding: EncodingConfig = Field(default_factory=EncodingConfig)
     credentials: CredentialsConfig = Field(default_factory=CredentialsConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    rules: PromptRules = Field(default_factory=PromptRules)
     max_images_per_request: int = Field(
         10, ge=1, le=100, description="Most images one native request may ask for (OpenAI n <= 10)."
     )
@@ -359,6 +371,12 @@ class ServeConfig(BaseModel):
         "DAGUERRE_URL_SECRET",
         description="Environment variable holding the secret that signs image URLs; unset: a "
         "random secret per deployment (links then end with it).",
+    )
+    lora_roots: list[str] = Field(
+        default_factory=list,
+        description="Folders or s3:// prefixes under which online requests may name a `lora` "
+        "adapter (anything else is 400); empty: online requests may not name one. Batch "
+        "manifests may name any path the job can read.",
     )
 
     @model_validator(mode="after")

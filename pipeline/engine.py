@@ -6,6 +6,8 @@ guidance batched (uncond and cond in one UNet call, per-request guidance scale a
 negative prompt) and the VAE decoding the whole chunk. Every request draws its noise
 from its own generator seeded by its seed, so an image does not depend on what it was
 batched with (within 1/255: batch composition changes float rounding, nothing else).
+LoRA adapters are per request (pipeline/lora.py): a batch mixes adapters, each sample
+routed through its own, and a request whose adapter cannot be used fails alone.
 
 The engine returns uint8 arrays; PNG encoding and storage run elsewhere, on CPU,
 so the accelerator never waits for I/O.
@@ -22,7 +24,8 @@ from typing import Any
 
 import torch
 
-from .config import HOT_PATH_OPTIONS, EngineConfig, StorageConfig
+from .config import HOT_PATH_OPTIONS, EngineConfig, StorageConfig, first_line
+from .lora import LoraAdapters, LoraError
 from .models import SDXL_TIME_IDS, ModelComponents, load_model
 from .quality import QualityConfig, QualityGate
 from .schema import (
@@ -119,6 +122,8 @@ class DiffusionEngine:
             OrderedDict()
         )
         self._deep_cache: Any = None  # kernels/deep_cache.py, made at the first cached request
+        self.lora = LoraAdapters(self.model.unet, self.config.lora_cache_size, storage_config,
+                                 refusal=self._lora_refusal(unet_backend))  # fmt: skip
         self.prompt_cache_hits = 0
         self.prompt_cache_misses = 0
 
@@ -137,6 +142,38 @@ class DiffusionEngine:
         if self.config.quantize.value != "none":
             backend["quantize"] = self.config.quantize.value
         return backend
+
+    def _lora_refusal(self, unet_backend: str) -> str | None:
+        """Why this engine cannot route LoRA adapters (None: it can)."""
+        if unet_backend != "eager":
+            return (f"needs unet_backend eager; this engine runs {unet_backend}, whose compiled "
+                    "UNet graph cannot route samples through adapters")  # fmt: skip
+        if self.config.fuse_qkv:
+            return "needs fuse_qkv off (adapters target the separate q, k and v projections)"
+        if self.config.quantize.value != "none":
+            return "needs quantize none (adapters on 8-bit layers are not supported)"
+        return None
+
+    def adapter_errors(self, requests: list[ImageRequest]) -> dict[int, Exception]:
+        """{index: why} for the requests whose LoRA adapter cannot be used (the others'
+        adapters are loaded on the way)."""
+        failed: dict[int, Exception] = {}
+        tried: dict[tuple[str, float], Exception | None] = {}
+        for i, request in enumerate(requests):
+            if request.lora is None:
+                continue
+            key = (request.lora, request.lora_scale)
+            if key not in tried:
+                try:
+                    self.lora.names([request])
+                    tried[key] = None
+                except Exception as exc:  # a load that breaks in peft is the adapter's fault too
+                    tried[key] = exc if isinstance(exc, LoraError) else LoraError(
+                        request.lora, f"failed to load ({type(exc).__name__}: {first_line(exc)})"
+                    )  # fmt: skip
+            if tried[key] is not None:
+                failed[i] = tried[key]
+        return failed
 
     def bucket_key(self, request: ImageRequest) -> BucketKey:
         """Requests with equal keys can share one denoising loop."""
@@ -159,15 +196,37 @@ class DiffusionEngine:
         for i, request in enumerate(requests):
             buckets.setdefault(self.bucket_key(request), []).append(i)
         out: list[GeneratedImage | None] = [None] * len(requests)
-        step = self.config.max_batch_size
         for key, indices in buckets.items():
-            for start in range(0, len(indices), step):
-                chunk = indices[start : start + step]
+            for chunk in self._chunks(indices, requests):
                 for i, image in zip(
                     chunk, self._generate_chunk(key, [requests[i] for i in chunk]), strict=True
                 ):
                     out[i] = image
         return out  # type: ignore[return-value]
+
+    def _chunks(self, indices: list[int], requests: list[ImageRequest]) -> list[list[int]]:
+        """One bucket's requests as engine batches: at most max_batch_size each, naming at
+        most lora_cache_size adapters (so a batch's adapters are all loaded at once; when
+        the bucket names more, requests of one adapter are kept together)."""
+
+        def adapter(i: int) -> tuple[str, float] | None:
+            return (requests[i].lora, requests[i].lora_scale) if requests[i].lora else None
+
+        room = self.config.lora_cache_size
+        if len({adapter(i) for i in indices} - {None}) > room:
+            indices = sorted(indices, key=lambda i: (adapter(i) is not None, adapter(i) or ("", 0)))
+        chunks: list[list[int]] = []
+        chunk: list[int] = []
+        named: set[tuple[str, float]] = set()
+        for i in indices:
+            new = adapter(i) is not None and adapter(i) not in named
+            if len(chunk) == self.config.max_batch_size or (new and len(named) == room):
+                chunks.append(chunk)
+                chunk, named = [], set()
+            chunk.append(i)
+            if adapter(i) is not None:
+                named.add(adapter(i))
+        return chunks + [chunk] if chunk else chunks
 
     def _generate_chunk(self, key: BucketKey, requests: list[ImageRequest]) -> list[GeneratedImage]:
         width, height, steps, scheduler_name, speed = key
@@ -209,20 +268,23 @@ class DiffusionEngine:
         )
         guidance = guidance.view(batch, 1, 1, 1)
 
-        # 4. Denoising loop (speed: cached runs the whole UNet every cache_interval steps).
+        # 4. Denoising loop (speed: cached runs the whole UNet every cache_interval steps),
+        #    each sample through its request's LoRA adapter: names [2B], uncond then cond half.
         unet = self._step_cache() if speed == Speed.cached.value else None
-        for index, t in enumerate(scheduler.timesteps):
-            latent_in = scheduler.scale_model_input(
-                torch.cat([latents, latents]), t
-            )  # [2B, 4, h, w]
-            if unet is None:
-                noise = self.unet(latent_in, t, text_embeds, added_cond)
-            else:
-                noise = unet(index, latent_in, t, text_embeds, added_cond)
-            noise_uncond, noise_cond = noise.chunk(2)
-            noise = noise_uncond + guidance * (noise_cond - noise_uncond)
-            # Ancestral samplers draw fresh noise per step: each request from its own generator.
-            latents = scheduler.step(noise, t, latents, generator=generators).prev_sample
+        adapters = self.lora.names(requests)
+        with self.lora.routed(adapters + adapters):
+            for index, t in enumerate(scheduler.timesteps):
+                latent_in = scheduler.scale_model_input(
+                    torch.cat([latents, latents]), t
+                )  # [2B, 4, h, w]
+                if unet is None:
+                    noise = self.unet(latent_in, t, text_embeds, added_cond)
+                else:
+                    noise = unet(index, latent_in, t, text_embeds, added_cond)
+                noise_uncond, noise_cond = noise.chunk(2)
+                noise = noise_uncond + guidance * (noise_cond - noise_uncond)
+                # Ancestral samplers draw fresh noise per step: each request from its own generator.
+                latents = scheduler.step(noise, t, latents, generator=generators).prev_sample
         t2 = self._clock()
 
         # 5. VAE decode, [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3].
@@ -315,10 +377,15 @@ class DiffusionEngine:
 def generate_each(
     engine: DiffusionEngine, requests: list[ImageRequest]
 ) -> list[GeneratedImage | Exception]:
-    """One image or one exception per request, in order: a batch that fails is retried one
+    """One image or one exception per request, in order: a request whose LoRA adapter cannot
+    be used fails alone first (LoraError, field `lora`); a batch that fails is retried one
     request at a time, so a single bad request cannot take its batch-mates down with it."""
     if not requests:
         return []
+    failed = engine.adapter_errors(requests)
+    if failed:
+        rest = iter(generate_each(engine, [r for i, r in enumerate(requests) if i not in failed]))
+        return [failed[i] if i in failed else next(rest) for i in range(len(requests))]
     try:
         return list(engine.generate(requests))
     except Exception as exc:

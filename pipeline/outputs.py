@@ -1,4 +1,4 @@
-"""The one write path: generated images -> PNG bytes, stored objects and `ImageRecord` rows.
+"""The one write path: generated images -> encoded files, stored objects and `ImageRecord` rows.
 
 Used by the batch job's write stage and by the online API alike, so an image made
 online carries exactly the provenance a batch image does, and both write the same way:
@@ -17,8 +17,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .credentials import NO_CREDENTIALS, CredentialsConfig, check_credentials, sign
-from .formats import EXTENSIONS, MEDIA_TYPES, PNG_ONLY, EncodingConfig, encode, resized, variant_key
-from .marks import NO_MARKS, MarksConfig, check_marks, text_chunks, visibly_marked, watermarked
+from .formats import (
+    EXTENSIONS,
+    MEDIA_TYPES,
+    PNG,
+    PNG_ONLY,
+    EncodingConfig,
+    decode,
+    encode,
+    master_format,
+    resized,
+    variant_format,
+    variant_key,
+)
+from .marks import (
+    NO_MARKS,
+    MarksConfig,
+    check_marks,
+    read_watermark,
+    text_chunks,
+    visibly_marked,
+    watermarked,
+)
 from .schema import ErrorRecord, GeneratedImage, ImageRecord, error_schema, record_schema
 from .storage import ERRORS, METADATA, REJECTED, SHARDS, Storage, fragment_key, image_key
 
@@ -69,13 +89,19 @@ class WriteOptions:
     encoding: EncodingConfig = field(default_factory=lambda: PNG_ONLY)
     keep_rejected: bool = False  # the quality gate's rejected images go to rejected/
     credentials: CredentialsConfig = field(default_factory=lambda: NO_CREDENTIALS)
+    cache: Storage | None = None  # the result cache's entries, when it is on
 
     @classmethod
-    def of(cls, config: Any, layout: OutputLayout = FLAT_IMAGES) -> WriteOptions:
-        """The options of a JobConfig or ServeConfig."""
+    def of(cls, config: Any, output: str, layout: OutputLayout = FLAT_IMAGES) -> WriteOptions:
+        """The options of a JobConfig or ServeConfig writing to `output`."""
+        from .result_cache import cache_storage
+
+        cache = (
+            cache_storage(config.cache, output, config.storage) if config.cache.enabled else None
+        )
         return cls(layout=layout, marks=config.marks, encoding=config.encoding,
                    keep_rejected=config.quality.enabled and config.quality.keep_rejected,
-                   credentials=config.credentials)  # fmt: skip
+                   credentials=config.credentials, cache=cache)  # fmt: skip
 
 
 def check_outputs(config: Any) -> None:
@@ -119,17 +145,29 @@ def encode_image(generated: GeneratedImage, provenance: Provenance, options: Wri
     t0 = time.perf_counter()
     marks, encoding = options.marks, options.encoding
     pixels, payload = watermarked(visibly_marked(generated.image, marks), marks)
-    fields = provenance_fields(generated, provenance, run_id, version, payload)
-    text = text_chunks(fields, version) if marks.png_text else None
-    files = [("", encoding.format, encode(pixels, encoding.format, encoding, text))]
+    master = master_format(encoding)
+    text = None
+    if marks.png_text:
+        fields = provenance_fields(generated, provenance, run_id, version, payload)
+        text = text_chunks(fields, version)
+    files = [("", master.format, encode(pixels, master, text))]
+    if payload is not None and master.lossy and not watermark_survives(files[0][2], marks):
+        payload = None  # the encoder erased it: the row says the file holds none
     for variant in encoding.variants:
-        fmt = variant.format or encoding.format
-        files.append((variant.name, fmt, encode(resized(pixels, variant), fmt, encoding, text)))
+        how = variant_format(variant, encoding)
+        files.append((variant.name, how.format, encode(resized(pixels, variant), how, text)))
     if options.credentials.enabled:
+        fields = provenance_fields(generated, provenance, run_id, version, payload)
         files = [(name, fmt, sign(data, MEDIA_TYPES[fmt], fields, options.credentials))
                  for name, fmt, data in files]  # fmt: skip
-    return EncodedImage(generated, provenance, encoding.format, files[0][2], files[1:], payload,
+    return EncodedImage(generated, provenance, master.format, files[0][2], files[1:], payload,
                         time.perf_counter() - t0, options.credentials.enabled)  # fmt: skip
+
+
+def watermark_survives(data: bytes, marks: MarksConfig) -> bool:
+    """Whether `marks`' watermark decodes back from the encoded file `data`."""
+    payload = marks.watermark.encode()
+    return read_watermark(decode(data), len(payload), marks.watermark_method) == payload
 
 
 def provenance_fields(generated: GeneratedImage, provenance: Provenance, run_id: str,
@@ -181,6 +219,8 @@ def image_record(encoded: EncodedImage, *, uri: str, variants: dict[str, str], r
         format=encoded.format,
         variants=variants,
         content_credentials=encoded.credentials,
+        cache_hit=generated.cache_source is not None,
+        cache_source=generated.cache_source,
     )
 
 
@@ -214,10 +254,25 @@ def write_outputs(
             created_at=created_at, client_id=(client_ids or {}).get(item.generated.request.id),
         )  # fmt: skip
         out.append(StoredImage(data=item.master, record=record))
+    if options.cache is not None:
+        _store_in_cache(images, options.cache, run_id)
     if storage is not None and out:
         table = pa.Table.from_pylist([s.record.model_dump() for s in out], schema=record_schema())
         storage.write_table(fragment_key(METADATA, run_id, [s.record.id for s in out]), table)
     return out
+
+
+def _store_in_cache(images: list[tuple[GeneratedImage, Provenance]], cache: Storage,
+                    run_id: str) -> None:  # fmt: skip
+    """Result-cache entries for the images made (not those read from it), before their
+    metadata: a batch retried after a crash rewrites the same entries."""
+    from .result_cache import cache_key, store
+
+    for generated, provenance in images:
+        if generated.cache_source is None:
+            key = cache_key(generated.request, provenance.weights_hash, generated.width,
+                            generated.height)  # fmt: skip
+            store(cache, key, generated, dataclasses.asdict(provenance), run_id)
 
 
 Written = tuple[str, dict[str, str], float]  # master uri, variant uris by name, seconds
@@ -299,8 +354,7 @@ def _write_shard(encoded: list[EncodedImage], storage: Storage, options: WriteOp
 def keep_rejected(image: GeneratedImage, storage: Storage) -> str:
     """Write an image the quality gate refused as rejected/<id>.png (plain PNG, for review:
     never under images/, so it is never taken for a finished image); its URI."""
-    return storage.write_bytes(f"{REJECTED}/{image.request.id}.png",
-                               encode(image.image, "png", PNG_ONLY))  # fmt: skip
+    return storage.write_bytes(f"{REJECTED}/{image.request.id}.png", encode(image.image, PNG))
 
 
 def write_errors(errors: list[ErrorRecord], storage: Storage, run_id: str) -> None:

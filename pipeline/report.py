@@ -25,7 +25,7 @@ from .config import StorageConfig
 from .storage import METADATA, RUNS, Storage, StorageError
 
 _COLUMNS = ["id", "model", "weights_hash", "backend", "node_id", "created_at", "timings",
-            "width", "height", "steps", "scheduler", "batch_size", "run_id"]  # fmt: skip
+            "width", "height", "steps", "scheduler", "batch_size", "run_id", "cache_hit"]  # fmt: skip
 
 
 def speed_figures(
@@ -76,6 +76,7 @@ class OutputReport:
 
     output: str
     images: int = 0  # ids with an image (one row each, as every reader sees them)
+    cache_hits: int = 0  # of those, read from the result cache instead of made
     metadata_rows: int = 0  # rows in the fragments, superseded ones included
     errors: int = 0  # standing errors: latest run's, of ids that have no image
     errors_by_stage: dict[str, int] = field(default_factory=dict)
@@ -135,7 +136,9 @@ def _describe_images(report: OutputReport, rows: list[dict]) -> None:
     for r in rows:
         stage_s.update(r["timings"])
     report.stage_s = dict(stage_s)  # unrounded: the table rounds once, as the summary does
-    report.mean_engine_batch = mean_engine_batch([r["batch_size"] for r in rows])
+    report.cache_hits = sum(1 for r in rows if r["cache_hit"])
+    report.mean_engine_batch = mean_engine_batch([r["batch_size"] for r in rows
+                                                  if not r["cache_hit"]])  # fmt: skip
     report.models = _count(f"{r['model']} ({r['weights_hash'][:19]})" for r in rows)
     report.backends = _count(
         ", ".join(f"{k}={v}" for k, v in sorted(dict(r["backend"]).items())) for r in rows
@@ -210,6 +213,7 @@ def print_report(report: OutputReport) -> None:
     superseded = report.metadata_rows - report.images
     rows = [
         ("images", f"{report.images} ({superseded} superseded rows in the fragments)"),
+        ("cache hits", f"{report.cache_hits} (answered from the result cache)"),
         ("errors", f"{report.errors} {report.errors_by_stage or ''}".strip()),
         ("written", f"{report.first_image_at} .. {report.last_image_at}"),
         ("mean engine batch", fmt(report.mean_engine_batch) + " (all images)"),

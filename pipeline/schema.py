@@ -58,6 +58,8 @@ _ID_SEGMENT = re.compile(f"^{_SEGMENT}$")
 ID_PATTERN = f"^{_SEGMENT}(/{_SEGMENT})*$"  # a whole id, as the OpenAPI document states it
 MAX_ID_CHARS = 200
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 30, 7.5  # a request's defaults, capped by its limits
+MAX_LORA_CHARS = 1024  # longest `lora` path or URI
+LORA_SCALE_LIMIT = 10.0  # -LORA_SCALE_LIMIT <= lora_scale <= LORA_SCALE_LIMIT
 
 # A prompt must hold a character that is not blank. Blank is whitespace to Python's
 # str.isspace or to JSON Schema's (ECMA-262) \s, so the OpenAPI document's pattern and
@@ -141,6 +143,17 @@ class ImageRequest(BaseModel):
         default_factory=dict,
         description="Free key/value strings copied to the image's metadata row.",
     )
+    lora: str | None = Field(
+        None,
+        description="A LoRA adapter for the UNet (diffusers/peft format): a .safetensors file "
+        "or a folder holding one, a local path or s3:// URI; online only under the server's "
+        "lora_roots. Requests with different adapters share engine batches.",
+    )
+    lora_scale: float = Field(
+        1.0,
+        description=f"How strongly lora applies (0: not at all; -{LORA_SCALE_LIMIT:g} to "
+        f"{LORA_SCALE_LIMIT:g}); unused without lora.",
+    )
 
     @field_validator("id")
     @classmethod
@@ -184,6 +197,28 @@ class ImageRequest(BaseModel):
     def _check_metadata(cls, v: dict[str, str]) -> dict[str, str]:
         for text in (*v, *v.values()):
             _check_unicode(text)
+        return v
+
+    @field_validator("lora")
+    @classmethod
+    def _check_lora(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("must not be empty")
+        if len(v) > MAX_LORA_CHARS:
+            raise ValueError(f"is {len(v)} characters long; at most {MAX_LORA_CHARS} allowed")
+        if any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError("contains control characters")
+        return _check_unicode(v)
+
+    @field_validator("lora_scale")
+    @classmethod
+    def _check_lora_scale(cls, v: float) -> float:
+        if not -LORA_SCALE_LIMIT <= v <= LORA_SCALE_LIMIT:  # NaN fails both comparisons
+            raise ValueError(
+                f"{v} is out of range; use {-LORA_SCALE_LIMIT:g} <= lora_scale <= {LORA_SCALE_LIMIT:g}"
+            )
         return v
 
     @field_validator("seed")
@@ -246,7 +281,9 @@ class ImageRequest(BaseModel):
         """A digest of everything that decides this request's pixels at a resolved size.
 
         `metadata` and `model` are left out: the first never changes an image, the second is
-        compared on its own (model name and weights hash)."""
+        compared on its own (model name and weights hash). `lora` counts by its path (a rerun
+        compares fingerprints from the manifest alone, without reading adapters), `lora_scale`
+        only with a lora, so requests without one keep the fingerprints they had."""
         fields = {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
@@ -259,6 +296,9 @@ class ImageRequest(BaseModel):
         }
         if self.speed is not Speed.exact:  # exact requests keep the fingerprints they had
             fields["speed"] = self.speed.value
+        if self.lora is not None:
+            fields["lora"] = self.lora
+            fields["lora_scale"] = float(self.lora_scale)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -359,6 +399,7 @@ class GeneratedImage:
     batch_size: int  # images denoised together with this one
     scheduler_config: str  # JSON
     timings: StageTimings  # this image's share of its chunk's time
+    cache_source: str | None = None  # read from the result cache: the entry's key
 
 
 class EngineRow(BaseModel):
@@ -369,6 +410,7 @@ class EngineRow(BaseModel):
     id: str
     request: str | None  # ImageRequest JSON; None for a row that failed validation
     row: str | None  # the manifest row as JSON (for the errors table)
+    cache_key: str | None = None  # a result-cache hit: the write stage reads this entry
     error_stage: str | None = None
     error_field: str | None = None
     error_reason: str | None = None
@@ -407,6 +449,8 @@ class ImageRecord(BaseModel):
     model: str
     metadata: dict[str, str]
     speed: str = Speed.exact.value  # the speed tier it was made in
+    lora: str | None = None  # the LoRA adapter it was made with (ImageRequest.lora)
+    lora_scale: float = 1.0  # and its scale (unused without lora)
     # The output.
     uri: str
     sha256: str
@@ -437,7 +481,7 @@ class ErrorRecord(BaseModel):
     """One row of the errors table: a request that produced no image, and why."""
 
     id: str
-    stage: Literal["validate", "generate", "quality", "write"]
+    stage: Literal["validate", "rules", "generate", "quality", "write"]
     field: str
     reason: str
     row: str  # the offending row as JSON, truncated
@@ -467,8 +511,11 @@ def manifest_schema() -> Any:
 
 
 def record_schema() -> Any:
-    """Arrow schema of the metadata table (`ImageRecord`)."""
-    return arrow_schema(ImageRecord)
+    """Arrow schema of the metadata table (`ImageRecord`). Columns with a default are
+    nullable: fragments written before a column existed read it as nulls (and compaction
+    merges them with newer ones)."""
+    required = {name for name, info in ImageRecord.model_fields.items() if info.is_required()}
+    return arrow_schema(ImageRecord, required=required)
 
 
 def error_schema() -> Any:

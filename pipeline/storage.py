@@ -150,6 +150,10 @@ class Storage:
             self.fs.pipe_file(path, data)
         return self.url(key)
 
+    def read_bytes(self, key: str) -> bytes:
+        """The bytes at `key` (FileNotFoundError when there are none)."""
+        return self.fs.cat_file(self.path(key))
+
     def write_table(self, key: str, table: Any) -> str:
         """Write an Arrow table as one Parquet object at `key`, atomically."""
         import pyarrow.parquet as pq

@@ -1,14 +1,12 @@
 """Formats and sizes (encoding:) and the visible mark (marks.visible_*): WebP and JPEG
 masters with resized variants under their own keys, listed in the metadata row, in a job
-(flat files and WebDataset shards) and online."""
+(flat files and WebDataset shards); online in tests/cpu/test_catalog.py."""
 
 from __future__ import annotations
 
-import base64
 import io
 import tarfile
 
-import httpx2 as httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,7 +15,6 @@ from daguerre.pipeline.config import (
     ConfigError,
     EngineConfig,
     JobConfig,
-    ModelDeploymentConfig,
     ServeConfig,
     validate_config,
 )
@@ -79,6 +76,21 @@ def test_jpeg_quality_trades_bytes_for_fidelity():
     assert sizes[30] < sizes[95]
 
 
+def test_a_watermark_a_lossy_master_erased_is_not_claimed():
+    from daguerre.pipeline.marks import read_watermark
+
+    smooth = np.add.outer(np.arange(256), np.arange(256))[:, :, None] // 2 + np.zeros(3, int)
+    image = generated("w", 256, 256)
+    image.image = smooth.astype(np.uint8)
+    marks = MarksConfig(watermark="shop-2026")
+    for encoding, kept in ((EncodingConfig(format="webp", lossless=True), True),
+                           (EncodingConfig(format="webp", quality=95), False)):  # fmt: skip
+        [stored] = write_outputs([(image, PROVENANCE)], None, run_id="r", version="t",
+                                 options=WriteOptions(marks=marks, encoding=encoding))  # fmt: skip
+        found = read_watermark(np.asarray(decoded(stored.data).convert("RGB")), 9) == b"shop-2026"
+        assert found is kept and stored.record.watermark == ("shop-2026" if kept else None)
+
+
 def test_the_visible_mark_is_drawn_in_its_corner_only():
     pixels = np.full((256, 256, 3), 128, dtype=np.uint8)
     marked = visibly_marked(pixels, MarksConfig(visible_text="AI-generated", visible_opacity=1))
@@ -132,36 +144,6 @@ def test_a_job_writes_webp_masters_and_variants_in_files_and_shards(ray_session,
                 with tarfile.open(shard.removeprefix("file://")) as tar:
                     assert member in tar.getnames() and f"{record['id']}.webp" in tar.getnames()
                     assert decoded(tar.extractfile(member).read()).size == (48, 48)
-
-
-def test_online_answers_in_the_configured_format_with_linked_variants(ray_session, tmp_path):
-    from daguerre.cluster.serve import start
-    from ray import serve
-    from test_api_contract import _free_port
-
-    engine = EngineConfig(model="tiny", device="cpu", torch_threads=1)
-    config = ServeConfig(port=_free_port(), models=[ModelDeploymentConfig(engine=engine, num_cpus=1)],
-                         output=str(tmp_path / "out"), encoding=CATALOGUE)  # fmt: skip
-    url = start(config)
-    try:
-        body = {"prompt": "a chair", "size": "64x64", "steps": 2, "seed": 5}
-        inline = httpx.post(f"{url}/v1/images/generations", json=body, timeout=120)
-        assert inline.status_code == 200, inline.text
-        assert decoded(base64.b64decode(inline.json()["data"][0]["b64_json"])).format == "WEBP"
-        linked = httpx.post(f"{url}/v1/images/generations", json={**body, "response_format": "url"},
-                            timeout=120)  # fmt: skip
-        file = httpx.get(linked.json()["data"][0]["url"], timeout=30)
-        assert file.status_code == 200 and file.headers["content-type"] == "image/webp"
-        native = {"requests": [{"prompt": "a chair", "steps": 2}], "response_format": "url"}
-        record = httpx.post(f"{url}/v1/generate", json=native, timeout=120).json()["data"][0][
-            "record"
-        ]
-        assert record["format"] == "webp" and set(record["variants"]) == {"thumb", "square"}
-        key = record["variants"]["square"].split("/out/", 1)[1]
-        missing = httpx.get(f"{url}/v1/files/{key}", timeout=30)  # no token configured: open
-        assert missing.status_code == 200 and missing.headers["content-type"] == "image/jpeg"
-    finally:
-        serve.shutdown()
 
 
 def test_bad_encoding_is_one_line_naming_the_field():

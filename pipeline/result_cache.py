@@ -1,0 +1,118 @@
+"""The result cache: an identical request is answered from a stored image, not made again.
+
+"Identical" is everything that decides the pixels: the weights (their hash) and the
+request's fingerprint (prompt, negative prompt, seed, size, steps, scheduler, guidance,
+speed tier, LoRA and its scale: `ImageRequest.fingerprint`). Metadata, ids and marks do
+not count: a hit goes through the one write path like a new image, so it gets this job's
+or deployment's marks, formats, variants and credentials, and its metadata row says
+`cache_hit` with the entry's key as `cache_source`.
+
+An entry is one object, written atomically by the write path after an image passed the
+quality gate:
+
+    <prefix>/<hh>/<key>.png     the raw pixels (no marks), with a tEXt chunk `daguerre-cache`
+                                holding how they were made (seed, scheduler config, model...)
+
+Jobs and deployments that name the same `cache.prefix` share entries (a folder or s3://);
+by default a job's cache lives in its output (`cache/`), a deployment's in its `output`.
+In a job, the lookup runs in the CPU prepare stage (rows found there never occupy an
+engine) and the entry is read by the write stage; online, the ingress looks up before it
+calls a replica. Requests made at the same time are not merged: two identical rows in one
+job both miss while neither is written yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .schema import GeneratedImage, ImageRequest, StageTimings
+from .storage import Storage
+
+CACHE = "cache"  # the default prefix, under an output
+TEXT_KEY = "daguerre-cache"
+
+
+class CacheConfig(BaseModel):
+    """The result cache (`cache:` in a job or serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(False, description="Answer identical requests from stored images.")
+    prefix: str | None = Field(
+        None,
+        description="Folder or s3:// prefix of the entries, shared by every job and deployment "
+        "naming it; default: cache/ under the job's output (the deployment's `output`).",
+    )
+
+
+NO_CACHE = CacheConfig()
+
+
+def cache_key(request: ImageRequest, weights_hash: str, width: int, height: int) -> str:
+    """The entry key of `request` made at `width` x `height` with the weights `weights_hash`."""
+    identity = {"weights_hash": weights_hash, "request": request.fingerprint(width, height)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:40]
+
+
+def entry_key(key: str) -> str:
+    """The object key of an entry under the cache prefix."""
+    return f"{key[:2]}/{key}.png"
+
+
+def cache_storage(config: CacheConfig, output: str, storage_config: Any = None) -> Storage:
+    """The Storage of the cache's entries (its own prefix, or cache/ under `output`)."""
+    import posixpath
+
+    return Storage(config.prefix or posixpath.join(output.rstrip("/"), CACHE), storage_config)
+
+
+def find(storage: Storage, keys: list[str]) -> set[str]:
+    """The `keys` that have an entry (one existence check each, a few at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    unique = sorted(set(keys))
+    if not unique:
+        return set()
+    with ThreadPoolExecutor(min(16, len(unique))) as pool:
+        present = pool.map(lambda k: storage.fs.exists(storage.path(entry_key(k))), unique)
+        return {key for key, there in zip(unique, present, strict=True) if there}
+
+
+def store(storage: Storage, key: str, image: GeneratedImage, provenance: dict[str, Any],
+          run_id: str) -> None:  # fmt: skip
+    """Write `image` (its raw pixels, how and where they were made) as the entry `key`."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    made = {"key": key, "id": image.request.id, "run_id": run_id, "provenance": provenance,
+            "seed": image.seed, "width": image.width, "height": image.height,
+            "scheduler_config": image.scheduler_config}  # fmt: skip
+    info = PngInfo()
+    info.add_text(TEXT_KEY, json.dumps(made, sort_keys=True))
+    buf = io.BytesIO()
+    Image.fromarray(image.image).save(buf, format="PNG", compress_level=1, pnginfo=info)
+    storage.write_bytes(entry_key(key), buf.getvalue())
+
+
+def load(storage: Storage, key: str, request: ImageRequest) -> tuple[GeneratedImage, dict]:
+    """The entry `key` as the image of `request`, and what its text chunk says (the
+    provenance of what made it, the id and run it was made for). FileNotFoundError when
+    it is gone, KeyError when the object is no entry."""
+    import numpy as np
+    from PIL import Image
+
+    data = storage.read_bytes(entry_key(key))
+    with Image.open(io.BytesIO(data)) as image:
+        made = json.loads(image.text[TEXT_KEY])
+        pixels = np.asarray(image.convert("RGB"))
+    generated = GeneratedImage(
+        request=request, image=pixels, seed=made["seed"], width=made["width"],
+        height=made["height"], batch_size=0, scheduler_config=made["scheduler_config"],
+        timings=StageTimings(), cache_source=key,
+    )  # fmt: skip
+    return generated, made
