@@ -32,6 +32,7 @@ from ..pipeline.lease import OutputLease
 from ..pipeline.outputs import OutputLayout, WriteOptions, new_run_id
 from ..pipeline.report import mean_engine_batch_counts, speed_figures_s
 from ..pipeline.schema import StageTimings
+from ..pipeline.semantic_cache import semantic_index
 from ..pipeline.storage import METADATA, RUNS, Storage, StorageError, transient_errors
 from .plan import JobPlan, check_inputs, plan_resume, rejects_only, served_engine
 from .runtime import ResourceError, engine_resources, init_ray
@@ -227,7 +228,7 @@ def _run_pipeline(
     if limit is not None:  # --limit counts rows still to do, not finished ones
         ds = ds.limit(limit)
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
-    ds = _engine_stage(ds, plan, address)
+    ds = _engine_stage(ds, plan, address, options)
     shards = {}
     if config.output_format == "webdataset":  # one shard per write batch of shard_images
         ds = ds.repartition(target_num_rows_per_block=config.shard_images)
@@ -268,7 +269,7 @@ def _record_rejects(rejects: list, storage: Storage, summary: JobSummary) -> Non
     summary.errors_by_stage = dict(collections.Counter(r.stage for r in records))
 
 
-def _engine_stage(ds: Any, plan: JobPlan, address: str | None) -> Any:
+def _engine_stage(ds: Any, plan: JobPlan, address: str | None, options: WriteOptions) -> Any:
     """The engine stage: a dedicated, autoscaled actor pool, or (--via-serve) light actors
     sending batches to the Serve app's replicas, a few calls in flight per replica."""
     import ray
@@ -295,7 +296,8 @@ def _engine_stage(ds: Any, plan: JobPlan, address: str | None) -> Any:
     return ds.map_batches(
         EngineWorker,
         fn_constructor_kwargs={"engine_config": config.engine.model_dump(mode="json"),
-                               "storage_config": config.storage, "quality": config.quality},  # fmt: skip
+                               "storage_config": config.storage, "quality": config.quality,
+                               "semantic": semantic_index(options.cache, config.cache)},  # fmt: skip
         compute=ActorPoolStrategy(min_size=config.min_actors, max_size=config.max_actors),
         **resources, **common,
     )  # fmt: skip

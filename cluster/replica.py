@@ -37,6 +37,7 @@ from ..pipeline.lora import LoraError
 from ..pipeline.outputs import Provenance
 from ..pipeline.quality import QualityConfig, Rejected
 from ..pipeline.schema import GeneratedImage, ImageRequest
+from ..pipeline.semantic_cache import SemanticIndex
 
 logger = logging.getLogger("ray.serve")
 
@@ -282,12 +283,14 @@ class EngineDeployment:
         max_replicas: int = 1,
         online_fill_slack: float | None = 0.25,
         quality: QualityConfig | None = None,
+        semantic: SemanticIndex | None = None,
     ):
         import ray
 
-        from ..pipeline.engine import EngineThread
+        from ..pipeline.engine_thread import EngineThread
 
-        self._thread = EngineThread(EngineConfig(**engine_config), storage_config, quality)
+        self._thread = EngineThread(EngineConfig(**engine_config), storage_config, quality,
+                                    semantic)  # fmt: skip
         engine = self._thread.engine
         context = ray.get_runtime_context()
         self.provenance = Provenance(
@@ -333,7 +336,7 @@ class EngineDeployment:
         for result in results:
             if isinstance(result, Exception):
                 raise result
-        return [ReplicaImage(image=r, provenance=self.provenance) for r in results]
+        return [ReplicaImage(image=r, provenance=self._provenance_of(r)) for r in results]
 
     async def generate_batch(
         self, requests: list[ImageRequest]
@@ -345,9 +348,13 @@ class EngineDeployment:
         return [
             r if isinstance(r, (Rejected, LoraError))
             else f"{type(r).__name__}: {first_line(r)}" if isinstance(r, Exception)
-            else ReplicaImage(image=r, provenance=self.provenance)
+            else ReplicaImage(image=r, provenance=self._provenance_of(r))
             for r in results
         ]  # fmt: skip
+
+    def _provenance_of(self, image: GeneratedImage) -> Provenance:
+        """What made `image`: this replica, or for a semantic-cache hit the stored maker."""
+        return Provenance(**image.made_by) if image.made_by else self.provenance
 
     async def describe(self) -> dict[str, Any]:
         """What this replica runs: model, weights hash, backend, native size, batch size."""

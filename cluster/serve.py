@@ -19,8 +19,9 @@ from typing import Any
 
 from ..pipeline.config import ModelDeploymentConfig, ServeConfig, validate_config
 from ..pipeline.models import describe_model
-from ..pipeline.outputs import check_outputs
+from ..pipeline.outputs import WriteOptions, check_outputs
 from ..pipeline.quality import check_quality
+from ..pipeline.semantic_cache import semantic_index
 from ..pipeline.storage import Storage, is_remote
 from .runtime import ResourceError, engine_resources, init_ray, node_model_path
 
@@ -75,6 +76,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
     check_quality(config.quality)
     cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     engines, default_sides = {}, {}
+    semantic = semantic_index(WriteOptions.of(config, config.output).cache, config.cache)
     for model in config.models:
         engine = model.engine.model_copy(update={"model": node_model_path(model.engine.model)})
         # an unknown preset, a bad folder or unusable storage fails here, not in a replica
@@ -83,7 +85,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
         deployment = EngineDeployment.options(**deployment_options(model, cluster_gpus))
         engines[model.served_name] = deployment.bind(
             engine.model_dump(mode="json"), model.batch_wait_timeout_s, config.storage,
-            model.max_replicas, model.online_fill_slack, config.quality,
+            model.max_replicas, model.online_fill_slack, config.quality, semantic,
         )  # fmt: skip
     ingress = ApiIngress.options(
         num_replicas=config.ingress_replicas,

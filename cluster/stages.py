@@ -39,6 +39,7 @@ from ..pipeline.schema import (
     engine_row_schema,
     validate_request,
 )
+from ..pipeline.semantic_cache import SemanticIndex
 from ..pipeline.storage import Storage
 
 MAX_ERROR_ROW_CHARS = 2000
@@ -185,14 +186,15 @@ class EngineWorker:
     """A Ray Data actor holding one DiffusionEngine; turns request rows into raw images."""
 
     def __init__(self, engine_config: dict[str, Any], storage_config: StorageConfig | None = None,
-                 quality: QualityConfig | None = None):  # fmt: skip
+                 quality: QualityConfig | None = None, semantic: SemanticIndex | None = None):  # fmt: skip
         import ray
 
-        from ..pipeline.engine import EngineThread
+        from ..pipeline.engine_thread import EngineThread
 
         # The engine runs on a thread of its own (see EngineThread), where it also sets its
         # thread count (Ray caps OMP_NUM_THREADS at the actor's CPU share) and its gate.
-        self._engine_thread = EngineThread(EngineConfig(**engine_config), storage_config, quality)
+        self._engine_thread = EngineThread(EngineConfig(**engine_config), storage_config, quality,
+                                           semantic)  # fmt: skip
         engine = self._engine_thread.engine
         context = ray.get_runtime_context()
         self.busy = {"engine_busy_s": 0.0, "engine_since": None, "engine_until": None}
@@ -220,7 +222,7 @@ class EngineWorker:
             span = max(ended - self.busy["engine_since"], 1e-9)
             metrics.set_busy_fraction("job", self.provenance["actor_id"],
                                       self.busy["engine_busy_s"] / span)  # fmt: skip
-        provenance = [self.provenance] * len(results)
+        provenance = [made_by(r, self.provenance) for r in results]
         return engine_rows(rows, requests, results, provenance, self.provenance, self.busy)
 
 
@@ -275,6 +277,11 @@ class ServeEngineClient:
                 time.sleep(min(0.5 * 2**losses, 10.0))
 
 
+def made_by(result: Any, engine: dict[str, Any]) -> dict[str, Any]:
+    """The provenance of a result: what made a cache hit's image, else this `engine`."""
+    return result.made_by if isinstance(result, GeneratedImage) and result.made_by else engine
+
+
 def _requests(rows: list[dict[str, Any]]) -> list[ImageRequest]:
     """The requests of rows the engine makes (not invalid ones, not result-cache hits)."""
     return [ImageRequest.model_validate_json(r["request"]) for r in rows
@@ -306,10 +313,13 @@ def _engine_row(row: dict[str, Any], result: Any, provenance: dict[str, Any]) ->
     if row.get("cache_key"):  # the write stage reads it from the result cache
         return EngineRow(**base, cache_key=row["cache_key"])
     if isinstance(result, GeneratedImage):
+        vector = result.prompt_vector
         return EngineRow(
             **base, pixels=result.image.tobytes(), width=result.width, height=result.height,
             seed=result.seed, batch_size=result.batch_size,
             scheduler_config=result.scheduler_config, timings=result.timings,
+            cache_source=result.cache_source, cache_similarity=result.cache_similarity,
+            prompt_vector=None if vector is None else vector.tobytes(),
         )  # fmt: skip
     if isinstance(result, Rejected):  # the quality gate's, after its retries
         last = result.image  # its pixels travel on, for quality.keep_rejected
@@ -400,12 +410,15 @@ def _generated(row: dict[str, Any]) -> GeneratedImage:
     import numpy as np
 
     pixels = np.frombuffer(row["pixels"], dtype=np.uint8)
+    vector = row.get("prompt_vector")
     return GeneratedImage(
         request=ImageRequest.model_validate_json(row["request"]),
         image=pixels.reshape(row["height"], row["width"], 3), seed=row["seed"],
         width=row["width"], height=row["height"], batch_size=row["batch_size"] or 0,
         scheduler_config=row["scheduler_config"] or "{}",
         timings=StageTimings(**(row["timings"] or {})),
+        cache_source=row.get("cache_source"), cache_similarity=row.get("cache_similarity"),
+        prompt_vector=None if vector is None else np.frombuffer(vector, dtype=np.float16),
     )  # fmt: skip
 
 

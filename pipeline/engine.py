@@ -27,7 +27,6 @@ import torch
 from .config import HOT_PATH_OPTIONS, EngineConfig, StorageConfig, first_line
 from .lora import LoraAdapters, LoraError
 from .models import SDXL_TIME_IDS, ModelComponents, load_model
-from .quality import QualityConfig, QualityGate
 from .schema import (
     BucketKey,
     GeneratedImage,
@@ -359,6 +358,25 @@ class DiffusionEngine:
         pooled = out_2.text_embeds
         return list(zip(hidden, pooled, strict=True))
 
+    @torch.no_grad()
+    def prompt_vectors(self, prompts: list[str]) -> Any:
+        """Unit vectors [N, D] (np.float16) of prompts from the model's own text encoder: its
+        pooled output (CLIP's end-of-text token; SDXL's second encoder's projection), what
+        the semantic cache compares."""
+        model = self.model
+
+        def ids(tokenizer: Any) -> torch.Tensor:
+            return tokenizer(prompts, padding="max_length", max_length=TEXT_MAX_LENGTH,
+                             truncation=True, return_tensors="pt").input_ids.to(self.device)  # fmt: skip
+
+        if model.is_sdxl:
+            pooled = model.text_encoder_2(ids(model.tokenizer_2)).text_embeds
+        else:
+            pooled = model.text_encoder(ids(model.tokenizer)).pooler_output
+        pooled = pooled.float()
+        unit = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return unit.cpu().numpy().astype("float16")
+
     def _step_cache(self) -> Any:
         """The step-caching runner over the eager UNet (made once), its cache emptied."""
         from ..kernels.deep_cache import DeepCacheUNet
@@ -372,69 +390,3 @@ class DiffusionEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
-
-
-def generate_each(
-    engine: DiffusionEngine, requests: list[ImageRequest]
-) -> list[GeneratedImage | Exception]:
-    """One image or one exception per request, in order: a request whose LoRA adapter cannot
-    be used fails alone first (LoraError, field `lora`); a batch that fails is retried one
-    request at a time, so a single bad request cannot take its batch-mates down with it."""
-    if not requests:
-        return []
-    failed = engine.adapter_errors(requests)
-    if failed:
-        rest = iter(generate_each(engine, [r for i, r in enumerate(requests) if i not in failed]))
-        return [failed[i] if i in failed else next(rest) for i in range(len(requests))]
-    try:
-        return list(engine.generate(requests))
-    except Exception as exc:
-        if len(requests) == 1:
-            return [exc]
-    out: list[GeneratedImage | Exception] = []
-    for request in requests:
-        try:
-            out.append(engine.generate([request])[0])
-        except Exception as exc:
-            out.append(exc)
-    return out
-
-
-class EngineThread:
-    """A DiffusionEngine that lives on one thread of its own, where all its torch work runs.
-
-    Ray calls actor methods from threads other than the constructor's (Ray Data's UDF
-    thread, Serve's event loop). Two threads driving OpenMP make two thread teams that
-    fight for the cores (~20% slower on a 2-core CPU, measured), and a Serve replica's
-    event loop must stay free to accept requests while the engine computes."""
-
-    def __init__(self, config: EngineConfig, storage_config: StorageConfig | None = None,
-                 quality: QualityConfig | None = None):  # fmt: skip
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daguerre-engine")
-        self.engine: DiffusionEngine = self.executor.submit(
-            DiffusionEngine, config, None, storage_config
-        ).result()
-        self.gate = QualityGate(quality) if quality is not None and quality.enabled else None
-
-    def _generate(self, requests: list[ImageRequest]) -> list[GeneratedImage | Exception]:
-        """`generate_each`, then the quality gate (its regenerations included)."""
-        results = generate_each(self.engine, requests)
-        if self.gate is None:
-            return results
-        return self.gate.run(lambda again: generate_each(self.engine, again), requests, results)
-
-    def generate_each(self, requests: list[ImageRequest]) -> list[GeneratedImage | Exception]:
-        """`generate_each` and the gate on the engine's thread (blocking the caller)."""
-        return self.executor.submit(self._generate, requests).result()
-
-    async def generate_each_async(
-        self, requests: list[ImageRequest]
-    ) -> list[GeneratedImage | Exception]:
-        """`generate_each` and the gate on the engine's thread, awaited without blocking the
-        event loop."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._generate, requests)

@@ -221,6 +221,7 @@ def image_record(encoded: EncodedImage, *, uri: str, variants: dict[str, str], r
         content_credentials=encoded.credentials,
         cache_hit=generated.cache_source is not None,
         cache_source=generated.cache_source,
+        cache_similarity=generated.cache_similarity,
     )
 
 
@@ -267,12 +268,17 @@ def _store_in_cache(images: list[tuple[GeneratedImage, Provenance]], cache: Stor
     """Result-cache entries for the images made (not those read from it), before their
     metadata: a batch retried after a crash rewrites the same entries."""
     from .result_cache import cache_key, store
+    from .semantic_cache import SemanticIndex, group_key
 
     for generated, provenance in images:
-        if generated.cache_source is None:
-            key = cache_key(generated.request, provenance.weights_hash, generated.width,
-                            generated.height)  # fmt: skip
-            store(cache, key, generated, dataclasses.asdict(provenance), run_id)
+        if generated.cache_source is not None:
+            continue
+        request, size = generated.request, (generated.width, generated.height)
+        key = cache_key(request, provenance.weights_hash, *size)
+        store(cache, key, generated, dataclasses.asdict(provenance), run_id)
+        if generated.prompt_vector is not None:  # the semantic cache is on: index it too
+            group = group_key(request, provenance.weights_hash, *size)
+            SemanticIndex(cache, 1.0).add(group, key, request.prompt, generated.prompt_vector)
 
 
 Written = tuple[str, dict[str, str], float]  # master uri, variant uris by name, seconds

@@ -28,7 +28,7 @@ import io
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .schema import GeneratedImage, ImageRequest, StageTimings
 from .storage import Storage
@@ -48,6 +48,18 @@ class CacheConfig(BaseModel):
         description="Folder or s3:// prefix of the entries, shared by every job and deployment "
         "naming it; default: cache/ under the job's output (the deployment's `output`).",
     )
+    semantic_threshold: float | None = Field(
+        None, gt=0, le=1,
+        description="Also answer near-duplicate prompts (all else equal) whose text-encoder "
+        "embedding has at least this cosine similarity to a stored one (e.g. 0.95); null: "
+        "exact matches only.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _check_semantic(self) -> CacheConfig:
+        if self.semantic_threshold is not None and not self.enabled:
+            raise ValueError("semantic_threshold needs enabled: true")
+        return self
 
 
 NO_CACHE = CacheConfig()

@@ -400,6 +400,9 @@ class GeneratedImage:
     scheduler_config: str  # JSON
     timings: StageTimings  # this image's share of its chunk's time
     cache_source: str | None = None  # read from the result cache: the entry's key
+    cache_similarity: float | None = None  # a semantic-cache hit: its prompt's similarity
+    made_by: dict[str, Any] | None = None  # a cache hit: the provenance of what made it
+    prompt_vector: Any = None  # the semantic cache's unit vector of the prompt (np.float16)
 
 
 class EngineRow(BaseModel):
@@ -411,6 +414,9 @@ class EngineRow(BaseModel):
     request: str | None  # ImageRequest JSON; None for a row that failed validation
     row: str | None  # the manifest row as JSON (for the errors table)
     cache_key: str | None = None  # a result-cache hit: the write stage reads this entry
+    cache_source: str | None = None  # a semantic-cache hit's entry (the engine read it)
+    cache_similarity: float | None = None
+    prompt_vector: bytes | None = None  # float16: the write stage indexes the image with it
     error_stage: str | None = None
     error_field: str | None = None
     error_reason: str | None = None
@@ -473,6 +479,7 @@ class ImageRecord(BaseModel):
     content_credentials: bool = False  # a signed C2PA manifest is embedded in the files
     cache_hit: bool = False  # answered from the result cache (cache:) instead of generated
     cache_source: str | None = None  # on a hit: the cache entry's key (weights + request)
+    cache_similarity: float | None = None  # a semantic-cache hit: prompt cosine similarity
     status: Literal["ok"] = "ok"  # failures go to the errors table, never here
     error: str | None = None
 

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 from daguerre.pipeline.config import EngineConfig
-from daguerre.pipeline.engine import DiffusionEngine, generate_each
+from daguerre.pipeline.engine import DiffusionEngine
+from daguerre.pipeline.engine_thread import generate_each
 from daguerre.pipeline.lora import BASE, LoraError, under_roots
 from daguerre.pipeline.schema import (
     GeneratedImage,

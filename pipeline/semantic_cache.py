@@ -1,0 +1,130 @@
+"""The semantic cache: a request whose prompt is a near-duplicate of one already made, with
+every other parameter the same, is answered from that stored image (opt-in:
+`cache.semantic_threshold`).
+
+Prompts are embedded with the model's own text encoder (its pooled output: CLIP's
+end-of-text token, SDXL's second encoder's projection; `DiffusionEngine.prompt_vectors`),
+on the engine that would otherwise make the image, so a hit costs one text-encoder call
+instead of a denoising loop. "Every other parameter" is the result cache's key with the
+prompt left out (weights, negative prompt, seed, size, steps, scheduler, guidance, speed
+tier, LoRA and its scale): its group. The nearest prompt of the group by cosine
+similarity at or above the threshold wins; the metadata row says `cache_hit` with the
+source entry (`cache_source`) and the similarity (`cache_similarity`).
+
+Index entries sit next to the result cache's, one small object per made image:
+
+    <cache prefix>/semantic/<gg>/<group>/<entry key>.json   {prompt, vector (float16, base64)}
+
+written by the write path with the image's entry. A group's index is read whole at each
+lookup (one listing and a read per entry): fine for the tens to thousands of variants a
+scene gets, not meant for a million prompts in one group.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .schema import GeneratedImage, ImageRequest
+from .storage import Storage
+
+SEMANTIC = "semantic"
+
+
+def group_key(request: ImageRequest, weights_hash: str, width: int, height: int) -> str:
+    """The group of `request`: its result-cache key with the prompt left out."""
+    from .result_cache import cache_key
+
+    return cache_key(request.model_copy(update={"prompt": ""}), weights_hash, width, height)
+
+
+def _folder(group: str) -> str:
+    return f"{SEMANTIC}/{group[:2]}/{group}"
+
+
+@dataclass(frozen=True)
+class Match:
+    """The nearest stored prompt of a group."""
+
+    key: str  # the result-cache entry of its image
+    prompt: str
+    similarity: float
+
+
+@dataclass(frozen=True)
+class SemanticIndex:
+    """The semantic index under a result cache's prefix, and the threshold a hit needs."""
+
+    storage: Storage
+    threshold: float
+
+    def entries(self, group: str) -> list[dict[str, Any]]:
+        """Every indexed prompt of `group` (none when it has no folder yet)."""
+        try:
+            paths = self.storage.fs.ls(self.storage.path(_folder(group)), detail=False)
+        except FileNotFoundError:
+            return []
+        out = []
+        for path in sorted(p for p in paths if p.endswith(".json")):
+            try:
+                out.append(json.loads(self.storage.fs.cat_file(path)))
+            except (OSError, ValueError):  # vanished or half-copied: not a match
+                continue
+        return out
+
+    def nearest(self, group: str, vector: Any) -> Match | None:
+        """The stored prompt of `group` most similar to the unit `vector`, if it reaches
+        the threshold."""
+        import numpy as np
+
+        best = None
+        for entry in self.entries(group):
+            stored = np.frombuffer(base64.b64decode(entry["vector"]), dtype=np.float16)
+            if stored.shape != vector.shape:
+                continue  # another encoder's vector
+            similarity = float(np.dot(stored.astype(np.float32), vector.astype(np.float32)))
+            if similarity >= self.threshold and (best is None or similarity > best.similarity):
+                best = Match(entry["key"], entry["prompt"], round(similarity, 6))
+        return best
+
+    def add(self, group: str, key: str, prompt: str, vector: Any) -> None:
+        """Index the image `key` (made for `prompt`, embedded as `vector`) in `group`."""
+        import numpy as np
+
+        data = {"key": key, "prompt": prompt,
+                "vector": base64.b64encode(np.asarray(vector, np.float16).tobytes()).decode()}  # fmt: skip
+        self.storage.write_bytes(f"{_folder(group)}/{key}.json", json.dumps(data).encode())
+
+
+def semantic_index(cache: Storage | None, config: Any) -> SemanticIndex | None:
+    """The semantic index a job or deployment with `cache:` `config` uses, or None (off)."""
+    if cache is None or config.semantic_threshold is None:
+        return None
+    return SemanticIndex(cache, config.semantic_threshold)
+
+
+def semantic_hits(index: SemanticIndex, engine: Any, requests: list[ImageRequest]) -> tuple:
+    """(hits, vectors): per position of `requests` whose prompt has a near-duplicate, the
+    stored image as that request's (GeneratedImage with cache_source and cache_similarity,
+    and the provenance of what made it); and every request's prompt vector (the write path
+    indexes the images made)."""
+    import dataclasses
+
+    from .result_cache import load
+
+    vectors = engine.prompt_vectors([r.prompt for r in requests])
+    weights, side = engine.model.weights_hash, engine.model.default_size
+    hits: dict[int, tuple[GeneratedImage, dict]] = {}
+    for i, (request, vector) in enumerate(zip(requests, vectors, strict=True)):
+        match = index.nearest(group_key(request, weights, *request.resolved_size(side)), vector)
+        if match is None:
+            continue
+        try:
+            generated, made = load(index.storage, match.key, request)
+        except (OSError, KeyError, ValueError):  # the image's entry is gone: make it
+            continue
+        hits[i] = (dataclasses.replace(generated, cache_similarity=match.similarity),
+                   made["provenance"])  # fmt: skip
+    return hits, vectors
