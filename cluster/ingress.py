@@ -36,12 +36,20 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 import daguerre
 
 from ..pipeline.config import ServeConfig, first_line
-from ..pipeline.formats import EXTENSIONS, FORMAT_OF_EXTENSION, MEDIA_TYPES, VARIANTS
+from ..pipeline.credentials import CredentialsError
+from ..pipeline.formats import (
+    EXTENSIONS,
+    FORMAT_OF_EXTENSION,
+    MEDIA_TYPES,
+    VARIANT_NAME,
+    VARIANTS,
+)
 from ..pipeline.lora import LoraError
 from ..pipeline.outputs import (
     Provenance,
     StoredImage,
     WriteOptions,
+    cache_view,
     keep_rejected,
     new_run_id,
     write_errors,
@@ -86,12 +94,19 @@ def sign_key(secret: bytes, key: str, expires: int) -> str:
     return hmac.new(secret, f"{key}\n{expires}".encode(), hashlib.sha256).hexdigest()
 
 
+def _refuse(errors: list[FieldError], field: str, code: str) -> None:
+    """400 with `errors`, if any: one per image for a per-image `field` (`requests.{i}....`),
+    else the first (the n images of an OpenAI request share their fields: one says it)."""
+    if errors:
+        raise ApiError(400, fields=errors if "{i}" in field else errors[:1], code=code)
+
+
 def _image_media_type(key: str) -> str | None:
     """The media type of a stored image's key (images/... or variants/<name>/...), or None
     when `key` names no image."""
     parts = key.split("/")
     ext = parts[-1].rpartition(".")[2]
-    if parts[0] == VARIANTS and len(parts) >= 3:
+    if parts[0] == VARIANTS and len(parts) >= 3 and VARIANT_NAME.fullmatch(parts[1]):
         parts = parts[2:]
     elif parts[0] == IMAGES and len(parts) >= 2:
         parts = parts[1:]
@@ -123,7 +138,7 @@ class ApiIngress:
         self.url_secret = url_secret.encode()
         self.run_id = new_run_id(kind="serve")
         self.options = WriteOptions.of(self.config, self.config.output)  # how files are written
-        self.weights_hashes: dict[str, str] = {}  # served name -> weights hash (result cache)
+        self.cache_views: dict[str, Any] = {}  # served name -> its CacheView (result cache)
         self.created = int(time.time())
         self.in_flight = dict.fromkeys(self.engines, 0)  # engine calls this ingress awaits
         self.document: dict[str, Any] | None = None  # the OpenAPI document, built once
@@ -283,9 +298,7 @@ class ApiIngress:
     def _check_lora(self, requests: list[ImageRequest], field: str) -> None:
         """400 unless every named adapter lies under lora_roots (online never reads elsewhere)."""
         errors = lora_errors(requests, self.config.lora_roots, field)
-        if errors:  # the n images of an OpenAI request share one lora: one error says it
-            raise ApiError(400, fields=errors if "{i}" in field else errors[:1],
-                           code="invalid_value")  # fmt: skip
+        _refuse(errors, field, "invalid_value")
 
     def _apply_rules(self, requests: list[ImageRequest], field: str) -> list[ImageRequest]:
         """The requests with the prompt rules' style applied; 400 naming the prompt and the
@@ -294,9 +307,7 @@ class ApiIngress:
         for i, image_request in enumerate(requests):
             ruled = apply_rules(image_request, self.config.rules, field.format(i=i))
             (out if isinstance(ruled, ImageRequest) else errors).append(ruled)
-        if errors:  # the n images of an OpenAI request share one prompt: one error says it
-            raise ApiError(400, fields=errors if "{i}" in field else errors[:1],
-                           code="rule_broken")  # fmt: skip
+        _refuse(errors, field, "rule_broken")
         return out
 
     def _check_budget(self, model: str, requests: list[ImageRequest], field: str) -> None:
@@ -316,27 +327,36 @@ class ApiIngress:
         if hits:
             metrics.record_cache_hits("serve", model, len(hits))
         base_url = str(request.base_url)
-        return await asyncio.to_thread(self._package, images, response_format, base_url, client_ids)
+        try:
+            return await asyncio.to_thread(self._package, images, response_format, base_url,
+                                           client_ids)  # fmt: skip
+        except CredentialsError as exc:  # a timestamp server down, say: retry later
+            raise ApiError(503, f"the images could not be signed: {exc}", type="server_error",
+                           code="signing_failed", headers={"Retry-After": "5"}) from None  # fmt: skip
 
     async def _cached(self, model: str, requests: list[ImageRequest]) -> dict[str, ReplicaImage]:
-        """Request id -> the image the result cache holds for it."""
-        from ..pipeline.result_cache import cache_key, find, load
+        """Request id -> the image the result cache holds for it (best effort: a cache or a
+        replica that cannot answer now is a miss, the engine makes the image)."""
+        from ..pipeline.result_cache import load
 
-        if model not in self.weights_hashes:
-            self.weights_hashes[model] = (await self.engines[model].describe.remote())[
-                "weights_hash"
-            ]
-        side = self.default_sides.get(model, 512)
-        keys = {r.id: cache_key(r, self.weights_hashes[model], *r.resolved_size(side))
-                for r in requests}  # fmt: skip
+        if model not in self.cache_views:
+            try:
+                weights = (await self.engines[model].describe.remote())["weights_hash"]
+            except Exception:  # no replica yet, or at capacity: _generate says so
+                return {}
+            engine = next(m.engine for m in self.config.models if m.served_name == model)
+            self.cache_views[model] = cache_view(self.options, weights, engine)
+        view, side = self.cache_views[model], self.default_sides.get(model, 512)
 
         def read() -> dict[str, ReplicaImage]:
-            present, out = find(self.options.cache, list(keys.values())), {}
-            for r in requests:
-                if keys[r.id] in present:
-                    with contextlib.suppress(OSError, KeyError, ValueError):  # gone: make it
-                        generated, made = load(self.options.cache, keys[r.id], r)
-                        out[r.id] = ReplicaImage(generated, Provenance(**made["provenance"]))
+            out = {}
+            for image_id, key in view.hits(requests, side).items():
+                request = next(r for r in requests if r.id == image_id)
+                try:
+                    generated, made = load(view.storage, key, request)
+                    out[image_id] = ReplicaImage(generated, Provenance(**made["provenance"]))
+                except Exception as exc:  # gone, or not an entry this version reads
+                    logger.warning("result cache entry %s unreadable (%s): made again", key, exc)
             return out
 
         return await asyncio.to_thread(read)
@@ -363,7 +383,8 @@ class ApiIngress:
             raise
         except Rejected as exc:  # the quality gate refused an image of this request
             if exc.image is not None and self.options.keep_rejected:
-                await asyncio.to_thread(self._keep_rejected, exc)
+                with contextlib.suppress(Exception):  # kept for review, best effort: still a 422
+                    await asyncio.to_thread(self._keep_rejected, exc)
             raise ApiError(422, fields=[FieldError(field="image", reason=str(exc))],
                            type="invalid_request_error", code="quality_rejected") from None  # fmt: skip
         except LoraError as exc:  # the adapter under lora_roots does not load: the client's

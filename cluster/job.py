@@ -29,14 +29,14 @@ from ..pipeline.config import JobConfig
 from ..pipeline.environment import git_commit, host, software_versions
 from ..pipeline.formats import EXTENSIONS
 from ..pipeline.lease import OutputLease
-from ..pipeline.outputs import OutputLayout, WriteOptions, new_run_id
+from ..pipeline.outputs import OutputLayout, WriteOptions, cache_view, new_run_id
 from ..pipeline.report import mean_engine_batch_counts, speed_figures_s
 from ..pipeline.schema import StageTimings
 from ..pipeline.semantic_cache import semantic_index
 from ..pipeline.storage import METADATA, RUNS, Storage, StorageError, transient_errors
 from .plan import JobPlan, check_inputs, plan_resume, rejects_only, served_engine
 from .runtime import ResourceError, engine_resources, init_ray
-from .stages import EngineWorker, RowCache, ServeEngineClient, prepare_batch, write_batch
+from .stages import EngineWorker, ServeEngineClient, prepare_batch, write_batch
 
 PROGRESS_EVERY_S = 5.0
 
@@ -218,9 +218,7 @@ def _run_pipeline(
             "model_names": [config.engine.model, plan.model.name, plan.model.spec],
             "default_side": plan.model.default_size,
             "rules": config.rules.model_dump(),
-            "cache": None
-            if options.cache is None
-            else RowCache(options.cache, plan.model.weights_hash()),
+            "cache": cache_view(options, plan.model.weights_hash(), config.engine),
         },  # fmt: skip
         batch_format="pyarrow",
         num_cpus=config.writer_num_cpus,

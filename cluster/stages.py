@@ -26,6 +26,7 @@ from ..pipeline.outputs import (
     write_outputs,
 )
 from ..pipeline.quality import QualityConfig, Rejected
+from ..pipeline.result_cache import CacheView
 from ..pipeline.rules import NO_RULES, PromptRules, apply_rules, error_stage
 from ..pipeline.schema import (
     EngineRow,
@@ -37,6 +38,7 @@ from ..pipeline.schema import (
     StageTimings,
     bucket_key,
     engine_row_schema,
+    request_from_json,
     validate_request,
 )
 from ..pipeline.semantic_cache import SemanticIndex
@@ -58,7 +60,7 @@ PREPARED_COLUMNS = (
 
 def prepare_batch(
     batch: Any, skip: Any, duplicates: Any, limits: dict[str, Any], model_names: list[str],
-    default_side: int, rules: dict[str, Any] | None = None, cache: RowCache | None = None,
+    default_side: int, rules: dict[str, Any] | None = None, cache: CacheView | None = None,
 ) -> Any:  # fmt: skip
     """Drop finished rows; validate the rest. Valid rows carry their request as JSON, sorted
     by bucket (size, steps, scheduler, speed) so engine batches share one denoising loop; invalid
@@ -81,7 +83,7 @@ def prepare_batch(
 
 def prepare_rows(
     batch: Any, skip: Any, duplicates: Any, limits: dict[str, Any], model_names: list[str],
-    default_side: int, rules: dict[str, Any] | None = None, cache: RowCache | None = None,
+    default_side: int, rules: dict[str, Any] | None = None, cache: CacheView | None = None,
 ) -> Any:  # fmt: skip
     """prepare_batch with the indexes at hand (IdIndex each). Rows the result cache holds
     come after the others (their own engine batches, which never call the engine)."""
@@ -125,24 +127,6 @@ def prepare_rows(
 def _append(out: dict[str, list[Any]], **values: Any) -> None:
     for column in PREPARED_COLUMNS:
         out[column].append(values.get(column))
-
-
-@dataclasses.dataclass(frozen=True)
-class RowCache:
-    """The prepare stage's view of the result cache: where entries are and the weights the
-    job runs (entries of other weights never match)."""
-
-    storage: Storage
-    weights_hash: str
-
-    def hits(self, requests: list[ImageRequest], default_side: int) -> dict[str, str]:
-        """Request id -> entry key, for the requests the cache holds."""
-        from ..pipeline.result_cache import cache_key, find
-
-        keys = {r.id: cache_key(r, self.weights_hash, *r.resolved_size(default_side))
-                for r in requests}  # fmt: skip
-        present = find(self.storage, list(keys.values()))
-        return {i: k for i, k in keys.items() if k in present}
 
 
 def error_columns(errors: list[FieldError]) -> tuple[str, str]:
@@ -244,7 +228,6 @@ class ServeEngineClient:
                            "actor_id": ""}  # fmt: skip
 
     def __call__(self, batch: Any) -> Any:
-        import dataclasses
 
         rows = batch.to_pylist()
         requests = _requests(rows)
@@ -284,7 +267,7 @@ def made_by(result: Any, engine: dict[str, Any]) -> dict[str, Any]:
 
 def _requests(rows: list[dict[str, Any]]) -> list[ImageRequest]:
     """The requests of rows the engine makes (not invalid ones, not result-cache hits)."""
-    return [ImageRequest.model_validate_json(r["request"]) for r in rows
+    return [request_from_json(r["request"]) for r in rows
             if r["request"] and not r.get("cache_key")]  # fmt: skip
 
 
@@ -365,7 +348,7 @@ def write_batch(batch: Any, output: Storage, run_id: str, version: str,
             continue
         kept = None
         if row["error_stage"] == "quality" and row["pixels"] and options.keep_rejected:
-            kept = keep_rejected(_generated(row), output)
+            kept = keep_rejected(_generated(row), output)  # None when it could not be kept
         errors.append(ErrorRecord(
             id=row["id"], stage=row["error_stage"], field=row["error_field"],
             reason=row["error_reason"], run_id=run_id, created_at=_utc(now), uri=kept,
@@ -393,10 +376,10 @@ def _cached(row: dict[str, Any], options: WriteOptions, run_id: str) -> tuple | 
     the entry is gone since the prepare stage found it (the next run makes the image)."""
     from ..pipeline.result_cache import load
 
-    request = ImageRequest.model_validate_json(row["request"])
+    request = request_from_json(row["request"])
     try:
         generated, made = load(options.cache, row["cache_key"], request)
-    except (OSError, KeyError, ValueError) as exc:  # gone, or not an entry
+    except (OSError, KeyError, ValueError, TypeError) as exc:  # gone, or not an entry
         return ErrorRecord(id=row["id"], stage="generate", field="cache",
                            reason=f"the result-cache entry {row['cache_key']} cannot be read "
                            f"({type(exc).__name__}); the next run makes this image",
@@ -412,7 +395,7 @@ def _generated(row: dict[str, Any]) -> GeneratedImage:
     pixels = np.frombuffer(row["pixels"], dtype=np.uint8)
     vector = row.get("prompt_vector")
     return GeneratedImage(
-        request=ImageRequest.model_validate_json(row["request"]),
+        request=request_from_json(row["request"]),
         image=pixels.reshape(row["height"], row["width"], 3), seed=row["seed"],
         width=row["width"], height=row["height"], batch_size=row["batch_size"] or 0,
         scheduler_config=row["scheduler_config"] or "{}",
@@ -440,15 +423,18 @@ def _write_or_record(images: list, output: Storage, run_id: str, version: str, n
     """Write a batch's images and metadata fragment: (stored, []), or, when the storage
     still fails after its retries, ([], one `write` error per image): without a metadata
     row the next run makes them again, so nothing is lost and nothing is written twice."""
+    from ..pipeline.credentials import CredentialsError
     from ..pipeline.storage import explain, transient_errors
 
     try:
         stored = write_outputs(images, output, run_id=run_id, version=version, options=options)
         return stored, []
-    except (OSError, TimeoutError, *transient_errors()) as exc:  # recorded; the job goes on
-        reason = f"the write failed after retries: {explain(exc, output)}"
+    except (OSError, TimeoutError, CredentialsError, *transient_errors()) as exc:  # recorded
+        field = "credentials" if isinstance(exc, CredentialsError) else "storage"
+        reason = (f"signing failed: {exc}" if field == "credentials"
+                  else f"the write failed after retries: {explain(exc, output)}")  # fmt: skip
         return [], [
-            ErrorRecord(id=generated.request.id, stage="write", field="storage", reason=reason,
+            ErrorRecord(id=generated.request.id, stage="write", field=field, reason=reason,
                         run_id=run_id, created_at=_utc(now),
                         row=generated.request.model_dump_json()[:MAX_ERROR_ROW_CHARS])
             for generated, _ in images

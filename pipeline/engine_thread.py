@@ -64,7 +64,8 @@ class EngineThread:
         vector, so the write path indexes them."""
         if self.semantic is None:
             return self._make(requests)
-        hits, vectors = semantic_hits(self.semantic, self.engine, requests)
+        quality = self.gate.config if self.gate is not None else None
+        hits, vectors = semantic_hits(self.semantic, self.engine, requests, quality)
         made = iter(self._make([r for i, r in enumerate(requests) if i not in hits]))
         out: list[GeneratedImage | Exception] = []
         for i in range(len(requests)):

@@ -19,6 +19,7 @@ records the payload only when it survived.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -29,6 +30,7 @@ EXTENSIONS = {"png": "png", "webp": "webp", "jpeg": "jpg"}
 MEDIA_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 FORMAT_OF_EXTENSION = {ext: fmt for fmt, ext in EXTENSIONS.items()}
 VARIANTS = "variants"
+VARIANT_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")  # never `.` or `..`: a key segment
 
 
 class Variant(BaseModel):
@@ -37,7 +39,7 @@ class Variant(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(
-        pattern=r"^[a-z0-9][a-z0-9_-]{0,31}$",
+        pattern=VARIANT_NAME.pattern,
         description="Key of the variant (variants/<name>/<id>.<ext>, the metadata's variants map).",
     )
     width: int | None = Field(None, ge=8, le=8192, description="Box width in pixels.")

@@ -160,6 +160,26 @@ def local_file(spec: str) -> Path:
     return path
 
 
+def adapter_stamp(spec: str, storage_config: StorageConfig | None = None) -> str | None:
+    """What tells two versions of the adapter `spec` apart without reading it: the file's
+    path, size and modification time (an object's ETag); None when it cannot be found."""
+    from .storage import Storage, is_remote
+
+    try:
+        if not is_remote(spec):
+            path = local_file(spec).resolve()
+            return f"{path}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+        storage = Storage(spec, storage_config)
+        info = storage.fs.info(storage.root)
+        if info.get("type") != "file":
+            listing = storage.fs.ls(storage.root, detail=True)
+            files = {posixpath.basename(i["name"]): i for i in listing if i.get("type") == "file"}
+            info = files[_pick(spec, list(files))]
+        return f"{info['name']}:{info.get('size')}:{info.get('ETag') or info.get('mtime')}"
+    except Exception:  # missing, unreadable: the engine says why; the cache stays out of it
+        return None
+
+
 def fetch_remote(spec: str, storage_config: StorageConfig | None = None) -> Path:
     """A local copy of the adapter at an s3:// (or other fsspec) URI: the object itself, or
     the one .safetensors under the prefix; fetched once per node, URI, size and ETag."""

@@ -15,6 +15,7 @@ recorded in each image's metadata row (`watermark`: the payload embedded, or nul
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any, Literal
 
@@ -123,7 +124,9 @@ def visibly_marked(pixels: Any, marks: MarksConfig) -> Any:
     return np.asarray(Image.alpha_composite(base, overlay).convert("RGB"))
 
 
+@functools.lru_cache(maxsize=8)
 def _logo(path: str) -> Any:
+    """The logo at `path` (read once per process; every node needs the file at that path)."""
     from PIL import Image
 
     with Image.open(path) as image:

@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import io
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +42,8 @@ from .marks import (
 )
 from .schema import ErrorRecord, GeneratedImage, ImageRecord, error_schema, record_schema
 from .storage import ERRORS, METADATA, REJECTED, SHARDS, Storage, fragment_key, image_key
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,7 @@ class WriteOptions:
     keep_rejected: bool = False  # the quality gate's rejected images go to rejected/
     credentials: CredentialsConfig = field(default_factory=lambda: NO_CREDENTIALS)
     cache: Storage | None = None  # the result cache's entries, when it is on
+    quality: Any = None  # the gate the images passed (QualityConfig), salting cache keys
 
     @classmethod
     def of(cls, config: Any, output: str, layout: OutputLayout = FLAT_IMAGES) -> WriteOptions:
@@ -101,7 +105,19 @@ class WriteOptions:
         )
         return cls(layout=layout, marks=config.marks, encoding=config.encoding,
                    keep_rejected=config.quality.enabled and config.quality.keep_rejected,
-                   credentials=config.credentials, cache=cache)  # fmt: skip
+                   credentials=config.credentials, cache=cache,
+                   quality=config.quality if config.quality.enabled else None)  # fmt: skip
+
+
+def cache_view(options: WriteOptions, weights_hash: str, engine: Any) -> Any:
+    """How an engine with EngineConfig `engine` reads the result cache `options` name (a
+    CacheView, or None without the cache)."""
+    from .result_cache import CacheView
+
+    if options.cache is None:
+        return None
+    return CacheView(options.cache, weights_hash, engine.quantize.value, engine.noise_on_device,
+                     options.quality)  # fmt: skip
 
 
 def check_outputs(config: Any) -> None:
@@ -141,26 +157,33 @@ def new_run_id(started: dt.datetime | None = None, kind: str = "") -> str:
 def encode_image(generated: GeneratedImage, provenance: Provenance, options: WriteOptions,
                  run_id: str, version: str) -> EncodedImage:  # fmt: skip
     """The image's master file and variants, with the marks and the content credentials
-    `options` asks for (signed last: every byte before is covered by the signature)."""
+    `options` asks for (signed last: every byte before is covered by the signature). What
+    a file says of its watermark is what was verified in it: the master's survives a lossy
+    encoder or is recorded as none; variants (resized) claim none."""
     t0 = time.perf_counter()
     marks, encoding = options.marks, options.encoding
     pixels, payload = watermarked(visibly_marked(generated.image, marks), marks)
     master = master_format(encoding)
-    text = None
-    if marks.png_text:
-        fields = provenance_fields(generated, provenance, run_id, version, payload)
-        text = text_chunks(fields, version)
-    files = [("", master.format, encode(pixels, master, text))]
-    if payload is not None and master.lossy and not watermark_survives(files[0][2], marks):
-        payload = None  # the encoder erased it: the row says the file holds none
+    if master.lossy:  # no text chunks in WebP or JPEG: encode, then see what survived
+        data = encode(pixels, master)
+        if payload is not None and not watermark_survives(data, marks):
+            payload = None
+    fields = provenance_fields(generated, provenance, run_id, version, payload)
+    text = text_chunks(fields, version) if marks.png_text else None
+    if not master.lossy:
+        data = encode(pixels, master, text)
+    files = [("", master.format, data, fields)]
+    variant_fields = {**fields, "watermark": None}
+    variant_text = text_chunks(variant_fields, version) if marks.png_text else None
     for variant in encoding.variants:
         how = variant_format(variant, encoding)
-        files.append((variant.name, how.format, encode(resized(pixels, variant), how, text)))
+        files.append((variant.name, how.format, encode(resized(pixels, variant), how, variant_text),
+                      variant_fields))  # fmt: skip
     if options.credentials.enabled:
-        fields = provenance_fields(generated, provenance, run_id, version, payload)
-        files = [(name, fmt, sign(data, MEDIA_TYPES[fmt], fields, options.credentials))
-                 for name, fmt, data in files]  # fmt: skip
-    return EncodedImage(generated, provenance, master.format, files[0][2], files[1:], payload,
+        files = [(name, fmt, sign(data, MEDIA_TYPES[fmt], said, options.credentials), said)
+                 for name, fmt, data, said in files]  # fmt: skip
+    return EncodedImage(generated, provenance, master.format, files[0][2],
+                        [(name, fmt, data) for name, fmt, data, _ in files[1:]], payload,
                         time.perf_counter() - t0, options.credentials.enabled)  # fmt: skip
 
 
@@ -180,6 +203,8 @@ def provenance_fields(generated: GeneratedImage, provenance: Provenance, run_id:
             "guidance_scale": request.guidance_scale, "width": generated.width,
             "height": generated.height, "scheduler": request.scheduler.value,
             "model": provenance.model, "weights_hash": provenance.weights_hash,
+            "speed": request.speed.value, "lora": request.lora,
+            "lora_scale": request.lora_scale if request.lora else None,
             "run_id": run_id, "daguerre_version": version, "ai_generated": True,
             "watermark": watermark}  # fmt: skip
 
@@ -256,29 +281,38 @@ def write_outputs(
         )  # fmt: skip
         out.append(StoredImage(data=item.master, record=record))
     if options.cache is not None:
-        _store_in_cache(images, options.cache, run_id)
+        _store_in_cache(images, options, run_id)
     if storage is not None and out:
         table = pa.Table.from_pylist([s.record.model_dump() for s in out], schema=record_schema())
         storage.write_table(fragment_key(METADATA, run_id, [s.record.id for s in out]), table)
     return out
 
 
-def _store_in_cache(images: list[tuple[GeneratedImage, Provenance]], cache: Storage,
+def _store_in_cache(images: list[tuple[GeneratedImage, Provenance]], options: WriteOptions,
                     run_id: str) -> None:  # fmt: skip
     """Result-cache entries for the images made (not those read from it), before their
-    metadata: a batch retried after a crash rewrites the same entries."""
-    from .result_cache import cache_key, store
+    metadata: a batch retried after a crash rewrites the same entries. Best effort: a cache
+    that cannot be written loses no image."""
+    from .result_cache import CacheView, backend_settings, store
     from .semantic_cache import SemanticIndex, group_key
 
     for generated, provenance in images:
         if generated.cache_source is not None:
             continue
+        view = CacheView(options.cache, provenance.weights_hash,
+                         *backend_settings(provenance.backend), options.quality)  # fmt: skip
         request, size = generated.request, (generated.width, generated.height)
-        key = cache_key(request, provenance.weights_hash, *size)
-        store(cache, key, generated, dataclasses.asdict(provenance), run_id)
-        if generated.prompt_vector is not None:  # the semantic cache is on: index it too
-            group = group_key(request, provenance.weights_hash, *size)
-            SemanticIndex(cache, 1.0).add(group, key, request.prompt, generated.prompt_vector)
+        key = view.key(request, *size)
+        if key is None:
+            continue
+        try:
+            store(options.cache, key, generated, dataclasses.asdict(provenance), run_id)
+            if generated.prompt_vector is not None:  # the semantic cache is on: index it too
+                group = group_key(view, request, *size)
+                SemanticIndex(options.cache, 1.0).add(group, key, request.prompt,
+                                                      generated.prompt_vector)  # fmt: skip
+        except Exception as exc:  # throttled, read-only: the image itself is written
+            logger.warning("result cache %s: entry %s not written (%s)", options.cache, key, exc)
 
 
 Written = tuple[str, dict[str, str], float]  # master uri, variant uris by name, seconds
@@ -311,7 +345,7 @@ def shard_member(image_id: str) -> str:
     return image_id.replace("%", "%25").replace(".", "%2E")
 
 
-def _shard_files(item: EncodedImage, options: WriteOptions, run_id: str) -> list[tuple[str, bytes]]:
+def _shard_files(item: EncodedImage, run_id: str) -> list[tuple[str, bytes]]:
     """(member name, bytes) of one image in a shard: `<member>.<ext>`, each variant as
     `<member>.<variant>.<ext>` and `<member>.json` holding the request and provenance."""
     import json
@@ -338,7 +372,7 @@ def _write_shard(encoded: list[EncodedImage], storage: Storage, options: WriteOp
     names = []
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for item in encoded:
-            files = _shard_files(item, options, run_id)
+            files = _shard_files(item, run_id)
             names.append([name for name, _ in files])
             for name, data in files:
                 info = tarfile.TarInfo(name)
@@ -357,10 +391,15 @@ def _write_shard(encoded: list[EncodedImage], storage: Storage, options: WriteOp
     return out
 
 
-def keep_rejected(image: GeneratedImage, storage: Storage) -> str:
+def keep_rejected(image: GeneratedImage, storage: Storage) -> str | None:
     """Write an image the quality gate refused as rejected/<id>.png (plain PNG, for review:
-    never under images/, so it is never taken for a finished image); its URI."""
-    return storage.write_bytes(f"{REJECTED}/{image.request.id}.png", encode(image.image, PNG))
+    never under images/, so it is never taken for a finished image); its URI, or None when
+    it could not be written (its errors row is what counts)."""
+    try:
+        return storage.write_bytes(f"{REJECTED}/{image.request.id}.png", encode(image.image, PNG))
+    except Exception as exc:  # throttled, read-only: the rejection is still recorded
+        logger.warning("rejected image %s not kept (%s)", image.request.id, exc)
+        return None
 
 
 def write_errors(errors: list[ErrorRecord], storage: Storage, run_id: str) -> None:

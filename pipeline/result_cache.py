@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -33,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from .schema import GeneratedImage, ImageRequest, StageTimings
 from .storage import Storage
 
+logger = logging.getLogger(__name__)
 CACHE = "cache"  # the default prefix, under an output
 TEXT_KEY = "daguerre-cache"
 
@@ -65,10 +68,75 @@ class CacheConfig(BaseModel):
 NO_CACHE = CacheConfig()
 
 
-def cache_key(request: ImageRequest, weights_hash: str, width: int, height: int) -> str:
-    """The entry key of `request` made at `width` x `height` with the weights `weights_hash`."""
+def cache_key(request: ImageRequest, weights_hash: str, width: int, height: int,
+              salt: str = "") -> str:  # fmt: skip
+    """The entry key of `request` made at `width` x `height` with the weights `weights_hash`
+    by an engine and gate described by `salt` (cache_salt)."""
     identity = {"weights_hash": weights_hash, "request": request.fingerprint(width, height)}
+    if salt:
+        identity["salt"] = salt
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:40]
+
+
+def cache_salt(request: ImageRequest, quantize: str, noise_on_device: bool, quality: Any,
+               storage_config: Any = None) -> str | None:  # fmt: skip
+    """What beyond the request and the weights decides whether a stored image is this
+    request's: an 8-bit UNet and device noise (other pixels), the quality gate that passed
+    it (a stricter gate must not be served what a laxer one let through), and the version
+    of a LoRA file (retrained in place, same path). "" for the defaults; None when the
+    request's adapter cannot be found (the cache stays out of it)."""
+    parts: dict[str, Any] = {}
+    if quantize != "none":
+        parts["quantize"] = quantize
+    if noise_on_device:
+        parts["noise_on_device"] = True
+    if quality is not None and quality.enabled:
+        parts["quality"] = quality.model_dump(mode="json")
+    if request.lora is not None:
+        from .lora import adapter_stamp
+
+        stamp = adapter_stamp(request.lora, storage_config)
+        if stamp is None:
+            return None
+        parts["lora"] = stamp
+    return (
+        hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16] if parts else ""
+    )
+
+
+def backend_settings(backend: dict[str, str]) -> tuple[str, bool]:
+    """(quantize, noise_on_device) of an engine, from the backend its images record."""
+    return backend.get("quantize", "none"), "noise_on_device" in backend.get("hot_path", "").split(
+        ","
+    )
+
+
+@dataclass(frozen=True)
+class CacheView:
+    """A result cache as one engine setting sees it: its entries, and what salts a key."""
+
+    storage: Storage
+    weights_hash: str
+    quantize: str = "none"
+    noise_on_device: bool = False
+    quality: Any = None  # the QualityConfig of the gate, or None
+
+    def key(self, request: ImageRequest, width: int, height: int) -> str | None:
+        """The entry key of `request`, or None when it must not use the cache."""
+        salt = cache_salt(request, self.quantize, self.noise_on_device, self.quality,
+                          self.storage.config)  # fmt: skip
+        return None if salt is None else cache_key(request, self.weights_hash, width, height, salt)
+
+    def hits(self, requests: list[ImageRequest], default_side: int) -> dict[str, str]:
+        """Request id -> entry key, for the requests the cache holds (a cache that cannot be
+        read is a miss: it never fails the work)."""
+        keys = {r.id: self.key(r, *r.resolved_size(default_side)) for r in requests}
+        try:
+            present = find(self.storage, [k for k in keys.values() if k])
+        except Exception as exc:  # throttled, unreachable: make the images
+            logger.warning("result cache %s unreadable (%s); treated as a miss", self.storage, exc)
+            return {}
+        return {i: k for i, k in keys.items() if k in present}
 
 
 def entry_key(key: str) -> str:

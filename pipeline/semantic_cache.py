@@ -24,20 +24,22 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any
 
+from .result_cache import CacheView
 from .schema import GeneratedImage, ImageRequest
 from .storage import Storage
+
+logger = logging.getLogger(__name__)
 
 SEMANTIC = "semantic"
 
 
-def group_key(request: ImageRequest, weights_hash: str, width: int, height: int) -> str:
-    """The group of `request`: its result-cache key with the prompt left out."""
-    from .result_cache import cache_key
-
-    return cache_key(request.model_copy(update={"prompt": ""}), weights_hash, width, height)
+def group_key(view: CacheView, request: ImageRequest, width: int, height: int) -> str | None:
+    """The group of `request`: its result-cache key (as `view` salts it) without the prompt."""
+    return view.key(request.model_copy(update={"prompt": ""}), width, height)
 
 
 def _folder(group: str) -> str:
@@ -105,25 +107,31 @@ def semantic_index(cache: Storage | None, config: Any) -> SemanticIndex | None:
     return SemanticIndex(cache, config.semantic_threshold)
 
 
-def semantic_hits(index: SemanticIndex, engine: Any, requests: list[ImageRequest]) -> tuple:
+def semantic_hits(index: SemanticIndex, engine: Any, requests: list[ImageRequest],
+                  quality: Any = None) -> tuple:  # fmt: skip
     """(hits, vectors): per position of `requests` whose prompt has a near-duplicate, the
     stored image as that request's (GeneratedImage with cache_source and cache_similarity,
     and the provenance of what made it); and every request's prompt vector (the write path
-    indexes the images made)."""
+    indexes the images made). `quality`: the gate this engine applies (it salts the keys).
+    Best effort: an index that cannot be read is a miss."""
     import dataclasses
 
     from .result_cache import load
 
     vectors = engine.prompt_vectors([r.prompt for r in requests])
-    weights, side = engine.model.weights_hash, engine.model.default_size
+    config, side = engine.config, engine.model.default_size
+    view = CacheView(index.storage, engine.model.weights_hash, config.quantize.value,
+                     config.noise_on_device, quality)  # fmt: skip
     hits: dict[int, tuple[GeneratedImage, dict]] = {}
     for i, (request, vector) in enumerate(zip(requests, vectors, strict=True)):
-        match = index.nearest(group_key(request, weights, *request.resolved_size(side)), vector)
-        if match is None:
-            continue
         try:
+            group = group_key(view, request, *request.resolved_size(side))
+            match = None if group is None else index.nearest(group, vector)
+            if match is None:
+                continue
             generated, made = load(index.storage, match.key, request)
-        except (OSError, KeyError, ValueError):  # the image's entry is gone: make it
+        except Exception as exc:  # the index or the entry unreadable: make the image
+            logger.warning("semantic cache %s: %s; treated as a miss", index.storage, exc)
             continue
         hits[i] = (dataclasses.replace(generated, cache_similarity=match.similarity),
                    made["provenance"])  # fmt: skip

@@ -159,3 +159,14 @@ def test_online_an_identical_request_is_answered_from_the_cache(catalog_app):
     openai_style = {"prompt": "a product photo of a chair", "seed": 5, "steps": 2, "size": "64x64"}
     hit = httpx.post(f"{catalog_app}/v1/images/generations", json=openai_style, timeout=120)
     assert np.array_equal(decode(base64.b64decode(hit.json()["data"][0]["b64_json"])), same[0])
+
+
+def test_the_files_route_reads_images_and_variants_only():
+    from daguerre.cluster.ingress import _image_media_type
+
+    assert _image_media_type("images/sku-1.webp") == "image/webp"
+    assert _image_media_type("variants/square/sku-1.jpg") == "image/jpeg"
+    for key in ("variants/../rejected/sku-1.png", "variants/../cache/ab/k.png",
+                "variants/thumb/../../metadata/x.png", "rejected/sku-1.png", "images/../x.png",
+                "variants/Thumb/sku-1.webp", "images/sku-1.gif"):  # fmt: skip
+        assert _image_media_type(key) is None, key

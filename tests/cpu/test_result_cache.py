@@ -37,6 +37,34 @@ def test_everything_that_decides_the_pixels_changes_the_key():
     assert cache_key(base, "w2", 64, 64) != key and cache_key(base, "w1", 64, 96) != key
 
 
+def test_the_engine_the_gate_and_the_adapter_file_salt_the_key(tmp_path):
+    import os
+
+    from daguerre.pipeline.quality import QualityConfig
+    from daguerre.pipeline.result_cache import CacheView
+    from daguerre.pipeline.storage import Storage
+
+    storage = Storage(str(tmp_path))
+    request = ImageRequest(id="a", prompt="a vase", seed=1)
+    plain = CacheView(storage, "w1").key(request, 64, 64)
+    assert plain == cache_key(request, "w1", 64, 64)  # defaults keep the unsalted key
+    gate = QualityConfig(enabled=True, min_std=5.0)
+    salted = {
+        CacheView(storage, "w1", quantize="int8").key(request, 64, 64),
+        CacheView(storage, "w1", noise_on_device=True).key(request, 64, 64),
+        CacheView(storage, "w1", quality=gate).key(request, 64, 64),
+    }
+    assert plain not in salted and len(salted) == 3
+    adapter = tmp_path / "brand.safetensors"
+    adapter.write_bytes(b"v1")
+    with_lora = request.model_copy(update={"lora": str(adapter)})
+    before = CacheView(storage, "w1").key(with_lora, 64, 64)
+    os.utime(adapter, ns=(1, 1))  # retrained in place: same path, another file
+    assert CacheView(storage, "w1").key(with_lora, 64, 64) not in (before, plain)
+    gone = request.model_copy(update={"lora": str(tmp_path / "missing.safetensors")})
+    assert CacheView(storage, "w1").key(gone, 64, 64) is None  # the engine reports it
+
+
 def test_a_second_job_sharing_the_cache_makes_nothing_new(ray_session, tmp_path):
     from daguerre.cluster.job import run_job
     from daguerre.pipeline.catalog import read_metadata

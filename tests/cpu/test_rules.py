@@ -52,14 +52,17 @@ def test_a_job_records_broken_rules_and_makes_the_rest(ray_session, tmp_path):
 
     rows = [{"id": "ok", "prompt": "a product on a table", "seed": 1, "steps": 2},
             {"id": "bad", "prompt": "a product with a gun", "seed": 2, "steps": 2},
-            {"id": "none", "prompt": "a vase", "seed": 3, "steps": 2}]  # fmt: skip
+            {"id": "none", "prompt": "a vase", "seed": 3, "steps": 2},
+            {"id": "long", "prompt": "a product " + "x" * 1990, "seed": 4, "steps": 2}]  # fmt: skip
     schema = pa.schema([f.with_nullable(True) for f in manifest_schema()])
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "m.parquet")
     config = JobConfig(engine=EngineConfig(model="tiny", device="cpu"), rules=BRAND)
     out = tmp_path / "out"
     summary = run_job(str(tmp_path / "m.parquet"), str(out), config, progress=False)
-    assert summary.generated == 1 and summary.errors_by_stage == {"rules": 2}
-    (record,) = pads.dataset(out / "metadata").to_table().to_pylist()
+    assert summary.generated == 2 and summary.errors_by_stage == {"rules": 2}
+    records = {r["id"]: r for r in pads.dataset(out / "metadata").to_table().to_pylist()}
+    assert len(records["long"]["prompt"]) > 2000  # the style may pass the limit it came in under
+    record = records["ok"]
     assert record["prompt"] == "a product on a table, studio light"
     assert record["negative_prompt"] == "blurry"
     errors = {e["id"]: e for e in pads.dataset(out / "errors").to_table().to_pylist()}
@@ -67,7 +70,7 @@ def test_a_job_records_broken_rules_and_makes_the_rest(ray_session, tmp_path):
     assert errors["bad"]["reason"] == "breaks rules.forbidden_terms: 'gun' is not allowed"
     assert errors["none"]["reason"] == "breaks rules.required_terms: must contain 'product'"
     again = run_job(str(tmp_path / "m.parquet"), str(out), config, progress=False)
-    assert again.generated == 0 and again.skipped_done == 1  # the styled prompt is no change
+    assert again.generated == 0 and again.skipped_done == 2  # the styled prompt is no change
     assert again.errors_by_stage == {"rules": 2}
 
 
