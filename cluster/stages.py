@@ -303,6 +303,7 @@ def _engine_row(row: dict[str, Any], result: Any, provenance: dict[str, Any]) ->
             scheduler_config=result.scheduler_config, timings=result.timings,
             cache_source=result.cache_source, cache_similarity=result.cache_similarity,
             prompt_vector=None if vector is None else vector.tobytes(),
+            lora_sha256=result.lora_sha256,
         )  # fmt: skip
     if isinstance(result, Rejected):  # the quality gate's, after its retries
         last = result.image  # its pixels travel on, for quality.keep_rejected
@@ -402,6 +403,7 @@ def _generated(row: dict[str, Any]) -> GeneratedImage:
         timings=StageTimings(**(row["timings"] or {})),
         cache_source=row.get("cache_source"), cache_similarity=row.get("cache_similarity"),
         prompt_vector=None if vector is None else np.frombuffer(vector, dtype=np.float16),
+        lora_sha256=row.get("lora_sha256"),
     )  # fmt: skip
 
 

@@ -271,6 +271,7 @@ class DiffusionEngine:
         #    each sample through its request's LoRA adapter: names [2B], uncond then cond half.
         unet = self._step_cache() if speed == Speed.cached.value else None
         adapters = self.lora.names(requests)
+        adapter_files = [self.lora.loaded.get(name) for name in adapters]  # None: no adapter
         with self.lora.routed(adapters + adapters):
             for index, t in enumerate(scheduler.timesteps):
                 latent_in = scheduler.scale_model_input(
@@ -310,6 +311,7 @@ class DiffusionEngine:
                 batch_size=batch,
                 scheduler_config=scheduler_config,
                 timings=share,
+                lora_sha256=None if adapter_files[i] is None else adapter_files[i].sha256,
             )
             for i, r in enumerate(requests)
         ]

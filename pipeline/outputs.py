@@ -205,6 +205,7 @@ def provenance_fields(generated: GeneratedImage, provenance: Provenance, run_id:
             "model": provenance.model, "weights_hash": provenance.weights_hash,
             "speed": request.speed.value, "lora": request.lora,
             "lora_scale": request.lora_scale if request.lora else None,
+            "lora_sha256": generated.lora_sha256,
             "run_id": run_id, "daguerre_version": version, "ai_generated": True,
             "watermark": watermark}  # fmt: skip
 
@@ -247,6 +248,7 @@ def image_record(encoded: EncodedImage, *, uri: str, variants: dict[str, str], r
         cache_hit=generated.cache_source is not None,
         cache_source=generated.cache_source,
         cache_similarity=generated.cache_similarity,
+        lora_sha256=generated.lora_sha256,
     )
 
 

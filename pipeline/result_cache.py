@@ -171,7 +171,7 @@ def store(storage: Storage, key: str, image: GeneratedImage, provenance: dict[st
 
     made = {"key": key, "id": image.request.id, "run_id": run_id, "provenance": provenance,
             "seed": image.seed, "width": image.width, "height": image.height,
-            "scheduler_config": image.scheduler_config}  # fmt: skip
+            "scheduler_config": image.scheduler_config, "lora_sha256": image.lora_sha256}  # fmt: skip
     info = PngInfo()
     info.add_text(TEXT_KEY, json.dumps(made, sort_keys=True))
     buf = io.BytesIO()
@@ -193,6 +193,6 @@ def load(storage: Storage, key: str, request: ImageRequest) -> tuple[GeneratedIm
     generated = GeneratedImage(
         request=request, image=pixels, seed=made["seed"], width=made["width"],
         height=made["height"], batch_size=0, scheduler_config=made["scheduler_config"],
-        timings=StageTimings(), cache_source=key,
+        timings=StageTimings(), cache_source=key, lora_sha256=made.get("lora_sha256"),
     )  # fmt: skip
     return generated, made

@@ -414,6 +414,7 @@ class GeneratedImage:
     cache_similarity: float | None = None  # a semantic-cache hit: its prompt's similarity
     made_by: dict[str, Any] | None = None  # a cache hit: the provenance of what made it
     prompt_vector: Any = None  # the semantic cache's unit vector of the prompt (np.float16)
+    lora_sha256: str | None = None  # the adapter file it was made with (the audit trail)
 
 
 class EngineRow(BaseModel):
@@ -428,6 +429,7 @@ class EngineRow(BaseModel):
     cache_source: str | None = None  # a semantic-cache hit's entry (the engine read it)
     cache_similarity: float | None = None
     prompt_vector: bytes | None = None  # float16: the write stage indexes the image with it
+    lora_sha256: str | None = None
     error_stage: str | None = None
     error_field: str | None = None
     error_reason: str | None = None
@@ -491,6 +493,7 @@ class ImageRecord(BaseModel):
     cache_hit: bool = False  # answered from the result cache (cache:) instead of generated
     cache_source: str | None = None  # on a hit: the cache entry's key (weights + request)
     cache_similarity: float | None = None  # a semantic-cache hit: prompt cosine similarity
+    lora_sha256: str | None = None  # sha256 of the LoRA file the image was made with
     status: Literal["ok"] = "ok"  # failures go to the errors table, never here
     error: str | None = None
 

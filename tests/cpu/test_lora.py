@@ -9,7 +9,9 @@ state dict in one .safetensors file, with another rank.
 
 from __future__ import annotations
 
+import hashlib
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -254,6 +256,11 @@ def test_a_job_records_lora_and_puts_a_corrupt_adapter_in_errors(ray_session, ad
     assert records["r20"]["lora"] is None and records["r20"]["lora_scale"] == 1.0
     assert (records["r21"]["lora"], records["r21"]["lora_scale"]) == (adapters["a"], 1.0)
     assert (records["r22"]["lora"], records["r22"]["lora_scale"]) == (adapters["b"], 0.7)
+    assert (
+        records["r22"]["lora_sha256"]
+        == hashlib.sha256(Path(adapters["b"]).read_bytes()).hexdigest()
+    )
+    assert records["r20"]["lora_sha256"] is None and len(records["r21"]["lora_sha256"]) == 64
     assert {r["batch_size"] for r in records.values()} == {3}  # mixed in one engine batch
     for i in (21, 22):
         image = np.asarray(Image.open(tmp_path / "out" / "images" / f"r{i}.png"))
