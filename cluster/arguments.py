@@ -4,6 +4,7 @@ an example and help for every flag, and errors in one line (exit code 2)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,11 @@ def _generate_parser(sub: Any) -> None:
     )
     gen.add_argument("--actors", type=_actors, metavar="MIN:MAX",
                      help="engine actor pool, scaled under backlog (config default: 1:1)")  # fmt: skip
-    gen.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    gen.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS") or None,
+        help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray)",
+    )
     gen.add_argument("--via-serve", nargs="?", const="daguerre", metavar="APP",
                      help="run the engine stage on the replicas of a running `daguerre serve` "
                      "app (default app: daguerre) on the cluster at --address, behind its "
@@ -228,7 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--port", type=int, help="HTTP port (config default: 8000)")
     srv.add_argument("--host", help="address to bind (config default: 127.0.0.1)")
-    srv.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    srv.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS") or None,
+        help="Ray cluster address (default: $RAY_ADDRESS, else a private local Ray)",
+    )
     srv.add_argument("--verbose", action="store_true", help="Ray's own logs")
     _backend_args(srv)
 

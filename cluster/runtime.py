@@ -23,10 +23,13 @@ class ResourceError(ConfigError):
 
 
 def init_ray(address: str | None = None, *, verbose: bool = False, **options: Any) -> None:
-    """Start a local Ray on 127.0.0.1 (address None) or join `address`; quiet unless verbose.
+    """Start a private local Ray on 127.0.0.1 (address None) or join `address`; quiet
+    unless verbose (the CLI's --address defaults to $RAY_ADDRESS).
 
-    An address that does not answer is one line (ResourceError) after a few seconds, not a
-    wait: ray.init retries an unreachable cluster for as long as it runs."""
+    Without an address Ray itself would join the cluster last started on this machine
+    (/tmp/ray/ray_current_cluster), even a stopped one: "local" never does. An address
+    that does not answer is one line (ResourceError) after a few seconds, not a wait:
+    ray.init retries an unreachable cluster for as long as it runs."""
     if address is None:
         # A private local cluster: Ray's token auth only adds a warning line here.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -40,7 +43,7 @@ def init_ray(address: str | None = None, *, verbose: bool = False, **options: An
         _quiet_ray()
     local = {"_node_ip_address": "127.0.0.1"} if address is None else {}
     ray.init(
-        address=address, include_dashboard=False, log_to_driver=verbose,
+        address=address or "local", include_dashboard=False, log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR, **local, **options,
     )  # fmt: skip
 

@@ -146,3 +146,23 @@ def test_a_failure_inside_an_engine_actor_is_its_cause_in_one_line(manifest, tmp
     line = one_error_line(result)
     assert line.startswith("OSError: Unable to load weights from checkpoint file"), line
     assert result.stdout.count("\n") <= 1, result.stdout[-2000:]  # no pushed Ray tracebacks
+
+
+def test_generate_without_address_never_joins_the_last_cluster_started_here(manifest, tmp_path):
+    """Ray's own default joins the cluster /tmp/ray/ray_current_cluster names, even a stopped
+    one (a job then hung, then failed without a word); without --address a private local
+    Ray starts."""
+    import shutil
+    import tempfile
+
+    ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths
+    try:
+        (ray_tmp / "ray").mkdir()
+        (ray_tmp / "ray" / "ray_current_cluster").write_text("192.0.2.2:45123")  # TEST-NET
+        env = {"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": ""}
+        result = daguerre("generate", manifest, "--out", str(tmp_path / "out"), "--model", "tiny",
+                          "--no-progress", cwd=tmp_path, env=env)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert len(list((tmp_path / "out" / "images").glob("*.png"))) == len(ROWS)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
