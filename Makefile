@@ -20,21 +20,22 @@ PYTEST_ARGS ?=
 install: $(RUN_STAMP)
 install-dev: $(DEV_STAMP)
 
-# What the demo, generate and serve need: torch, then daguerre with its runtime dependencies.
+# What the demo, generate and serve need: torch, then daguerre with its runtime dependencies
+# and the content pipeline's (the watermark, content credentials: configs/jobs/catalog.yaml).
 $(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) --upgrade pip
 	$(PIP) "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PIP) -e ".[s3]"
+	$(PIP) -e ".[s3,marks,credentials]"
 	# The real CLIP BPE vocab ships in this wheel; its own deps would replace torch.
 	$(PIP) --no-deps open_clip_torch==3.3.0
+	# The invisible watermark's library; its own deps would add opencv-python's GUI build.
+	$(PIP) --no-deps invisible-watermark==0.2.0
 	touch $(RUN_STAMP)
 
 # The test toolchain on top: pytest, the S3 server, ONNX Runtime, Triton, the OpenAI client.
 $(DEV_STAMP): $(RUN_STAMP) pyproject.toml
 	$(PIP) -e ".[dev]"
-	# The invisible watermark's library; its own deps would add opencv-python's GUI build.
-	$(PIP) --no-deps invisible-watermark==0.2.0
 	touch $(DEV_STAMP)
 
 demo: install

@@ -438,14 +438,19 @@ def _update_progress(summary: JobSummary, todo: int, rate: float | None) -> None
 def progress_line(summary: JobSummary, todo: int, rate: float | None, actors: int = 0) -> str:
     """`daguerre: 122/1000 rows done (120 images, 2 errors), 3.20 images/s, ETA 4m35s, 2 engine actors`"""
     done = summary.generated + summary.errors
-    text = (f"daguerre: {done}/{todo} rows done ({summary.generated} images, "
-            f"{summary.errors} errors)")  # fmt: skip
+    text = (f"daguerre: {done}/{todo} rows done ({plural(summary.generated, 'image')}, "
+            f"{plural(summary.errors, 'error')})")  # fmt: skip
     if rate:
         eta = max(todo - done, 0) / rate
         text += f", {rate:.2f} images/s, ETA {int(eta // 60)}m{int(eta % 60):02d}s"
     if actors:
         text += f", {actors} engine actor{'s' if actors > 1 else ''}"
     return text
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 image`, `2 images`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _finish_figures(summary: JobSummary, tally: Tally | None, started: dt.datetime,

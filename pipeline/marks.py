@@ -164,8 +164,13 @@ def _draw_text(overlay: Any, marks: MarksConfig, height: int, margin: int) -> No
 
 
 def read_watermark(pixels: Any, length: int, method: str = "dwtDctSvd") -> bytes:
-    """The `length`-byte payload decoded from RGB `pixels` (what a verifier runs)."""
+    """The `length`-byte payload decoded from RGB `pixels` (what a verifier runs); ValueError
+    for an image under MIN_WATERMARK_SIDE, which never carries one."""
     from imwatermark import WatermarkDecoder
+
+    if min(pixels.shape[:2]) < MIN_WATERMARK_SIDE:
+        raise ValueError(f"a {pixels.shape[1]}x{pixels.shape[0]} image carries no watermark: "
+                         f"they go into images of at least {MIN_WATERMARK_SIDE}x{MIN_WATERMARK_SIDE}")  # fmt: skip
 
     return WatermarkDecoder("bytes", length * 8).decode(pixels[:, :, ::-1].copy(), method)
 
