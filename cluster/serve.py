@@ -127,6 +127,8 @@ def start(
     """Deploy the app (starting a local Ray unless `address` is given); return its base URL."""
     from ray import serve
 
+    check_outputs(config)  # a logo, a key, a classifier: one line, before Ray starts
+    check_quality(config.quality)
     init_ray(address, verbose=verbose)
     http = {"host": config.host, "port": config.port}
     if config.request_timeout_s is not None:
