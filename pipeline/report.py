@@ -163,7 +163,7 @@ def _last_run(record: dict[str, Any], rows: list[dict]) -> dict[str, Any]:
     keys = ("run_id", "started_at", "ended_at", "generated", "skipped_done", "errors",
             "startup_s", "steady_images_per_s", "end_to_end_images_per_s", "mean_engine_batch",
             "engine_busy_fraction_mean", "gpu_seconds_per_image", "cost_per_1000_images",
-            "planning_s", "driver_peak_rss_mib")  # fmt: skip
+            "planning_s", "driver_peak_rss_mib", "cost")  # fmt: skip
     out = {k: record.get(k) for k in keys}
     out["images_now"] = sum(1 for r in rows if r["run_id"] == record.get("run_id"))
     return out
@@ -192,9 +192,22 @@ FIGURES = (  # (label, key, unit, what it measures): the same words wherever fig
 
 
 def figure_rows(values: dict[str, Any], indent: str = "") -> list[tuple[str, str]]:
-    """Table rows of a run's speed figures (the job summary, inspect's last run)."""
-    return [(f"{indent}{label}", f"{fmt(values.get(key), unit)} ({what})")
-            for label, key, unit, what in FIGURES]  # fmt: skip
+    """Table rows of a run's speed figures (the job summary, inspect's last run); the cost
+    in the run's currency at its price, or how to get one."""
+    cost = values.get("cost") or {}
+    rows = []
+    for label, key, unit, what in FIGURES:
+        if key == "cost_per_1000_images":
+            price = cost.get("gpu_hour_price")
+            currency = cost.get("currency", "USD")
+            unit = f" {currency}" if price is not None else ""
+            what = (
+                f"at {price} {currency} per GPU-hour"
+                if price is not None
+                else "set cost.gpu_hour_usd"
+            )
+        rows.append((f"{indent}{label}", f"{fmt(values.get(key), unit)} ({what})"))
+    return rows
 
 
 def stage_rows(stage_s: dict[str, float]) -> list[tuple[str, str]]:
