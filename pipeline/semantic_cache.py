@@ -76,13 +76,13 @@ class SemanticIndex:
                 continue
         return out
 
-    def nearest(self, group: str, vector: Any) -> Match | None:
-        """The stored prompt of `group` most similar to the unit `vector`, if it reaches
-        the threshold."""
+    def nearest(self, group: str, vector: Any, entries: list[dict] | None = None) -> Match | None:
+        """The stored prompt of `group` (its `entries`, read here when not given) most
+        similar to the unit `vector`, if it reaches the threshold."""
         import numpy as np
 
         best = None
-        for entry in self.entries(group):
+        for entry in self.entries(group) if entries is None else entries:
             stored = np.frombuffer(base64.b64decode(entry["vector"]), dtype=np.float16)
             if stored.shape != vector.shape:
                 continue  # another encoder's vector
@@ -123,10 +123,13 @@ def semantic_hits(index: SemanticIndex, engine: Any, requests: list[ImageRequest
     view = CacheView(index.storage, engine.model.weights_hash, config.quantize.value,
                      config.noise_on_device, quality)  # fmt: skip
     hits: dict[int, tuple[GeneratedImage, dict]] = {}
+    read: dict[str, list[dict]] = {}  # group -> its entries, listed once per call
     for i, (request, vector) in enumerate(zip(requests, vectors, strict=True)):
         try:
             group = group_key(view, request, *request.resolved_size(side))
-            match = None if group is None else index.nearest(group, vector)
+            if group is not None and group not in read:
+                read[group] = index.entries(group)
+            match = None if group is None else index.nearest(group, vector, read[group])
             if match is None:
                 continue
             generated, made = load(index.storage, match.key, request)
