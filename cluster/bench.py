@@ -218,7 +218,7 @@ def build_report(args: argparse.Namespace, engine: dict, size_text: str) -> dict
         "device": engine["device"],
         "peak_tflops": engine["peak_flops"] / 1e12,
         "flops_per_image_tflop": engine["flops"]["per_image"] / 1e12,
-        "unet_forward_cfg_tflop": engine["flops"]["unet_forward_cfg"] / 1e12,
+        "denoiser_step_tflop": engine["flops"]["denoiser_step"] / 1e12,
         "results": engine["results"],
         "notes": list(engine["notes"]),
         "conditions": {

@@ -35,7 +35,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 import daguerre
 
-from ..pipeline.config import ServeConfig, first_line
+from ..pipeline.config import RequestRefused, ServeConfig, first_line
 from ..pipeline.credentials import CredentialsError
 from ..pipeline.formats import (
     EXTENSIONS,
@@ -44,7 +44,6 @@ from ..pipeline.formats import (
     VARIANT_NAME,
     VARIANTS,
 )
-from ..pipeline.lora import LoraError
 from ..pipeline.outputs import (
     Provenance,
     StoredImage,
@@ -127,10 +126,13 @@ class ApiIngress:
     """Validates, authorises and fans requests out to the engine deployments."""
 
     def __init__(self, config: ServeConfig, engines: dict[str, Any], url_secret: str,
-                 default_sides: dict[str, int]):  # fmt: skip
+                 default_sides: dict[str, int], families: dict[str, str] | None = None):  # fmt: skip
         self.config = ServeConfig.model_validate(config)
         self.engines = engines  # served name -> DeploymentHandle
         self.default_sides = default_sides  # served name -> the model's native side
+        families = families or {}  # served name -> unet, sd3 or flux: its default scheduler
+        self.limits = {name: self.config.limits.for_family(families.get(name, "unet"))
+                       for name in engines}  # fmt: skip
         self.default_model = self.config.models[0].served_name
         self.storage = Storage(self.config.output, self.config.storage)
         self.token = _read_token(self.config)
@@ -196,7 +198,7 @@ class ApiIngress:
         self._authorize(request)
         model = self._model(body.model, "model")
         base_seed = body.seed if body.seed is not None else secrets.randbelow(2**62)
-        image_requests = body.image_requests(online_namespace(), base_seed, self.config.limits)
+        image_requests = body.image_requests(online_namespace(), base_seed, self.limits[model])
         if image_requests and isinstance(image_requests[0], FieldError):
             raise ApiError(400, fields=image_requests, code="invalid_value")
         self._check_lora(image_requests, "lora")
@@ -227,7 +229,7 @@ class ApiIngress:
             raise ApiError(400, fields=[FieldError(field="model", reason=reason)],
                            code="invalid_value")  # fmt: skip
         model = self._model(next(iter(named), None), "model")
-        checked = body.image_requests(online_namespace(), self.config.limits)
+        checked = body.image_requests(online_namespace(), self.limits[model])
         if isinstance(checked, list):
             raise ApiError(400, fields=checked, code="invalid_value")
         image_requests, client_ids = checked
@@ -387,9 +389,10 @@ class ApiIngress:
                     await asyncio.to_thread(self._keep_rejected, exc)
             raise ApiError(422, fields=[FieldError(field="image", reason=str(exc))],
                            type="invalid_request_error", code="quality_rejected") from None  # fmt: skip
-        except LoraError as exc:  # the adapter under lora_roots does not load: the client's
+        except RequestRefused as exc:  # the model cannot make this request (an adapter that
+            # does not load, a negative prompt for FLUX, a scheduler without a flow form)
             cause = getattr(exc, "cause", exc)  # Ray's wrapper keeps the engine's exception
-            raise ApiError(400, fields=[FieldError(field="lora", reason=first_line(cause))],
+            raise ApiError(400, fields=[FieldError(field=cause.field, reason=first_line(cause))],
                            code="invalid_value") from None  # fmt: skip
         except EngineLoopFailed as exc:
             raise ApiError(503, str(exc), type="server_error", code="engine_restarted",

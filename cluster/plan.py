@@ -107,12 +107,15 @@ def check_inputs(manifest: str, config: JobConfig, local: bool,
     if served is not None:
         d = served.description
         model = ModelInfo(spec=served.app, name=d["model"], kind="served",
-                          default_size=d["default_size"], _weights_hash=d["weights_hash"])  # fmt: skip
+                          default_size=d["default_size"], _weights_hash=d["weights_hash"],
+                          family=d.get("family", "unet"))  # fmt: skip
+        config = config.model_copy(update={"limits": config.limits.for_family(model.family)})
         return JobPlan(manifest=info, model=model, config=config, notices=[model.describe()],
                        served=served)  # fmt: skip
     engine = config.engine.model_copy(update={"model": node_model_path(config.engine.model)})
     model = describe_model(engine.model, config.storage)
-    config = config.model_copy(update={"engine": engine})
+    config = config.model_copy(update={"engine": engine,
+                                       "limits": config.limits.for_family(model.family)})  # fmt: skip
     notices = [model.describe()] if model.random_weights else []
     if local:  # the driver's machine is the cluster: check what the actors will need
         reason = unet_backend_unavailable(engine.unet_backend, uses_gpu(engine, local_gpus()))

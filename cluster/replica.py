@@ -32,8 +32,7 @@ from typing import Any
 
 from ray import serve
 
-from ..pipeline.config import EngineConfig, StorageConfig, first_line
-from ..pipeline.lora import LoraError
+from ..pipeline.config import EngineConfig, RequestRefused, StorageConfig, first_line
 from ..pipeline.outputs import Provenance
 from ..pipeline.quality import QualityConfig, Rejected
 from ..pipeline.schema import GeneratedImage, ImageRequest
@@ -308,6 +307,7 @@ class EngineDeployment:
         self.description = {
             "model": engine.model.name, "weights_hash": engine.model.weights_hash,
             "backend": engine.backend, "default_size": engine.model.default_size,
+            "family": engine.model.family,
             "max_batch_size": engine.config.max_batch_size, "max_replicas": max_replicas,
         }  # fmt: skip
 
@@ -340,13 +340,13 @@ class EngineDeployment:
 
     async def generate_batch(
         self, requests: list[ImageRequest]
-    ) -> list[ReplicaImage | Rejected | LoraError | str]:
+    ) -> list[ReplicaImage | Rejected | RequestRefused | str]:
         """A batch job's engine call: behind online work; one image, the quality gate's
         Rejected, or the failure's one-line reason per request (a bad request does not fail
         its batch-mates)."""
         results = await self.scheduler.generate(requests, BATCH)
         return [
-            r if isinstance(r, (Rejected, LoraError))
+            r if isinstance(r, (Rejected, RequestRefused))
             else f"{type(r).__name__}: {first_line(r)}" if isinstance(r, Exception)
             else ReplicaImage(image=r, provenance=self._provenance_of(r))
             for r in results

@@ -75,13 +75,14 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
     check_outputs(config)
     check_quality(config.quality)
     cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
-    engines, default_sides = {}, {}
+    engines, default_sides, families = {}, {}, {}
     semantic = semantic_index(WriteOptions.of(config, config.output).cache, config.cache)
     for model in config.models:
         engine = model.engine.model_copy(update={"model": node_model_path(model.engine.model)})
         # an unknown preset, a bad folder or unusable storage fails here, not in a replica
         info = describe_model(engine.model, config.storage)
         default_sides[model.served_name] = info.default_size
+        families[model.served_name] = info.family
         deployment = EngineDeployment.options(**deployment_options(model, cluster_gpus))
         engines[model.served_name] = deployment.bind(
             engine.model_dump(mode="json"), model.batch_wait_timeout_s, config.storage,
@@ -97,7 +98,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
     # Every ingress replica signs links with one secret: configured, or made for this app.
     url_secret = os.environ.get(config.url_secret_env) or secrets.token_hex(32)
     # The config object itself travels (not a JSON dump, which would mask its secrets).
-    return ingress.bind(config, engines, url_secret, default_sides)
+    return ingress.bind(config, engines, url_secret, default_sides, families)
 
 
 def check_port(host: str, port: int) -> None:

@@ -14,9 +14,8 @@ import json
 import time
 from typing import Any
 
-from ..pipeline.config import EngineConfig, StorageConfig, first_line
+from ..pipeline.config import EngineConfig, RequestRefused, StorageConfig, first_line
 from ..pipeline.lease import check_lease
-from ..pipeline.lora import LoraError
 from ..pipeline.outputs import (
     PLAIN,
     Provenance,
@@ -234,7 +233,7 @@ class ServeEngineClient:
         answers = self._call(requests) if requests else []
         results, provenance = [], []
         for answer in answers:
-            if isinstance(answer, (str, Rejected, LoraError)):  # one failed, or was rejected
+            if isinstance(answer, (str, Rejected, RequestRefused)):  # one failed, or was rejected
                 results.append(answer)
                 provenance.append(self.provenance)
             else:
@@ -315,7 +314,7 @@ def _engine_row(row: dict[str, Any], result: Any, provenance: dict[str, Any]) ->
         reason = result
     else:
         reason = f"{type(result).__name__}: {first_line(result)}" if result else "not generated"
-    field = getattr(result, "field", None) or "engine"  # e.g. LoraError: the request's `lora`
+    field = getattr(result, "field", None) or "engine"  # e.g. RequestRefused: the request's `lora`
     return EngineRow(**base, error_stage="generate", error_field=field, error_reason=reason)
 
 

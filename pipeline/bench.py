@@ -62,40 +62,93 @@ def _unet_flops(
 
 
 def count_flops(spec: str, model: Any, width: int, height: int, steps: int) -> dict[str, float]:
-    """FLOPs of one image: `steps` CFG-doubled UNet forwards plus one VAE decode.
+    """FLOPs of one image: `steps` denoising steps (a CFG-doubled UNet or SD3 forward, one
+    FLUX forward each) plus one VAE decode.
 
-    Presets are counted on the meta device (shapes only: instant, no memory); a folder
-    model on its own weights, once."""
+    Counted on the meta device (shapes only: instant, no memory): a preset as built, a
+    folder model as an empty copy of its modules (its real weights on a CPU would run
+    torch's CPU flash attention, which the FLOP counter does not count)."""
+    import dataclasses
+
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .models import build_preset, get_preset, preset_names
+    from .model_build import build_preset
+    from .models import get_preset, preset_names
 
     if spec in preset_names():
         model = build_preset(get_preset(spec), meta=True)
-        device, dtype = torch.device("meta"), torch.float32
     else:
-        param = next(model.unet.parameters())
-        device, dtype = param.device, param.dtype
+        model = dataclasses.replace(
+            model, vae=_meta_copy(model.vae),
+            **{name: _meta_copy(getattr(model, name)) for name in ("unet", "transformer")
+               if getattr(model, name) is not None},
+        )  # fmt: skip
+    meta = torch.device("meta")
+    step_flops = denoiser_step_flops(model, width, height)
     h, w = height // model.vae_scale_factor, width // model.vae_scale_factor
-    unet_flops = _unet_flops(model, h, w, 2, device, dtype)  # one CFG-doubled forward
-    latents = torch.zeros(1, model.vae.config.latent_channels, h, w, device=device,
-                          dtype=next(model.vae.parameters()).dtype)  # fmt: skip
+    latents = torch.zeros(1, model.vae.config.latent_channels, h, w, device=meta)
     with torch.no_grad(), FlopCounterMode(display=False) as vae_counter:
         model.vae.decode(latents)
     vae_flops = float(vae_counter.get_total_flops())
-    return {
-        "unet_forward_cfg": unet_flops,
-        "vae_decode": vae_flops,
-        "per_image": steps * unet_flops + vae_flops,
-    }
+    flops = {"denoiser_step": step_flops, "vae_decode": vae_flops,
+             "per_image": steps * step_flops + vae_flops}  # fmt: skip
+    if model.family == "unet":
+        flops["unet_forward_cfg"] = step_flops
+    return flops
+
+
+def _meta_copy(module: Any) -> Any:
+    """An empty (meta-device) module of the same class and config."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=True):
+        return type(module).from_config(module.config).eval()
+
+
+def denoiser_step_flops(model: Any, width: int, height: int) -> float:
+    """FLOPs of one denoising step of a meta-device model at an image size: the
+    CFG-doubled UNet or SD3 forward (batch 2), FLUX's single forward (batch 1)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    meta = torch.device("meta")
+    factor = model.vae_scale_factor
+    if model.family == "unet":
+        return _unet_flops(model, height // factor, width // factor, 2, meta, torch.float32)
+    from .dit import dit_denoiser
+
+    denoiser = dit_denoiser(model, meta, torch.float32)
+    inputs = denoiser.forward_inputs(2 if denoiser.cfg else 1, width, height)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.transformer(**inputs, return_dict=False)
+    return float(counter.get_total_flops())
+
+
+def transformer_forward_flops(spec: str, width: int, height: int, batch: int = 1) -> float:
+    """FLOPs of one transformer forward of a preset on `batch` rows (meta device)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .dit import dit_denoiser
+    from .model_build import build_preset
+    from .models import get_preset
+
+    model = build_preset(get_preset(spec), meta=True)
+    inputs = dit_denoiser(model, torch.device("meta"), torch.float32).forward_inputs(
+        batch, width, height
+    )
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.transformer(**inputs, return_dict=False)
+    return float(counter.get_total_flops())
 
 
 def unet_forward_flops(spec: str, latent: int, batch: int = 1) -> float:
     """FLOPs of one UNet forward of a preset at a square latent size (meta device)."""
     import torch
 
-    from .models import build_preset, get_preset
+    from .model_build import build_preset
+    from .models import get_preset
 
     model = build_preset(get_preset(spec), meta=True)
     return _unet_flops(model, latent, latent, batch, torch.device("meta"), torch.float32)

@@ -29,6 +29,18 @@ class ConfigError(ValueError):
     """A configuration file or value that cannot be used; the message says where and why."""
 
 
+class RequestRefused(ValueError):
+    """One request this engine cannot make, said in one line naming the request field at
+    fault (the errors table's `field`; online, a 400 naming it): the request fails alone."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+    def __reduce__(self):  # crosses Ray's process boundaries with its two arguments
+        return (type(self), (self.field, self.reason))
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none)."""
     text = str(exc).strip()

@@ -2,8 +2,11 @@
 
 Requests that can share one denoising loop (same size, steps, scheduler) form a bucket;
 each bucket runs in chunks of at most `max_batch_size` images, with classifier-free
-guidance batched (uncond and cond in one UNet call, per-request guidance scale and
-negative prompt) and the VAE decoding the whole chunk. Every request draws its noise
+guidance batched where the family has it (uncond and cond in one denoiser call,
+per-request guidance scale and negative prompt) and the VAE decoding the whole chunk.
+What differs between model families (UNet, SD3, FLUX: text conditioning, latent packing,
+the denoiser call, guidance style, schedulers) sits behind one `Denoiser`
+(pipeline/denoisers.py); this file is the hot path they share. Every request draws its noise
 from its own generator seeded by its seed, so an image does not depend on what it was
 batched with (within 1/255: batch composition changes float rounding, nothing else).
 LoRA adapters are per request (pipeline/lora.py): a batch mixes adapters, each sample
@@ -24,41 +27,14 @@ from typing import Any
 
 import torch
 
-from .config import HOT_PATH_OPTIONS, EngineConfig, StorageConfig, first_line
+from .config import HOT_PATH_OPTIONS, ConfigError, EngineConfig, StorageConfig, first_line
+from .denoisers import UnetDenoiser
 from .lora import LoraAdapters, LoraError
-from .models import SDXL_TIME_IDS, ModelComponents, load_model
-from .schema import (
-    BucketKey,
-    GeneratedImage,
-    ImageRequest,
-    Scheduler,
-    Speed,
-    StageTimings,
-    bucket_key,
-)
+from .models import SDXL_TIME_IDS, ModelComponents, describe_model, load_model
+from .schema import BucketKey, GeneratedImage, ImageRequest, Speed, StageTimings, bucket_key
 from .tokenizer import TEXT_MAX_LENGTH
 
 logger = logging.getLogger(__name__)
-
-
-def _scheduler(name: str, base_config: dict[str, Any]) -> Any:
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-    )
-
-    kind = Scheduler(name)
-    if kind is Scheduler.ddim:
-        return DDIMScheduler.from_config(base_config)
-    if kind is Scheduler.euler:
-        return EulerDiscreteScheduler.from_config(base_config)
-    if kind is Scheduler.euler_a:
-        return EulerAncestralDiscreteScheduler.from_config(base_config)
-    return DPMSolverMultistepScheduler.from_config(
-        base_config, algorithm_type="dpmsolver++", solver_order=2
-    )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -68,10 +44,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The torch dtype for a config value ('auto': float16 on CUDA, float32 elsewhere)."""
+def resolve_dtype(dtype: str, device: torch.device, family: str = "unet") -> torch.dtype:
+    """The torch dtype for a config value ('auto': on CUDA float16, bfloat16 for the
+    transformer families, trained and run in it; float32 elsewhere)."""
     if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.float16 if family == "unet" else torch.bfloat16
     return getattr(torch, dtype)
 
 
@@ -86,24 +65,47 @@ class DiffusionEngine:
     ):
         self.config = config or EngineConfig()
         self.device = resolve_device(self.config.device)
-        self.dtype = resolve_dtype(self.config.dtype, self.device)
+        family = components.family if components is not None else None
+        if family is None and self.config.dtype == "auto" and self.device.type == "cuda":
+            family = describe_model(self.config.model, storage_config).family
+        self.dtype = resolve_dtype(self.config.dtype, self.device, family or "unet")
         if self.device.type == "cpu":
             torch.set_num_threads(self.config.torch_threads or os.cpu_count() or 1)
         self.model = components or load_model(
             self.config.model, device=self.device, dtype=self.dtype, storage_config=storage_config
         )
+        from ..kernels.quantize import Quantization, quantize_unet
+
+        if self.config.quantize is not Quantization.none:
+            quantize_unet(self.model.denoiser, self.config.quantize, self.device)
+        if self.model.family == "unet":
+            self.denoiser: Any = self._unet_denoiser()
+            refusal = self._lora_refusal(self.denoiser.runner.backend.value)
+        else:
+            self.denoiser = self._dit_denoiser()
+            refusal = (f"needs a UNet model; {self.model.name} is a {self.model.family} "
+                       "transformer (LoRA for transformers is not supported yet)")  # fmt: skip
+        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
+            OrderedDict()
+        )
+        self.lora = LoraAdapters(self.model.unet, self.config.lora_cache_size, storage_config,
+                                 refusal=refusal)  # fmt: skip
+        self.prompt_cache_hits = 0
+        self.prompt_cache_misses = 0
+
+    def _unet_denoiser(self) -> Any:
+        """The UNet behind its hot-path options, attention backend and runner."""
         from ..kernels.attention import fuse_qkv, install
         from ..kernels.compile import make_runner
-        from ..kernels.quantize import QUANTIZABLE_UNET_BACKENDS, Quantization, quantize_unet
+        from ..kernels.quantize import QUANTIZABLE_UNET_BACKENDS, Quantization
 
+        unet = self.model.unet
         if self.config.fuse_qkv:
-            fuse_qkv(self.model.unet)
+            fuse_qkv(unet)
         if self.config.channels_last:
-            self.model.unet.to(memory_format=torch.channels_last)
+            unet.to(memory_format=torch.channels_last)
             self.model.vae.to(memory_format=torch.channels_last)
-        if self.config.quantize is not Quantization.none:
-            quantize_unet(self.model.unet, self.config.quantize, self.device)
-        self.attention = install(self.model.unet, self.config.attention_backend, self.device.type)
+        self.attention = install(unet, self.config.attention_backend, self.device.type)
         unet_backend = self.config.unet_backend.value
         if unet_backend == "auto":
             from .bench import fastest_unet_backend
@@ -113,18 +115,33 @@ class DiffusionEngine:
                 self.config.model, self.device, QUANTIZABLE_UNET_BACKENDS if quantized else None
             )
             logger.info("unet_backend auto -> %s (%s)", unet_backend, why)
-        self.unet = make_runner(
-            self.model.unet, unet_backend, self.model.weights_hash,
+        runner = make_runner(
+            unet, unet_backend, self.model.weights_hash,
             max_batch_size=self.config.max_batch_size, compile_mode=self.config.compile_mode,
         )  # fmt: skip
-        self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
-            OrderedDict()
-        )
-        self._deep_cache: Any = None  # kernels/deep_cache.py, made at the first cached request
-        self.lora = LoraAdapters(self.model.unet, self.config.lora_cache_size, storage_config,
-                                 refusal=self._lora_refusal(unet_backend))  # fmt: skip
-        self.prompt_cache_hits = 0
-        self.prompt_cache_misses = 0
+        return UnetDenoiser(self.model, self.device, self.dtype, runner, self.config.cache_interval)
+
+    def _dit_denoiser(self) -> Any:
+        """A transformer family's denoiser; the UNet-only options refused in one line."""
+        from .dit import dit_denoiser
+
+        family, config = self.model.family, self.config
+        unsupported = {
+            "unet_backend": config.unet_backend.value not in ("auto", "eager"),
+            "attention_backend": config.attention_backend.value not in ("auto", "sdpa"),
+            "channels_last": config.channels_last,
+        }
+        for name, refused in unsupported.items():
+            if refused:
+                raise ConfigError(
+                    f"{name}: {getattr(config, name)!s} is for UNet models; {self.model.name} "
+                    f"is a {family} transformer, which runs eager torch with diffusers' own "
+                    "attention (sdpa) so far"
+                )
+        if config.fuse_qkv:
+            self.model.transformer.fuse_qkv_projections()
+        self.attention = _SdpaOnly()
+        return dit_denoiser(self.model, self.device, self.dtype)
 
     @property
     def backend(self) -> dict[str, str]:
@@ -133,8 +150,11 @@ class DiffusionEngine:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.attention.describe(),
-            "unet": self.unet.backend.value,
         }
+        if self.model.family == "unet":
+            backend["unet"] = self.denoiser.runner.backend.value
+        else:
+            backend["transformer"] = f"{self.model.family} eager"
         hot_path = [name for name in HOT_PATH_OPTIONS if getattr(self.config, name)]
         if hot_path:
             backend["hot_path"] = ",".join(hot_path)
@@ -153,13 +173,19 @@ class DiffusionEngine:
             return "needs quantize none (adapters on 8-bit layers are not supported)"
         return None
 
-    def adapter_errors(self, requests: list[ImageRequest]) -> dict[int, Exception]:
-        """{index: why} for the requests whose LoRA adapter cannot be used (the others'
-        adapters are loaded on the way)."""
+    def request_errors(self, requests: list[ImageRequest]) -> dict[int, Exception]:
+        """{index: why} for the requests this engine cannot make: what the model's family
+        refuses (a scheduler without a flow form, a negative prompt for FLUX, a size off its
+        grid), then an adapter that cannot be used (the others' adapters load on the way)."""
         failed: dict[int, Exception] = {}
+        for i, request in enumerate(requests):
+            width, height = request.resolved_size(self.model.default_size)
+            refused = self.denoiser.refusal(request, width, height)
+            if refused is not None:
+                failed[i] = refused
         tried: dict[tuple[str, float], Exception | None] = {}
         for i, request in enumerate(requests):
-            if request.lora is None:
+            if request.lora is None or i in failed:
                 continue
             key = (request.lora, request.lora_scale)
             if key not in tried:
@@ -179,9 +205,12 @@ class DiffusionEngine:
         return bucket_key(request, self.model.default_size)
 
     def prepare(self, width: int, height: int) -> list[Any]:
-        """Build (or find cached) what the UNet backend needs for one image size."""
+        """Build (or find cached) what the UNet backend needs for one image size (the
+        transformer families run eager: nothing to build)."""
+        if self.model.family != "unet":
+            return []
         factor = self.model.vae_scale_factor
-        return self.unet.prepare(
+        return self.denoiser.runner.prepare(
             height // factor, width // factor, TEXT_MAX_LENGTH,
             SDXL_TIME_IDS if self.model.is_sdxl else None,
         )  # fmt: skip
@@ -230,67 +259,42 @@ class DiffusionEngine:
     def _generate_chunk(self, key: BucketKey, requests: list[ImageRequest]) -> list[GeneratedImage]:
         width, height, steps, scheduler_name, speed = key
         batch = len(requests)
-        model = self.model
-        factor = model.vae_scale_factor
+        denoiser = self.denoiser
+        latent_h, latent_w = height // denoiser.factor, width // denoiser.factor
 
-        # 1. Text embeddings, [2B, 77, D]: negative prompts first, then prompts (CFG in one call).
+        # 1. Text conditioning: with CFG [2B, S, D], negative prompts first, then prompts.
         t0 = self._clock()
-        prompts = [r.negative_prompt for r in requests] + [r.prompt for r in requests]
-        text_embeds, pooled = self.encode_prompts(prompts)
-        if model.force_zeros_for_empty_prompt:  # as diffusers' SDXL: no negative -> zeros
-            empty = torch.tensor([not r.negative_prompt for r in requests] + [False] * batch)
-            text_embeds[empty.to(self.device)] = 0
-            pooled[empty.to(self.device)] = 0
-        added_cond = None
-        if model.is_sdxl:
-            # SDXL's micro-conditioning: original size, crop top-left, target size.
-            time_ids = torch.tensor(
-                [[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype
-            )
-            added_cond = {"text_embeds": pooled, "time_ids": time_ids.repeat(2 * batch, 1)}
+        embeds, pooled = self.encode_prompts(denoiser.prompts(requests))
+        cond = denoiser.conditioning(embeds, pooled, requests, width, height)
         t1 = self._clock()
 
-        # 2. Per-request initial noise from per-request generators (CPU by default): [B, 4, h, w].
+        # 2. Per-request initial noise from per-request generators (CPU by default), drawn
+        #    unpacked [1, C, h, w] each (FLUX packs it after, as diffusers does).
         noise_device = self.device if self.config.noise_on_device else torch.device("cpu")
         generators = [torch.Generator(noise_device).manual_seed(r.resolved_seed) for r in requests]
-        latent_shape = (1, model.unet.config.in_channels, height // factor, width // factor)
-        latents = torch.cat([torch.randn(latent_shape, generator=g, device=noise_device)
+        shape = (1, *denoiser.noise_shape(latent_h, latent_w))
+        latents = torch.cat([torch.randn(shape, generator=g, device=noise_device)
                              for g in generators])  # fmt: skip
-        latents = latents.to(self.device, self.dtype)
+        latents = denoiser.pack(latents.to(self.device, self.dtype))
 
         # 3. Timesteps. A scheduler instance is stateful: one per chunk.
-        scheduler = _scheduler(scheduler_name, model.scheduler_config)
-        scheduler.set_timesteps(steps, device=self.device)
-        latents = latents * scheduler.init_noise_sigma
-        guidance = torch.tensor(
-            [r.guidance_scale for r in requests], device=self.device, dtype=self.dtype
-        )
-        guidance = guidance.view(batch, 1, 1, 1)
+        scheduler = denoiser.scheduler(scheduler_name, steps, width, height)
+        latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching: none
 
-        # 4. Denoising loop (speed: cached runs the whole UNet every cache_interval steps),
+        # 4. Denoising loop (speed: cached skips most of the model between full steps),
         #    each sample through its request's LoRA adapter: names [2B], uncond then cond half.
-        unet = self._step_cache() if speed == Speed.cached.value else None
+        denoiser.begin(speed == Speed.cached.value)
         adapters = self.lora.names(requests)
         adapter_files = [self.lora.loaded.get(name) for name in adapters]  # None: no adapter
         with self.lora.routed(adapters + adapters):
             for index, t in enumerate(scheduler.timesteps):
-                latent_in = scheduler.scale_model_input(
-                    torch.cat([latents, latents]), t
-                )  # [2B, 4, h, w]
-                if unet is None:
-                    noise = self.unet(latent_in, t, text_embeds, added_cond)
-                else:
-                    noise = unet(index, latent_in, t, text_embeds, added_cond)
-                noise_uncond, noise_cond = noise.chunk(2)
-                noise = noise_uncond + guidance * (noise_cond - noise_uncond)
+                noise = denoiser.predict(scheduler, latents, t, cond, index)
                 # Ancestral samplers draw fresh noise per step: each request from its own generator.
                 latents = scheduler.step(noise, t, latents, generator=generators).prev_sample
         t2 = self._clock()
 
         # 5. VAE decode, [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3].
-        vae = model.vae
-        latents = latents.to(vae.dtype) / vae.config.scaling_factor
-        pixels = vae.decode(latents).sample
+        pixels = self.model.vae.decode(denoiser.to_vae(latents, latent_h, latent_w)).sample
         pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         images = pixels.permute(0, 2, 3, 1).cpu().numpy()
         t3 = self._clock()
@@ -300,7 +304,8 @@ class DiffusionEngine:
             denoise_s=(t2 - t1) / batch,
             vae_decode_s=(t3 - t2) / batch,
         )
-        scheduler_config = json.dumps(dict(scheduler.config), sort_keys=True, default=str)
+        scheduler_config = json.dumps(_scheduler_record(scheduler, denoiser, width, height),
+                                      sort_keys=True, default=str)  # fmt: skip
         return [
             GeneratedImage(
                 request=r,
@@ -338,57 +343,34 @@ class DiffusionEngine:
     def _encode_uncached(
         self, prompts: list[str]
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        model = self.model
-
-        def ids(tokenizer: Any) -> torch.Tensor:
-            tokens = tokenizer(
-                prompts,
-                padding="max_length",
-                max_length=TEXT_MAX_LENGTH,
-                truncation=True,
-                return_tensors="pt",
-            )
-            return tokens.input_ids.to(self.device)
-
-        if not model.is_sdxl:
-            hidden = model.text_encoder(ids(model.tokenizer))[0]  # [N, 77, D]
-            return [(h, None) for h in hidden]
-        # SDXL: both encoders' penultimate hidden states side by side; pooled from the second.
-        out_1 = model.text_encoder(ids(model.tokenizer), output_hidden_states=True)
-        out_2 = model.text_encoder_2(ids(model.tokenizer_2), output_hidden_states=True)
-        hidden = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
-        pooled = out_2.text_embeds
-        return list(zip(hidden, pooled, strict=True))
+        return self.denoiser.encode(prompts)
 
     @torch.no_grad()
     def prompt_vectors(self, prompts: list[str]) -> Any:
         """Unit vectors [N, D] (np.float16) of prompts from the model's own text encoder: its
-        pooled output (CLIP's end-of-text token; SDXL's second encoder's projection), what
-        the semantic cache compares."""
-        model = self.model
-
-        def ids(tokenizer: Any) -> torch.Tensor:
-            return tokenizer(prompts, padding="max_length", max_length=TEXT_MAX_LENGTH,
-                             truncation=True, return_tensors="pt").input_ids.to(self.device)  # fmt: skip
-
-        if model.is_sdxl:
-            pooled = model.text_encoder_2(ids(model.tokenizer_2)).text_embeds
-        else:
-            pooled = model.text_encoder(ids(model.tokenizer)).pooler_output
-        pooled = pooled.float()
+        pooled output (CLIP's end-of-text token; SDXL's second encoder's projection, SD3's
+        first CLIP's), what the semantic cache compares."""
+        pooled = self.denoiser.prompt_vectors(prompts).float()
         unit = pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         return unit.cpu().numpy().astype("float16")
-
-    def _step_cache(self) -> Any:
-        """The step-caching runner over the eager UNet (made once), its cache emptied."""
-        from ..kernels.deep_cache import DeepCacheUNet
-
-        if self._deep_cache is None:
-            self._deep_cache = DeepCacheUNet(self.model.unet, self.config.cache_interval)
-        self._deep_cache.reset()
-        return self._deep_cache
 
     def _clock(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
+
+
+def _scheduler_record(scheduler: Any, denoiser: Any, width: int, height: int) -> dict[str, Any]:
+    """The scheduler's config as the metadata records it (plus FLUX's resolution shift mu)."""
+    record = dict(scheduler.config)
+    mu = getattr(denoiser, "mu", lambda w, h: None)(width, height)
+    if mu is not None:
+        record["mu"] = mu
+    return record
+
+
+class _SdpaOnly:
+    """The transformer families' attention: diffusers' own processors over torch SDPA."""
+
+    def describe(self) -> str:
+        return "sdpa"

@@ -21,7 +21,7 @@ def generate_each(
     request at a time, so a single bad request cannot take its batch-mates down with it."""
     if not requests:
         return []
-    failed = engine.adapter_errors(requests)
+    failed = engine.request_errors(requests)
     if failed:
         rest = iter(generate_each(engine, [r for i, r in enumerate(requests) if i not in failed]))
         return [failed[i] if i in failed else next(rest) for i in range(len(requests))]

@@ -56,6 +56,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config import RequestRefused
+
 if TYPE_CHECKING:
     from .config import StorageConfig
     from .schema import ImageRequest
@@ -71,14 +73,12 @@ _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>A|B)\.weight$")
 _FILES_KEPT = 256  # located adapter files remembered per engine (path -> sha256)
 
 
-class LoraError(ValueError):
+class LoraError(RequestRefused):
     """A request's adapter that cannot be used: one line naming `lora`, the value and why."""
 
-    field = "lora"  # the request field at fault (the errors table's `field`)
-
     def __init__(self, spec: str, reason: str):
-        super().__init__(f"lora {spec!r}: {reason}")
-        self.spec, self.reason = spec, reason
+        ValueError.__init__(self, f"lora {spec!r}: {reason}")
+        self.field, self.spec, self.reason = "lora", spec, reason
 
     def __reduce__(self):  # crosses Ray's process boundaries with its two arguments
         return (LoraError, (self.spec, self.reason))

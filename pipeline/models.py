@@ -23,23 +23,33 @@ import importlib.resources
 import importlib.util
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .config import ConfigError, validate_config
 from .model_files import WEIGHT_SUFFIXES, fetch_model, folder_weights_hash
-from .tokenizer import clip_tokenizer
 
 # Where torchao is installed (engine.quantize), diffusers imports it with every model and it
 # logs five lines that concern neither us nor the user (CUDA-only kernels it cannot load on
 # this machine, torch deprecation notes, a checkpoint-format note): kept to errors only.
 for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
     logging.getLogger(_name).setLevel(logging.ERROR)
+
+
+
+class _NoEmptyFp32Note(logging.Filter):
+    """diffusers warns on every `.to(dtype)` of a transformer that lists no modules to keep
+    in float32 ("...kept in float32: []"): nothing to act on, so not shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kept in float32: []" not in record.getMessage()
+
+
+logging.getLogger("diffusers.models.modeling_utils").addFilter(_NoEmptyFp32Note())
 
 if TYPE_CHECKING:
     from .config import StorageConfig
@@ -48,18 +58,35 @@ SDXL_TIME_IDS = 6  # SDXL's micro-conditioning: original size, crop top-left, ta
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+Family = Literal["unet", "sd3", "flux"]  # the denoiser families (pipeline/denoisers.py)
+# Preset fields added with the transformer families: left out of the recipe hash at their
+# defaults, so the UNet presets keep the weights hash (and the result cache) they had.
+_FAMILY_FIELDS = {"family": "unet", "transformer": None, "text_encoder_3": None,
+                  "text_max_length": None}  # fmt: skip
+
+
 class ModelPreset(BaseModel):
-    """Architecture of a named preset; every sub-config is passed to its diffusers/transformers class."""
+    """Architecture of a named preset; every sub-config is passed to its diffusers/transformers class.
+
+    `family` picks the classes: unet (SD 1.x/2.x, SDXL with text_encoder_2), sd3 (an
+    SD3Transformer2DModel, two CLIPs with projection and T5 as text_encoder_3) or flux (a
+    FluxTransformer2DModel, CLIP as text_encoder and T5 as text_encoder_2, as diffusers names them)."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str
+    family: Family = "unet"
     default_size: int = Field(description="Native image side in pixels.")
     init_seed: int = Field(0, description="Seed of the random weights.")
-    unet: dict[str, Any]
+    unet: dict[str, Any] | None = None
+    transformer: dict[str, Any] | None = None
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
     text_encoder_2: dict[str, Any] | None = None
+    text_encoder_3: dict[str, Any] | None = None
+    text_max_length: int | None = Field(
+        None, ge=1, description="T5 tokens per prompt (sd3 and flux; CLIP always takes 77)."
+    )
     scheduler: dict[str, Any]
     force_zeros_for_empty_prompt: bool | None = Field(
         None,
@@ -67,28 +94,45 @@ class ModelPreset(BaseModel):
         "(diffusers' SDXL pipelines do); default: true for SDXL-shaped presets.",
     )
 
+    @model_validator(mode="after")
+    def _check_family(self) -> ModelPreset:
+        denoiser = "unet" if self.family == "unet" else "transformer"
+        if getattr(self, denoiser) is None:
+            raise ValueError(f"{denoiser}: a {self.family} preset needs a {denoiser} config")
+        t5 = {"unet": None, "sd3": "text_encoder_3", "flux": "text_encoder_2"}[self.family]
+        if t5 and (getattr(self, t5) is None or self.text_max_length is None):
+            raise ValueError(f"{t5}: a {self.family} preset needs a T5 config and text_max_length")
+        return self
+
     def recipe_hash(self) -> str:
         """sha256 of what decides this preset's weights: its config and the library versions."""
         versions = {p: _version(p) for p in ("torch", "diffusers", "transformers")}
-        text = json.dumps({"preset": self.model_dump(), "versions": versions}, sort_keys=True)
+        preset = {k: v for k, v in self.model_dump().items()
+                  if not (k in _FAMILY_FIELDS and v == _FAMILY_FIELDS[k])}  # fmt: skip
+        text = json.dumps({"preset": preset, "versions": versions}, sort_keys=True)
         return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass
 class ModelComponents:
-    """Everything the engine needs of one model, on one device."""
+    """Everything the engine needs of one model, on one device (diffusers' component names)."""
 
     name: str
-    unet: Any  # diffusers UNet2DConditionModel
+    unet: Any  # diffusers UNet2DConditionModel (None for the transformer families)
     vae: Any  # diffusers AutoencoderKL
-    text_encoder: Any  # transformers CLIPTextModel (SD) / CLIPTextModel (SDXL, first)
+    text_encoder: Any  # CLIPTextModel (SD, SDXL's first, FLUX) / ...WithProjection (SD3)
     tokenizer: Any
     scheduler_config: dict[str, Any]
     weights_hash: str
     default_size: int
-    text_encoder_2: Any = None  # SDXL: CLIPTextModelWithProjection
+    text_encoder_2: Any = None  # SDXL, SD3: CLIPTextModelWithProjection; FLUX: T5EncoderModel
     tokenizer_2: Any = None
     force_zeros_for_empty_prompt: bool = False  # no negative prompt -> zero uncond embedding
+    family: Family = "unet"
+    transformer: Any = None  # SD3Transformer2DModel / FluxTransformer2DModel
+    text_encoder_3: Any = None  # SD3: T5EncoderModel
+    tokenizer_3: Any = None
+    text_max_length: int = 77  # T5 tokens per prompt (transformer families)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -96,7 +140,12 @@ class ModelComponents:
 
     @property
     def is_sdxl(self) -> bool:
-        return self.text_encoder_2 is not None
+        return self.family == "unet" and self.text_encoder_2 is not None
+
+    @property
+    def denoiser(self) -> Any:
+        """The module that denoises: the UNet or the transformer."""
+        return self.unet if self.family == "unet" else self.transformer
 
 
 def preset_names() -> list[str]:
@@ -131,6 +180,7 @@ class ModelInfo:
     default_size: int  # native image side in pixels
     storage_config: StorageConfig | None = None
     _weights_hash: str | None = field(default=None, repr=False)
+    family: Family = "unet"
 
     @property
     def random_weights(self) -> bool:
@@ -182,7 +232,8 @@ def describe_model(spec: str, storage_config: StorageConfig | None = None) -> Mo
         _check_folder(spec, index, set(listing))
         read = lambda rel: json.loads(storage.fs.cat_file(storage.path(rel)))  # noqa: E731
         name = spec.rstrip("/").rsplit("/", 1)[-1]
-        return ModelInfo(spec, name, "remote", _folder_side(read), storage_config)
+        return ModelInfo(spec, name, "remote", _folder_side(read), storage_config,
+                         family=_family_of(index))  # fmt: skip
     path = Path(spec)
     if path.is_dir():
         index_file = path / "model_index.json"
@@ -197,7 +248,8 @@ def describe_model(spec: str, storage_config: StorageConfig | None = None) -> Mo
         files = {str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()}
         _check_folder(spec, index, files)
         read = lambda rel: json.loads((path / rel).read_text())  # noqa: E731
-        return ModelInfo(str(path.resolve()), path.resolve().name, "folder", _folder_side(read))
+        return ModelInfo(str(path.resolve()), path.resolve().name, "folder", _folder_side(read),
+                         family=_family_of(index))  # fmt: skip
     if spec not in preset_names() and _HUB_ID.match(spec) and not path.exists():
         raise ConfigError(
             f"model: {spec!r} looks like a Hugging Face Hub id; daguerre never downloads weights: "
@@ -205,11 +257,21 @@ def describe_model(spec: str, storage_config: StorageConfig | None = None) -> Mo
             "and pass --model DIR"
         )
     preset = get_preset(spec)
-    return ModelInfo(spec, preset.name, "preset", preset.default_size)
+    return ModelInfo(spec, preset.name, "preset", preset.default_size, family=preset.family)
+
+
+def _family_of(index: dict[str, Any]) -> Family:
+    """A diffusers folder's family, from its pipeline class."""
+    return {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}.get(
+        index.get("_class_name", ""), "unet"
+    )
 
 
 _CONFIGS = ("config.json", "scheduler_config.json", "tokenizer_config.json", "vocab.json",
             "preprocessor_config.json")  # fmt: skip
+
+
+_WEIGHTED = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
 def _check_folder(spec: str, index: Any, files: set[str]) -> None:
@@ -228,7 +290,7 @@ def _check_folder(spec: str, index: Any, files: set[str]) -> None:
             )
         if not any(f.rsplit("/", 1)[-1] in _CONFIGS for f in inside):
             raise ConfigError(f"model: {spec}/{name}/ has no config file (config.json)")
-        if name in ("unet", "vae", "text_encoder", "text_encoder_2") and not any(
+        if name in _WEIGHTED and not any(
             f.endswith(WEIGHT_SUFFIXES) for f in inside
         ):
             raise ConfigError(
@@ -237,13 +299,23 @@ def _check_folder(spec: str, index: Any, files: set[str]) -> None:
 
 
 def _folder_side(read: Any) -> int:
-    """Native image side of a diffusers folder, from its UNet and VAE configs."""
+    """Native image side of a diffusers folder, from its denoiser's and VAE's configs (a
+    FLUX transformer states none: the VAE's sample_size)."""
+    from .model_build import vae_side
+
     try:
-        unet, vae = read("unet/config.json"), read("vae/config.json")
-        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        vae = read("vae/config.json")
+        try:
+            denoiser = read("unet/config.json")
+        except FileNotFoundError:
+            denoiser = read("transformer/config.json")
+        if "sample_size" not in denoiser and denoiser.get("_class_name") == "FluxTransformer2DModel":
+            return vae_side(vae)
+        return int(denoiser["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (KeyError, TypeError, ValueError, FileNotFoundError) as exc:
         raise ConfigError(
-            f"model: cannot read the native size from unet/ and vae/ configs ({exc})"
+            f"model: cannot read the native size from the unet/ (or transformer/) and vae/ "
+            f"configs ({exc})"
         ) from None
 
 
@@ -268,133 +340,18 @@ def load_model(
     weights (for FLOP counting)."""
     import torch
 
+    from .model_build import build_preset, load_folder, to_device
     from .storage import is_remote
 
     dtype = dtype or torch.float32
     path = Path(spec)
     if is_remote(spec):
-        components = _load_folder(fetch_model(spec, storage_config))
+        components = load_folder(fetch_model(spec, storage_config))
         components.name = spec.rstrip("/").rsplit("/", 1)[-1]
     elif path.is_dir():
-        components = _load_folder(path)
+        components = load_folder(path)
     else:
         components = build_preset(get_preset(spec), meta=meta)
     if not meta:
-        _to(components, device, dtype)
+        to_device(components, device, dtype)
     return components
-
-
-def build_preset(preset: ModelPreset, meta: bool = False) -> ModelComponents:
-    """A preset's components in float32 on the CPU (or the meta device), with seeded weights."""
-    import torch
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    def build():
-        unet = UNet2DConditionModel(**preset.unet)
-        vae = AutoencoderKL(**preset.vae)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**preset.text_encoder))
-        text_encoder_2 = None
-        if preset.text_encoder_2 is not None:
-            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**preset.text_encoder_2))
-        return unet, vae, text_encoder, text_encoder_2
-
-    if meta:
-        with init_empty_weights():
-            unet, vae, text_encoder, text_encoder_2 = build()
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(preset.init_seed)
-            unet, vae, text_encoder, text_encoder_2 = build()
-    modules = [m for m in (unet, vae, text_encoder, text_encoder_2) if m is not None]
-    for m in modules:
-        m.eval().requires_grad_(False)
-    tokenizer = clip_tokenizer()
-    return ModelComponents(
-        name=preset.name,
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        text_encoder_2=text_encoder_2,
-        tokenizer_2=tokenizer if text_encoder_2 is not None else None,
-        scheduler_config=dict(preset.scheduler),
-        weights_hash="meta" if meta else preset.recipe_hash(),
-        default_size=preset.default_size,
-        force_zeros_for_empty_prompt=(
-            preset.force_zeros_for_empty_prompt
-            if preset.force_zeros_for_empty_prompt is not None
-            else preset.text_encoder_2 is not None
-        ),
-    )
-
-
-def save_model(components: ModelComponents, folder: str | Path) -> Path:
-    """Write `components` as a diffusers-format folder that `load_model(folder)` reads back."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    scheduler = DDIMScheduler.from_config(components.scheduler_config)
-    if components.is_sdxl:
-        pipe = StableDiffusionXLPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            text_encoder_2=components.text_encoder_2,
-            tokenizer=components.tokenizer,
-            tokenizer_2=components.tokenizer_2,
-            unet=components.unet,
-            scheduler=scheduler,
-        )
-    else:
-        pipe = StableDiffusionPipeline(
-            vae=components.vae,
-            text_encoder=components.text_encoder,
-            tokenizer=components.tokenizer,
-            unet=components.unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    pipe.save_pretrained(str(folder))
-    return Path(folder)
-
-
-def _load_folder(path: Path) -> ModelComponents:
-    """Components of a local diffusers folder (SD 1.x/2.x or SDXL layout), offline."""
-    from diffusers import DiffusionPipeline
-
-    if not (path / "model_index.json").is_file():
-        raise ConfigError(f"model: {path} has no model_index.json (not a diffusers model folder)")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True)
-    unet = pipe.unet
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    return ModelComponents(
-        name=path.name,
-        unet=unet,
-        vae=pipe.vae,
-        text_encoder=pipe.text_encoder,
-        tokenizer=pipe.tokenizer,
-        text_encoder_2=getattr(pipe, "text_encoder_2", None),
-        tokenizer_2=getattr(pipe, "tokenizer_2", None),
-        scheduler_config=dict(pipe.scheduler.config),
-        weights_hash=folder_weights_hash(path),
-        default_size=unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1),
-        force_zeros_for_empty_prompt=sdxl
-        and bool(pipe.config.get("force_zeros_for_empty_prompt", True)),
-    )
-
-
-def _to(components: ModelComponents, device: Any, dtype: Any) -> None:
-    import torch
-
-    for name in ("unet", "text_encoder", "text_encoder_2"):
-        module = getattr(components, name)
-        if module is not None:
-            setattr(components, name, module.to(device=device, dtype=dtype))
-    # The SD VAEs overflow in float16 (diffusers marks them force_upcast): decode in float32.
-    vae_dtype = (
-        torch.float32 if (dtype == torch.float16 and components.vae.config.force_upcast) else dtype
-    )
-    components.vae = components.vae.to(device=device, dtype=vae_dtype)

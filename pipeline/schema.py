@@ -40,6 +40,8 @@ class Scheduler(str, Enum):
 
 
 SCHEDULERS = tuple(s.value for s in Scheduler)
+# A request without a scheduler gets its model's: flow-matching models have no DDIM.
+FAMILY_SCHEDULERS = {"unet": Scheduler.ddim, "sd3": Scheduler.euler, "flux": Scheduler.euler}
 
 
 class Speed(str, Enum):
@@ -99,6 +101,18 @@ class RequestLimits(BaseModel):
     size_multiple: int = Field(8, ge=1, description="Width and height must be multiples of this.")
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt, in characters.")
     max_guidance_scale: float = Field(50.0, gt=0, description="Largest guidance_scale accepted.")
+    default_scheduler: Scheduler | None = Field(
+        None,
+        description="The scheduler of requests that name none; default: the model's own (ddim "
+        "for UNet models, euler, flow matching, for SD3 and FLUX).",
+    )
+
+    def for_family(self, family: str) -> RequestLimits:
+        """These limits for a model of `family`: the family's scheduler as the default where
+        none is configured."""
+        if self.default_scheduler is not None:
+            return self
+        return self.model_copy(update={"default_scheduler": FAMILY_SCHEDULERS[family]})
 
 
 DEFAULT_LIMITS = RequestLimits()
@@ -141,7 +155,11 @@ class ImageRequest(BaseModel):
     height: int | None = Field(
         None, description="Image height in pixels; the model's default when missing."
     )
-    scheduler: Scheduler = Field(Scheduler.ddim, description=f"One of {', '.join(SCHEDULERS)}.")
+    scheduler: Scheduler = Field(
+        Scheduler.ddim,
+        description=f"One of {', '.join(SCHEDULERS)}; when missing, the model's own (ddim for "
+        "UNet models, euler for SD3 and FLUX: flow matching has no ddim).",
+    )
     speed: Speed = Field(
         Speed.exact,
         description="exact (every UNet step computed) or cached (deep features reused across "
@@ -346,6 +364,8 @@ def validate_request(
     clean = {k: v for k, v in row.items() if v is not None}
     clean.setdefault("steps", min(DEFAULT_STEPS, limits.max_steps))
     clean.setdefault("guidance_scale", min(DEFAULT_GUIDANCE, limits.max_guidance_scale))
+    if getattr(limits, "default_scheduler", None) is not None:
+        clean.setdefault("scheduler", limits.default_scheduler.value)
     if isinstance(clean.get("metadata"), list):
         try:
             clean["metadata"] = dict(clean["metadata"])

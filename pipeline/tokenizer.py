@@ -1,7 +1,12 @@
-"""An offline CLIP tokenizer with OpenAI CLIP's real vocabulary (no downloads).
+"""Offline tokenizers (no downloads): CLIP with OpenAI CLIP's real vocabulary, and a
+T5-shaped one for the transformer presets.
 
 The BPE file ships inside the open_clip_torch wheel (installed with --no-deps); it is
 read without importing open_clip. Without that wheel a byte-level fallback keeps working.
+No installed package ships T5's SentencePiece vocabulary, so `t5_tokenizer` builds a
+Unigram vocabulary of T5's shape (32,100 pieces, pad 0 / eos 1 / unk 2, `<extra_id_*>`)
+from those same CLIP merges: right for seeded random weights, but its ids are not T5's;
+a real model folder brings its own tokenizer (`tokenizer_2/` or `tokenizer_3/`).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 TEXT_MAX_LENGTH = 77  # CLIP's context length
+T5_VOCAB_PIECES = 32000  # T5's SentencePiece vocabulary size, before the 100 sentinel tokens
 
 
 @lru_cache(maxsize=1)
@@ -35,6 +41,31 @@ def clip_tokenizer() -> Any:
         pad_token="<|endoftext|>",
         model_max_length=TEXT_MAX_LENGTH,
     )
+
+
+@lru_cache(maxsize=4)
+def t5_tokenizer(model_max_length: int = 512) -> Any:
+    """A T5-shaped Unigram tokenizer built offline (about 1 s, deterministic): the special
+    pieces, printable ASCII, then CLIP's BPE merges as word pieces in merge order (earlier
+    merges score higher), cut to T5's 32,000 pieces plus its 100 sentinels."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    seen = {piece for piece, _ in pieces}
+    ascii_chars = [chr(c) for c in range(33, 127)]
+    candidates = ["\u2581" + c for c in ascii_chars] + ascii_chars
+    _, merges = _clip_bpe()
+    for left, right in merges:
+        word = left + right
+        candidates.append("\u2581" + word[:-4] if word.endswith("</w>") else word)
+    for i, piece in enumerate(candidates):
+        if len(pieces) == T5_VOCAB_PIECES:
+            break
+        if piece not in seen and "</w>" not in piece:
+            seen.add(piece)
+            pieces.append((piece, -3.0 - i * 1e-4))
+    pieces += [(f"<extra_id_{i}>", 0.0) for i in range(99, -1, -1)]
+    return T5Tokenizer(vocab=pieces, extra_ids=100, model_max_length=model_max_length)
 
 
 def _clip_bpe() -> tuple[list[str], list[tuple[str, str]]]:

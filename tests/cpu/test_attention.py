@@ -171,7 +171,8 @@ def test_auto_on_cpu_is_sdpa(monkeypatch):
 @pytest.mark.parametrize("backend", CONCRETE, ids=lambda b: b.value)
 def test_processor_in_the_small_unet_matches_diffusers(backend, monkeypatch):
     from daguerre.kernels.attention import install
-    from daguerre.pipeline.models import build_preset, get_preset
+    from daguerre.pipeline.model_build import build_preset
+    from daguerre.pipeline.models import get_preset
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     needs(backend)

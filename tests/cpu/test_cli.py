@@ -136,7 +136,8 @@ def test_limit_progress_and_where_outputs_went(manifest, tmp_path):
 def test_a_failure_inside_an_engine_actor_is_its_cause_in_one_line(manifest, tmp_path):
     """What no check before Ray can see (weights that do not load) fails in the actor; the
     command unwraps Ray's and Ray Data's wrappers and prints the original error alone."""
-    from daguerre.pipeline.models import load_model, save_model
+    from daguerre.pipeline.model_build import save_model
+    from daguerre.pipeline.models import load_model
 
     folder = save_model(load_model("tiny"), tmp_path / "corrupt")
     for weights in (folder / "unet").glob("*.safetensors"):

@@ -17,7 +17,8 @@ from daguerre.kernels.compile import TorchCompileUNet, make_runner
 from daguerre.kernels.onnx import OnnxRuntimeUNet
 from daguerre.kernels.tensorrt import tensorrt_unavailable, trt_engine_key, trt_profile
 from daguerre.kernels.unet import UNetSignature, batch_buckets, cache_key, signature_for
-from daguerre.pipeline.models import build_preset, get_preset
+from daguerre.pipeline.model_build import build_preset
+from daguerre.pipeline.models import get_preset
 
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
 needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnxruntime is not installed (onnx extra)")

@@ -126,16 +126,16 @@ def test_sdxl_path_is_deterministic_across_batches(tiny_xl_engine):
 
 
 def test_sdxl_folder_round_trip(tmp_path, tiny_xl_engine):
-    from daguerre.pipeline.models import save_model
+    from daguerre.pipeline.model_build import save_model
 
     folder = save_model(tiny_xl_engine.model, tmp_path / "tiny-xl")
     engine = DiffusionEngine(EngineConfig(model=str(folder), device="cpu"))
     assert engine.model.is_sdxl and engine.model.default_size == 64
     request = req(3)
-    assert (
-        max_diff(engine.generate([request])[0].image, tiny_xl_engine.generate([request])[0].image)
-        == 0
-    )
+    # within 1/255: the fixture's engine may hold this request's (empty) negative prompt
+    # from an earlier batch, encoded at another batch size (float rounding)
+    made = engine.generate([request])[0].image
+    assert max_diff(made, tiny_xl_engine.generate([request])[0].image) <= 1
 
 
 @pytest.mark.parametrize("negative", ["", "blurry, low quality"], ids=["no-negative", "negative"])
@@ -144,7 +144,7 @@ def test_sdxl_matches_diffusers_pipeline(tmp_path_factory, tiny_xl_engine, negat
     StableDiffusionXLPipeline on the same weights, seeds and DDIM scheduler. diffusers zeroes
     the unconditional embedding when there is no negative prompt (force_zeros_for_empty_prompt);
     the engine must do the same."""
-    from daguerre.pipeline.models import save_model
+    from daguerre.pipeline.model_build import save_model
     from diffusers import StableDiffusionXLPipeline
 
     folder = tmp_path_factory.getbasetemp() / "tiny-xl-peer"
@@ -169,7 +169,7 @@ def test_sdxl_matches_diffusers_pipeline(tmp_path_factory, tiny_xl_engine, negat
 
 def test_sd_matches_diffusers_pipeline(tmp_path, tiny_engine):
     """The same peer test for the SD 1.x shape (tiny saved as a folder)."""
-    from daguerre.pipeline.models import save_model
+    from daguerre.pipeline.model_build import save_model
     from diffusers import StableDiffusionPipeline
 
     folder = save_model(tiny_engine.model, tmp_path / "tiny-peer")

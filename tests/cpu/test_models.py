@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from daguerre.pipeline.config import ConfigError, EngineConfig
 from daguerre.pipeline.engine import DiffusionEngine
-from daguerre.pipeline.models import describe_model, load_model, save_model
+from daguerre.pipeline.model_build import save_model
+from daguerre.pipeline.models import describe_model, load_model
 from daguerre.pipeline.schema import ImageRequest
 from daguerre.pipeline.tokenizer import clip_tokenizer
 

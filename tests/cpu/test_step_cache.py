@@ -59,7 +59,7 @@ def test_cached_runs_the_deep_unet_only_every_interval_steps(engine):
     finally:
         hook.remove()
     assert len(deep_calls) == 2  # steps 0 and 3 of 6
-    assert engine._deep_cache.cached_steps >= 4
+    assert engine.denoiser.step_cache().cached_steps >= 4
 
 
 def test_cached_alone_equals_in_a_batch_and_never_shares_one_with_exact(engine):

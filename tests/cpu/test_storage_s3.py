@@ -127,8 +127,8 @@ def test_cli_wrong_credentials_one_line_exit_2(s3_server, tmp_path):
 
 def test_model_weights_from_s3_are_cached_per_node(s3_server, tmp_path, monkeypatch, tiny_engine):
     from daguerre.pipeline.engine import DiffusionEngine
+    from daguerre.pipeline.model_build import save_model
     from daguerre.pipeline.model_files import fetch_model, folder_weights_hash
-    from daguerre.pipeline.models import save_model
     from daguerre.pipeline.schema import ImageRequest
 
     local = save_model(tiny_engine.model, tmp_path / "tiny-folder")
