@@ -133,8 +133,9 @@ class DiffusionEngine:
         }
         for name, refused in unsupported.items():
             if refused:
+                value = getattr(config, name)
                 raise ConfigError(
-                    f"{name}: {getattr(config, name)!s} is for UNet models; {self.model.name} "
+                    f"{name}: {getattr(value, 'value', value)} is for UNet models; {self.model.name} "
                     f"is a {family} transformer, which runs eager torch with diffusers' own "
                     "attention (sdpa) so far"
                 )
@@ -361,8 +362,9 @@ class DiffusionEngine:
 
 
 def _scheduler_record(scheduler: Any, denoiser: Any, width: int, height: int) -> dict[str, Any]:
-    """The scheduler's config as the metadata records it (plus FLUX's resolution shift mu)."""
-    record = dict(scheduler.config)
+    """The scheduler's class and config as the metadata records it (plus FLUX's resolution
+    shift mu)."""
+    record = {**dict(scheduler.config), "_class_name": type(scheduler).__name__}
     mu = getattr(denoiser, "mu", lambda w, h: None)(width, height)
     if mu is not None:
         record["mu"] = mu
