@@ -43,6 +43,14 @@ class FlowDenoiser(Denoiser):
     def size_multiple(self) -> int:
         return self.factor * self.patch
 
+    def refusal(self, request: ImageRequest, width: int, height: int) -> RequestRefused | None:
+        if request.speed.value != "exact":
+            return RequestRefused("speed", (
+                f"{request.speed.value}: step caching covers UNet models so far; "
+                f"{self.model.name} ({self.family}) runs speed exact"
+            ))  # fmt: skip
+        return super().refusal(request, width, height)
+
     def t5_rows(self, encoder: Any, tokenizer: Any, prompts: list[str], width: int) -> Any:
         """T5's last hidden state [N, L, width] (zeros where the model has no T5, as SD3 allows)."""
         length = self.model.text_max_length
@@ -191,7 +199,10 @@ class FluxDenoiser(FlowDenoiser):
         config = self.model.scheduler_config
         if not config.get("use_dynamic_shifting"):
             return None
-        base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        base_len, max_len = (
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+        )
         base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
         slope = (top - base) / (max_len - base_len)
         return self.image_tokens(width, height) * slope + base - slope * base_len

@@ -84,9 +84,7 @@ def _modules(preset: ModelPreset) -> dict[str, Any]:
         out["text_encoder_2"] = _t5(preset.text_encoder_2)
         return out
     if preset.text_encoder_2 is not None:
-        out["text_encoder_2"] = CLIPTextModelWithProjection(
-            CLIPTextConfig(**preset.text_encoder_2)
-        )
+        out["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(**preset.text_encoder_2))
     if preset.family == "sd3":
         out["text_encoder_3"] = _t5(preset.text_encoder_3)
     return out

@@ -40,7 +40,6 @@ for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.to
     logging.getLogger(_name).setLevel(logging.ERROR)
 
 
-
 class _NoEmptyFp32Note(logging.Filter):
     """diffusers warns on every `.to(dtype)` of a transformer that lists no modules to keep
     in float32 ("...kept in float32: []"): nothing to act on, so not shown."""
@@ -290,9 +289,7 @@ def _check_folder(spec: str, index: Any, files: set[str]) -> None:
             )
         if not any(f.rsplit("/", 1)[-1] in _CONFIGS for f in inside):
             raise ConfigError(f"model: {spec}/{name}/ has no config file (config.json)")
-        if name in _WEIGHTED and not any(
-            f.endswith(WEIGHT_SUFFIXES) for f in inside
-        ):
+        if name in _WEIGHTED and not any(f.endswith(WEIGHT_SUFFIXES) for f in inside):
             raise ConfigError(
                 f"model: {spec}/{name}/ has no weights (*.safetensors or *.bin): incomplete download?"
             )
@@ -309,7 +306,10 @@ def _folder_side(read: Any) -> int:
             denoiser = read("unet/config.json")
         except FileNotFoundError:
             denoiser = read("transformer/config.json")
-        if "sample_size" not in denoiser and denoiser.get("_class_name") == "FluxTransformer2DModel":
+        if (
+            "sample_size" not in denoiser
+            and denoiser.get("_class_name") == "FluxTransformer2DModel"
+        ):
             return vae_side(vae)
         return int(denoiser["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (KeyError, TypeError, ValueError, FileNotFoundError) as exc:

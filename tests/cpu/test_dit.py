@@ -192,3 +192,12 @@ def test_bench_counts_a_step_per_family():
     flux = count_flops("tiny-flux", None, 64, 64, 4)
     assert flux["denoiser_step"] == pytest.approx(transformer_forward_flops("tiny-flux", 64, 64))
     assert flux["per_image"] == 4 * flux["denoiser_step"] + flux["vae_decode"]
+
+
+def test_fused_qkv_gives_the_same_image_and_cached_is_refused(engine):
+    fused = DiffusionEngine(EngineConfig(model=engine.model.name, device="cpu", fuse_qkv=True))
+    request = req(engine, 0)
+    assert fused.backend["hot_path"] == "fuse_qkv"
+    assert max_diff(fused.generate([request])[0].image, engine.generate([request])[0].image) <= 1
+    refused = engine.request_errors([req(engine, 0, speed="cached")])[0]
+    assert refused.field == "speed" and "step caching covers UNet models so far" in str(refused)
