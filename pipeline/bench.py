@@ -110,16 +110,25 @@ def denoiser_step_flops(model: Any, width: int, height: int) -> float:
     """FLOPs of one denoising step of a meta-device model at an image size: the
     CFG-doubled UNet or SD3 forward (batch 2), FLUX's single forward (batch 1)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     meta = torch.device("meta")
     factor = model.vae_scale_factor
     if model.family == "unet":
         return _unet_flops(model, height // factor, width // factor, 2, meta, torch.float32)
+    return _transformer_flops(model, width, height, batch=None)
+
+
+def _transformer_flops(model: Any, width: int, height: int, batch: int | None) -> float:
+    """FLOPs of one transformer forward of a meta-device model on `batch` rows (None: a
+    denoising step's, 2 with CFG, else 1)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
     from .dit import dit_denoiser
 
-    denoiser = dit_denoiser(model, meta, torch.float32)
-    inputs = denoiser.forward_inputs(2 if denoiser.cfg else 1, width, height)
+    denoiser = dit_denoiser(model, torch.device("meta"), torch.float32)
+    rows = batch if batch is not None else (2 if denoiser.cfg else 1)
+    inputs = denoiser.forward_inputs(rows, width, height)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model.transformer(**inputs, return_dict=False)
     return float(counter.get_total_flops())
@@ -127,20 +136,10 @@ def denoiser_step_flops(model: Any, width: int, height: int) -> float:
 
 def transformer_forward_flops(spec: str, width: int, height: int, batch: int = 1) -> float:
     """FLOPs of one transformer forward of a preset on `batch` rows (meta device)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .dit import dit_denoiser
     from .model_build import build_preset
     from .models import get_preset
 
-    model = build_preset(get_preset(spec), meta=True)
-    inputs = dit_denoiser(model, torch.device("meta"), torch.float32).forward_inputs(
-        batch, width, height
-    )
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model.transformer(**inputs, return_dict=False)
-    return float(counter.get_total_flops())
+    return _transformer_flops(build_preset(get_preset(spec), meta=True), width, height, batch)
 
 
 def unet_forward_flops(spec: str, latent: int, batch: int = 1) -> float:

@@ -97,7 +97,10 @@ class Denoiser:
 
     def begin(self, cached: bool) -> None:
         """A denoising loop starts (`cached`: this chunk's speed tier is cached)."""
-        self.cached = cached
+
+    def mu(self, width: int, height: int) -> float | None:
+        """The resolution-dependent timestep shift (None where the model's shift is static)."""
+        return None
 
     def describe(self) -> str:
         return self.family

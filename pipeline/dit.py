@@ -37,7 +37,6 @@ class FlowDenoiser(Denoiser):
     def __init__(self, model: Any, device: torch.device, dtype: torch.dtype):
         super().__init__(model, device, dtype)
         self.transformer = model.transformer
-        self.cached = False
 
     @property
     def size_multiple(self) -> int:
@@ -66,9 +65,9 @@ class FlowDenoiser(Denoiser):
         """The unshifted sigmas (None: the scheduler's own spacing, as SD3's pipeline leaves it)."""
         return None
 
-    def mu(self, width: int, height: int) -> float | None:
-        """The resolution-dependent timestep shift (None where the model's shift is static)."""
-        return None
+    def run(self, hidden: torch.Tensor, timestep: Any, kwargs: dict) -> torch.Tensor:
+        return self.transformer(hidden_states=hidden, timestep=timestep, return_dict=False,
+                                **kwargs)[0]  # fmt: skip
 
     def image_tokens(self, width: int, height: int) -> int:
         side = self.factor * self.patch
@@ -132,13 +131,9 @@ class Sd3Denoiser(FlowDenoiser):
         if hasattr(scheduler, "scale_model_input"):  # DPM-Solver has one (identity); Euler none
             latent_in = scheduler.scale_model_input(latent_in, t)
         kwargs = {"encoder_hidden_states": cond.embeds, "pooled_projections": cond.pooled}
-        noise = self.run(index, latent_in, t.expand(latent_in.shape[0]), kwargs)
+        noise = self.run(latent_in, t.expand(latent_in.shape[0]), kwargs)
         noise_uncond, noise_cond = noise.chunk(2)
         return noise_uncond + cond.guidance * (noise_cond - noise_uncond)
-
-    def run(self, index: int, hidden: torch.Tensor, timestep: Any, kwargs: dict) -> torch.Tensor:
-        return self.transformer(hidden_states=hidden, timestep=timestep, return_dict=False,
-                                **kwargs)[0]  # fmt: skip
 
     def prompt_vectors(self, prompts: list[str]) -> torch.Tensor:
         return self.model.text_encoder(self.ids(self.model.tokenizer, prompts)).text_embeds
@@ -218,11 +213,7 @@ class FluxDenoiser(FlowDenoiser):
             "txt_ids": cond.extra["txt_ids"], "img_ids": cond.extra["img_ids"],
         }  # fmt: skip
         timestep = (t / 1000).expand(latents.shape[0]).to(latents.dtype)
-        return self.run(index, latents, timestep, kwargs)
-
-    def run(self, index: int, hidden: torch.Tensor, timestep: Any, kwargs: dict) -> torch.Tensor:
-        return self.transformer(hidden_states=hidden, timestep=timestep, return_dict=False,
-                                **kwargs)[0]  # fmt: skip
+        return self.run(latents, timestep, kwargs)
 
 
 def flow_scheduler(name: str, config: dict[str, Any], steps: int, device: Any,

@@ -365,7 +365,7 @@ def _scheduler_record(scheduler: Any, denoiser: Any, width: int, height: int) ->
     """The scheduler's class and config as the metadata records it (plus FLUX's resolution
     shift mu)."""
     record = {**dict(scheduler.config), "_class_name": type(scheduler).__name__}
-    mu = getattr(denoiser, "mu", lambda w, h: None)(width, height)
+    mu = denoiser.mu(width, height)
     if mu is not None:
         record["mu"] = mu
     return record

@@ -104,25 +104,21 @@ def save_model(components: ModelComponents, folder: str | Path) -> Path:
 
 
 def _pipeline(c: ModelComponents) -> Any:
-    if c.family == "sd3":
-        from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    if c.family in ("sd3", "flux"):
+        from diffusers import (
+            FlowMatchEulerDiscreteScheduler,
+            FluxPipeline,
+            StableDiffusion3Pipeline,
+        )
 
-        return StableDiffusion3Pipeline(
-            transformer=c.transformer, vae=c.vae,
+        names = ["transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
+        if c.family == "sd3":
+            names += ["text_encoder_3", "tokenizer_3"]
+        pipeline = StableDiffusion3Pipeline if c.family == "sd3" else FluxPipeline
+        return pipeline(
             scheduler=FlowMatchEulerDiscreteScheduler.from_config(c.scheduler_config),
-            text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-            text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
-            text_encoder_3=c.text_encoder_3, tokenizer_3=c.tokenizer_3,
-        )  # fmt: skip
-    if c.family == "flux":
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
-        return FluxPipeline(
-            transformer=c.transformer, vae=c.vae,
-            scheduler=FlowMatchEulerDiscreteScheduler.from_config(c.scheduler_config),
-            text_encoder=c.text_encoder, tokenizer=c.tokenizer,
-            text_encoder_2=c.text_encoder_2, tokenizer_2=c.tokenizer_2,
-        )  # fmt: skip
+            **{name: getattr(c, name) for name in names},
+        )
     from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     scheduler = DDIMScheduler.from_config(c.scheduler_config)
