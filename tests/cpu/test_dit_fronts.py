@@ -98,7 +98,7 @@ def server(ray_session, tmp_path_factory):
     config = ServeConfig(port=free_port(), models=models,
                          output=str(tmp_path_factory.mktemp("dit-serve") / "out"))  # fmt: skip
     yield start(config, name="dit", route_prefix="/dit")
-    serve.delete("dit")
+    serve.shutdown()  # the proxy too: the next module starts Serve on its own port
 
 
 def decode(b64: str) -> np.ndarray:
