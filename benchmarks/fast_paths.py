@@ -3,10 +3,12 @@ from the default's on the same seeds (mean absolute pixel difference, 0-255 leve
 
 One run, the engine alone (no Ray), one model, size, steps, batch size and thread count:
 the default first, then each variant: the `cached` speed tier at each --intervals value
-(step caching: the whole UNet every N steps), the 8-bit UNet (int8; fp8 on CUDA GPUs of
+(step caching: the whole UNet every N steps; for SD3/FLUX every block every N steps after
+two warm-up steps, diffusers' TaylorSeer extrapolating the output in between), the 8-bit UNet (int8; fp8 on CUDA GPUs of
 compute capability 8.9+, skipped with the reason elsewhere) and the hot-path switches.
 
     python benchmarks/fast_paths.py --json benchmarks/results/fast_paths_cpu.json
+    python benchmarks/fast_paths.py --model tiny-flux --json benchmarks/results/fast_paths_flux_cpu.json
 """
 
 from __future__ import annotations
@@ -29,11 +31,13 @@ def requests(args: argparse.Namespace, speed: str) -> list:
             for i in range(args.batch_size)]  # fmt: skip
 
 
-def variants(args: argparse.Namespace) -> list[tuple[str, dict, str]]:
-    """(label, engine config changes, speed tier) per variant."""
+def variants(args: argparse.Namespace, family: str) -> list[tuple[str, dict, str]]:
+    """(label, engine config changes, speed tier) per variant (a transformer's hot path is
+    fuse_qkv alone: channels_last is for UNets)."""
     out = [(f"cached /{n}", {"cache_interval": n}, "cached") for n in args.intervals]
+    hot_path = {"fuse_qkv": True} if family != "unet" else {"fuse_qkv": True, "channels_last": True}
     out += [("int8", {"quantize": "int8"}, "exact"), ("fp8", {"quantize": "fp8"}, "exact"),
-            ("hot path", {"fuse_qkv": True, "channels_last": True}, "exact")]  # fmt: skip
+            ("hot path", hot_path, "exact")]  # fmt: skip
     return out
 
 
@@ -41,15 +45,16 @@ def measure(args: argparse.Namespace) -> dict:
     from daguerre.kernels.quantize import Quantization, unavailable
     from daguerre.pipeline.config import EngineConfig
     from daguerre.pipeline.engine import DiffusionEngine, resolve_device, resolve_dtype
-    from daguerre.pipeline.models import load_model
+    from daguerre.pipeline.models import describe_model, load_model
 
     # pinned, so every variant differs from the baseline in what it names only
     base = {"model": args.model, "device": args.device, "max_batch_size": args.batch_size,
             "torch_threads": args.threads, "unet_backend": "eager", "attention_backend": "sdpa"}  # fmt: skip
     device = resolve_device(args.device)
     cuda = device.type == "cuda"
+    family = describe_model(args.model).family
     # One model build (minutes for sdxl on a CPU); variants that change it get a copy.
-    components = load_model(args.model, device=device, dtype=resolve_dtype("auto", device))
+    components = load_model(args.model, device=device, dtype=resolve_dtype("auto", device, family))
     engine = DiffusionEngine(EngineConfig(**base), components)
     default_batch = requests(args, "exact")
     default_images = [g.image for g in engine.generate(default_batch)]
@@ -57,7 +62,7 @@ def measure(args: argparse.Namespace) -> dict:
                           repeats=args.repeats, cuda=cuda)  # fmt: skip
     rows = [{"variant": "default", "images_per_s": args.batch_size / default_s, "speedup": 1.0,
              "mean_abs_pixel_diff": 0.0}]  # fmt: skip
-    for label, changes, speed in variants(args):
+    for label, changes, speed in variants(args, family):
         quantize = Quantization(changes.get("quantize", "none"))
         reason = unavailable(quantize, resolve_device(args.device))
         if reason:

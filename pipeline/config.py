@@ -128,7 +128,8 @@ class EngineConfig(BaseModel):
         3,
         ge=2,
         description="speed: cached requests run the whole UNet every this many steps and only "
-        "its shallow branch in between (step caching).",
+        "its shallow branch in between (step caching); on SD3/FLUX every block runs on the "
+        "first two steps and then every this many steps, the output extrapolated in between.",
     )
     noise_on_device: bool = Field(
         False,

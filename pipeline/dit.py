@@ -29,26 +29,29 @@ FLOW_SCHEDULERS = (Scheduler.euler.value, Scheduler.euler_a.value, Scheduler.dpm
 
 
 class FlowDenoiser(Denoiser):
-    """What SD3 and FLUX share: flow schedulers, the transformer, eager torch."""
+    """What SD3 and FLUX share: flow schedulers, the transformer, step caching (diffusers'
+    TaylorSeer hooks, kernels/dit_cache.py) for speed: cached."""
 
     schedulers = FLOW_SCHEDULERS
     patch = 2  # latent pixels per token side (SD3's patch embedding, FLUX's packing)
 
-    def __init__(self, model: Any, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model: Any, device: torch.device, dtype: torch.dtype,
+                 cache_interval: int = 3):  # fmt: skip
+        from ..kernels.dit_cache import TaylorSeerSteps
+
         super().__init__(model, device, dtype)
         self.transformer = model.transformer
+        self.step_cache = TaylorSeerSteps(self.transformer, cache_interval)
 
     @property
     def size_multiple(self) -> int:
         return self.factor * self.patch
 
-    def refusal(self, request: ImageRequest, width: int, height: int) -> RequestRefused | None:
-        if request.speed.value != "exact":
-            return RequestRefused("speed", (
-                f"{request.speed.value}: step caching covers UNet models so far; "
-                f"{self.model.name} ({self.family}) runs speed exact"
-            ))  # fmt: skip
-        return super().refusal(request, width, height)
+    def begin(self, cached: bool) -> None:
+        if cached:
+            self.step_cache.on()
+        else:
+            self.step_cache.off()
 
     def t5_rows(self, encoder: Any, tokenizer: Any, prompts: list[str], width: int) -> Any:
         """T5's last hidden state [N, L, width] (zeros where the model has no T5, as SD3 allows)."""
@@ -240,6 +243,8 @@ def flow_scheduler(name: str, config: dict[str, Any], steps: int, device: Any,
     return scheduler
 
 
-def dit_denoiser(model: Any, device: torch.device, dtype: torch.dtype) -> FlowDenoiser:
+def dit_denoiser(model: Any, device: torch.device, dtype: torch.dtype,
+                 cache_interval: int = 3) -> FlowDenoiser:  # fmt: skip
     """The denoiser of a transformer-family model."""
-    return (Sd3Denoiser if model.family == "sd3" else FluxDenoiser)(model, device, dtype)
+    family = Sd3Denoiser if model.family == "sd3" else FluxDenoiser
+    return family(model, device, dtype, cache_interval)

@@ -142,7 +142,7 @@ class DiffusionEngine:
         if config.fuse_qkv:
             self.model.transformer.fuse_qkv_projections()
         self.attention = _SdpaOnly()
-        return dit_denoiser(self.model, self.device, self.dtype)
+        return dit_denoiser(self.model, self.device, self.dtype, config.cache_interval)
 
     @property
     def backend(self) -> dict[str, str]:

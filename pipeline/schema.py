@@ -45,8 +45,8 @@ FAMILY_SCHEDULERS = {"unet": Scheduler.ddim, "sd3": Scheduler.euler, "flux": Sch
 
 
 class Speed(str, Enum):
-    """A request's speed tier: every UNet step computed, or the deep features of
-    neighbouring steps reused (step caching, the DeepCache method; a little less exact)."""
+    """A request's speed tier: every denoiser step computed, or neighbouring steps' work
+    reused (step caching: DeepCache on a UNet, TaylorSeer on SD3/FLUX; a little less exact)."""
 
     exact = "exact"
     cached = "cached"

@@ -194,10 +194,46 @@ def test_bench_counts_a_step_per_family():
     assert flux["per_image"] == 4 * flux["denoiser_step"] + flux["vae_decode"]
 
 
-def test_fused_qkv_gives_the_same_image_and_cached_is_refused(engine):
+def test_fused_qkv_gives_the_same_image(engine):
     fused = DiffusionEngine(EngineConfig(model=engine.model.name, device="cpu", fuse_qkv=True))
     request = req(engine, 0)
     assert fused.backend["hot_path"] == "fuse_qkv"
     assert max_diff(fused.generate([request])[0].image, engine.generate([request])[0].image) <= 1
-    refused = engine.request_errors([req(engine, 0, speed="cached")])[0]
-    assert refused.field == "speed" and "step caching covers UNet models so far" in str(refused)
+
+
+# -- speed: cached (diffusers' TaylorSeer hooks, kernels/dit_cache.py) ----------------------
+
+
+def test_cached_runs_the_blocks_only_on_the_schedules_full_steps(engine):
+    steps = 8
+    calls: list[int] = []
+    first_attention = engine.model.transformer.transformer_blocks[0].attn
+    hook = first_attention.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        engine.generate([req(engine, 0, steps=steps, speed="cached")])
+    finally:
+        hook.remove()
+    schedule = engine.denoiser.step_cache
+    full = [i for i in range(steps) if schedule.is_full(i)]
+    assert full == [0, 1, 3, 6]  # two warm-up steps, then every third (cache_interval 3)
+    assert len(calls) == len(full)
+
+
+@pytest.mark.parametrize("scheduler", ["euler", "euler_a"])
+def test_cached_alone_equals_in_a_batch_and_exact_is_untouched(engine, scheduler):
+    """The seed contract for cached; tiers never share a batch; an exact image made after a
+    cached loop is the exact image made before it (the hooks are gone)."""
+    steps = {"steps": 8, "scheduler": scheduler}
+    target = req(engine, 0, speed="cached", **steps)
+    exact_before = engine.generate([req(engine, 0, **steps)])[0]
+    alone = engine.generate([target])[0]
+    mixed = [req(engine, 1, speed="cached", **steps), target, req(engine, 2, speed="cached", **steps),
+             req(engine, 3, **steps), req(engine, 0, **steps)]  # fmt: skip
+    out = engine.generate(mixed)
+    assert [g.batch_size for g in out] == [3, 3, 3, 2, 2]
+    assert max_diff(alone.image, out[1].image) <= 1
+    assert max_diff(exact_before.image, out[4].image) <= 1
+    assert np.array_equal(exact_before.image, engine.generate([req(engine, 0, **steps)])[0].image)
+    difference = np.abs(alone.image.astype(int) - exact_before.image.astype(int)).mean()
+    assert difference > 0  # a cheaper computation; close to exact on a deterministic sampler:
+    assert difference < 8 or scheduler == "euler_a"  # (random tiny weights, 8 steps)

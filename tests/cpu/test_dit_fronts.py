@@ -28,6 +28,7 @@ VALID = [
     {"id": "f-1", "prompt": "a teapot", "seed": 2, "steps": 3, "scheduler": "euler_a"},
     {"id": "f-2", "prompt": "a fox", "seed": 3, "steps": 2, "width": 96, "height": 64,
      "scheduler": "dpmpp_2m", "guidance_scale": 2.0},
+    {"id": "f-3", "prompt": "a kettle", "seed": 4, "steps": 4, "speed": "cached"},
 ]  # fmt: skip
 REFUSED = {  # id -> (row, field)
     "f-neg": ({"id": "f-neg", "prompt": "a cat", "negative_prompt": "blurry", "steps": 2},
@@ -59,6 +60,7 @@ def test_flux_job_makes_images_and_records_refusals(flux_job):
     assert sorted(records) == sorted(r["id"] for r in VALID)
     assert records["f-0"]["scheduler"] == "euler"  # the family's default, recorded
     assert records["f-2"]["scheduler"] == "dpmpp_2m"
+    assert records["f-3"]["speed"] == "cached"  # TaylorSeer step caching, recorded
     assert dict(records["f-0"]["backend"])["transformer"] == "flux eager"
     image = Image.open(out / "images" / "f-2.png")
     assert image.size == (96, 64) and image.mode == "RGB"
