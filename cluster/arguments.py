@@ -190,8 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     cpt.add_argument("--target-mb", type=float, help="size of the merged files (default 128)")
 
     comp = _sub(
-        sub, "compile", "prebuild and cache a compiled UNet (ONNX / TensorRT)",
-        "Export and build the UNet graphs a job or replica will ask for, ahead of time, into\n"
+        sub, "compile", "prebuild and cache a compiled denoiser (UNet or transformer: ONNX / TensorRT)",
+        "Export and build the denoiser graphs a job or replica will ask for, ahead of time, into\n"
         "$DAGUERRE_CACHE: one per image size, covering engine batches 1..--max-batch-size.",
         "daguerre compile --model sd15 --backend onnxruntime --max-batch-size 8 --sizes 512x512",
     )  # fmt: skip

@@ -15,10 +15,9 @@ request bucket), made on first use or ahead of time with `daguerre compile`.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
-from .unet import UNET_BACKENDS, UNetBackend, UNetRunner, batch_buckets
+from .unet import UNetBackend, UNetRunner, batch_buckets, runnable_backend
 
 
 class TorchCompileUNet(UNetRunner):
@@ -89,18 +88,7 @@ RUNNERS: dict[UNetBackend, Any] = {
 def make_runner(unet: Any, backend: str, weights_hash: str, max_batch_size: int = 1,
                 compile_mode: str = "auto") -> UNetRunner:  # fmt: skip
     """The runner for `backend` (a UNetBackend value); errors name the backend and the reason."""
-    try:
-        kind = UNetBackend(backend)
-    except ValueError:
-        raise ValueError(
-            f"unet_backend: {backend!r} is not valid; use one of {', '.join(UNET_BACKENDS)}"
-        ) from None
-    if kind is UNetBackend.auto:
-        raise ValueError("unet_backend auto is resolved by the engine before a runner is made")
-    if kind is UNetBackend.onnxruntime and importlib.util.find_spec("onnxruntime") is None:
-        raise RuntimeError(
-            "unet_backend onnxruntime: install the onnx extra (pip install 'daguerre[onnx]')"
-        )
+    kind = runnable_backend(backend)
     if kind is UNetBackend.compile:
         return TorchCompileUNet(unet, weights_hash, max_batch_size, mode=compile_mode)
     return RUNNERS[kind]()(unet, weights_hash, max_batch_size)

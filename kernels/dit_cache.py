@@ -15,8 +15,9 @@ Taylor factors are elementwise per row, so a cached request gives the same image
 in any batch of cached requests (the seed contract). diffusers' FirstBlockCache, MagCache
 calibration and cache-dit's DBCache decide once per batch from the batch's mean instead.
 
-The hooks live on the transformer only while a cached loop runs: an exact loop removes
-them, so exact images never pass through them.
+The hooks live on the transformer only while a cached loop runs (the denoiser's `loop`
+removes them when it ends, failed or not), so exact images, other engines sharing the
+module and FLOP counts never pass through them.
 """
 
 from __future__ import annotations

@@ -66,14 +66,22 @@ def export_onnx(unet: Any, signature: UNetSignature, path: Path) -> Path:
         inputs += [torch.randn(b, signature.pooled_dim, device=device, dtype=dtype),
                    torch.randn(b, signature.time_ids, device=device, dtype=dtype)]  # fmt: skip
         dynamic.update(text_embeds={0: batch}, time_ids={0: batch})
+    return export_graph(_export_module(unet, sdxl), inputs, signature.input_names, dynamic, path)
+
+
+def export_graph(module: Any, inputs: list[Any], input_names: list[str], dynamic: Any,
+                 path: Path) -> Path:  # fmt: skip
+    """Export `module` called on `inputs` (named `input_names`, dims as `dynamic` says) to
+    ONNX at `path` with one output, `noise`; atomically (another process may race us)."""
+    import torch
+
     tmp = path.parent.with_name(f".{path.parent.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir(parents=True)
     try:
         with torch.no_grad():
             program = torch.onnx.export(
-                _export_module(unet, sdxl), tuple(inputs), dynamo=True, opset_version=ONNX_OPSET,
-                input_names=signature.input_names, output_names=["noise"],
-                dynamic_shapes=dynamic,
+                module, tuple(inputs), dynamo=True, opset_version=ONNX_OPSET,
+                input_names=input_names, output_names=["noise"], dynamic_shapes=dynamic,
             )  # fmt: skip
         program.save(str(tmp / path.name), external_data=True)  # > 2 GB models need it
         path.parent.parent.mkdir(parents=True, exist_ok=True)
@@ -102,19 +110,7 @@ class OnnxRuntimeUNet(UNetRunner):
         super().__init__(unet, weights_hash, max_batch_size)
         param = next(unet.parameters())
         self.device, self.dtype = param.device, param.dtype
-        if str(self.dtype) == "torch.bfloat16":
-            raise BackendUnavailable(
-                "unet_backend onnxruntime: bfloat16 has no ONNX Runtime kernels for the UNet; "
-                "use dtype float16 or float32 (or another unet_backend)"
-            )
-        if self.device.type == "cuda":
-            import onnxruntime as ort
-
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendUnavailable(
-                    "unet_backend onnxruntime: this onnxruntime has no CUDAExecutionProvider "
-                    "(install onnxruntime-gpu), so it cannot run a CUDA UNet"
-                )
+        check_onnxruntime(self.device, self.dtype, "the UNet")
         self.sessions: dict[UNetSignature, Any] = {}
 
     def prepare(self, latent_height, latent_width, text_len, time_ids=None) -> list[Path]:
@@ -126,48 +122,70 @@ class OnnxRuntimeUNet(UNetRunner):
 
     def _session(self, signature: UNetSignature) -> Any:
         if signature not in self.sessions:
-            import onnxruntime as ort
-            import torch
-
             path = onnx_path(self.unet, self.weights_hash, signature)
-            options = ort.SessionOptions()
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            options.intra_op_num_threads = torch.get_num_threads()
-            providers = ["CPUExecutionProvider"]
-            if self.device.type == "cuda":
-                providers.insert(
-                    0, ("CUDAExecutionProvider", {"device_id": self.device.index or 0})
-                )
-            self.sessions[signature] = ort.InferenceSession(str(path), options, providers=providers)
+            self.sessions[signature] = ort_session(path, self.device)
         return self.sessions[signature]
 
     def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
-        import torch
-
         signature = call_signature(
             self.unet, sample, encoder_hidden_states, added_cond_kwargs, self.dtype
         )
-        session = self._session(signature)
         inputs = [sample, timestep.float().reshape(()), encoder_hidden_states]
         if signature.pooled_dim is not None:
             inputs += [added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]]
-        if self.device.type != "cuda":
-            feeds = {
-                n: t.detach().cpu().numpy()
-                for n, t in zip(signature.input_names, inputs, strict=True)
-            }
-            return torch.from_numpy(session.run(["noise"], feeds)[0])
-        # On the GPU: bind torch's buffers directly, no copies through the host.
-        binding = session.io_binding()
-        for name, tensor in zip(signature.input_names, inputs, strict=True):
-            tensor = tensor.contiguous()
-            binding.bind_input(name, "cuda", self.device.index or 0, _np_dtype(tensor.dtype),
-                               tuple(tensor.shape), tensor.data_ptr())  # fmt: skip
-        out = torch.empty_like(sample)
-        binding.bind_output("noise", "cuda", self.device.index or 0, _np_dtype(out.dtype),
-                            tuple(out.shape), out.data_ptr())  # fmt: skip
-        session.run_with_iobinding(binding)
-        return out
+        feeds = dict(zip(signature.input_names, inputs, strict=True))
+        return run_session(self._session(signature), feeds, sample, self.device)
+
+
+def check_onnxruntime(device: Any, dtype: Any, what: str) -> None:
+    """Raise BackendUnavailable when ONNX Runtime cannot run `what` on this device and dtype."""
+    if str(dtype) == "torch.bfloat16":
+        raise BackendUnavailable(
+            f"unet_backend onnxruntime: bfloat16 has no ONNX Runtime kernels for {what}; "
+            "use dtype float16 or float32 (or another unet_backend)"
+        )
+    if device.type == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailable(
+                "unet_backend onnxruntime: this onnxruntime has no CUDAExecutionProvider "
+                f"(install onnxruntime-gpu), so it cannot run {what} on CUDA"
+            )
+
+
+def ort_session(path: Path, device: Any) -> Any:
+    """An ONNX Runtime session over `path`: the CUDA provider on a CUDA device, else the CPU's."""
+    import onnxruntime as ort
+    import torch
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = torch.get_num_threads()
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if device.type == "cuda":
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    return ort.InferenceSession(str(path), options, providers=providers)
+
+
+def run_session(session: Any, feeds: dict[str, Any], like: Any, device: Any) -> Any:
+    """The session's `noise` for torch tensors `feeds`, shaped like the tensor `like` (on
+    the GPU bound in place, no copies through the host)."""
+    import torch
+
+    if device.type != "cuda":
+        numpy_feeds = {name: t.detach().cpu().numpy() for name, t in feeds.items()}
+        return torch.from_numpy(session.run(["noise"], numpy_feeds)[0])
+    binding = session.io_binding()
+    for name, tensor in feeds.items():
+        tensor = tensor.contiguous()
+        binding.bind_input(name, "cuda", device.index or 0, _np_dtype(tensor.dtype),
+                           tuple(tensor.shape), tensor.data_ptr())  # fmt: skip
+    out = torch.empty_like(like)
+    binding.bind_output("noise", "cuda", device.index or 0, _np_dtype(out.dtype),
+                        tuple(out.shape), out.data_ptr())  # fmt: skip
+    session.run_with_iobinding(binding)
+    return out
 
 
 def _np_dtype(dtype: Any) -> Any:

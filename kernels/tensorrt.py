@@ -63,15 +63,13 @@ class TensorRTUNet(UNetRunner):
         if reason:
             raise BackendUnavailable(f"unet_backend tensorrt: {reason}")
         import tensorrt as trt
-        import torch
 
         super().__init__(unet, weights_hash, max_batch_size)
         param = next(unet.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
-        major, minor = torch.cuda.get_device_capability(self.device)
-        self.arch = f"sm_{major}{minor}"
+        self.arch = gpu_arch(self.device)
         self.engines: dict[UNetSignature, tuple[Any, Any]] = {}  # engine, context
 
     def engine_path(self, signature: UNetSignature) -> Path:
@@ -89,48 +87,17 @@ class TensorRTUNet(UNetRunner):
         self._context(signature)
         return [self.engine_path(signature)]
 
-    def build(self, signature: UNetSignature, onnx_file: Path, plan: Path) -> None:
-        """Build the engine for `signature` from ONNX into `plan` (with a shared timing cache)."""
-        import tensorrt as trt
-
-        builder = trt.Builder(self.logger)
-        network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
-        parser = trt.OnnxParser(network, self.logger)
-        if not parser.parse_from_file(str(onnx_file)):
-            errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-            raise RuntimeError(f"TensorRT could not parse {onnx_file}: {errors}")
-        config = builder.create_builder_config()
-        config.set_flag(trt.BuilderFlag.FP16)
-        timing_file = cache_root() / "tensorrt" / f"timing-{self.arch}.cache"
-        timing = config.create_timing_cache(
-            timing_file.read_bytes() if timing_file.is_file() else b""
-        )
-        config.set_timing_cache(timing, ignore_mismatch=False)
-        profile = builder.create_optimization_profile()
-        for name, (low, opt, high) in trt_profile(signature, self.max_batch_size).items():
-            profile.set_shape(name, low, opt, high)
-        config.add_optimization_profile(profile)
-        serialized = builder.build_serialized_network(network, config)
-        if serialized is None:
-            raise RuntimeError(f"TensorRT failed to build an engine for {signature}")
-        plan.parent.mkdir(parents=True, exist_ok=True)
-        tmp = plan.with_name(f".{plan.name}.{uuid.uuid4().hex}.tmp")
-        tmp.write_bytes(bytes(serialized))
-        tmp.replace(plan)
-        timing_file.write_bytes(bytes(config.get_timing_cache().serialize()))
-
     def _context(self, signature: UNetSignature) -> tuple[Any, Any]:
         if signature not in self.engines:
             plan = self.engine_path(signature)
             if not plan.is_file():
-                self.build(signature, onnx_path(self.unet, self.weights_hash, signature), plan)
-            engine = self.runtime.deserialize_cuda_engine(plan.read_bytes())
-            self.engines[signature] = (engine, engine.create_execution_context())
+                onnx_file = onnx_path(self.unet, self.weights_hash, signature)
+                build_plan(onnx_file, plan, trt_profile(signature, self.max_batch_size),
+                           self.logger, self.arch)  # fmt: skip
+            self.engines[signature] = load_plan(self.runtime, plan)
         return self.engines[signature]
 
     def __call__(self, sample, timestep, encoder_hidden_states, added_cond_kwargs=None):
-        import torch
-
         signature = call_signature(
             self.unet, sample, encoder_hidden_states, added_cond_kwargs, self.dtype
         )
@@ -138,16 +105,72 @@ class TensorRTUNet(UNetRunner):
         inputs = [sample, timestep.float().reshape(()), encoder_hidden_states]
         if signature.pooled_dim is not None:
             inputs += [added_cond_kwargs["text_embeds"], added_cond_kwargs["time_ids"]]
-        inputs = [t.contiguous() for t in inputs]  # kept alive until the stream is done
-        for name, tensor in zip(signature.input_names, inputs, strict=True):
-            context.set_input_shape(name, tuple(tensor.shape))
-            context.set_tensor_address(name, tensor.data_ptr())
-        out = torch.empty_like(sample)
-        context.set_tensor_address("noise", out.data_ptr())
-        stream = torch.cuda.current_stream(self.device)
-        if not context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError("TensorRT execution failed")
-        return out
+        feeds = dict(zip(signature.input_names, inputs, strict=True))
+        return execute(context, feeds, sample, self.device)
+
+
+# -- the lifecycle every TensorRT denoiser shares: build -> load -> execute --------------------
+
+
+def gpu_arch(device: Any) -> str:
+    """sm_XY of `device` (engines are built per architecture)."""
+    import torch
+
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"sm_{major}{minor}"
+
+
+def build_plan(onnx_file: Path, plan: Path, profile: dict[str, tuple], logger: Any,
+               arch: str) -> None:  # fmt: skip
+    """Build an fp16 engine from `onnx_file` into `plan` with one optimisation `profile`
+    ({input: (min, opt, max) shapes}) and the architecture's shared timing cache."""
+    import tensorrt as trt
+
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_file)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_file}: {errors}")
+    config = builder.create_builder_config()
+    config.set_flag(trt.BuilderFlag.FP16)
+    timing_file = cache_root() / "tensorrt" / f"timing-{arch}.cache"
+    timing = config.create_timing_cache(timing_file.read_bytes() if timing_file.is_file() else b"")
+    config.set_timing_cache(timing, ignore_mismatch=False)
+    optimisation = builder.create_optimization_profile()
+    for name, (low, opt, high) in profile.items():
+        optimisation.set_shape(name, low, opt, high)
+    config.add_optimization_profile(optimisation)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_file}")
+    plan.parent.mkdir(parents=True, exist_ok=True)
+    tmp = plan.with_name(f".{plan.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_bytes(bytes(serialized))
+    tmp.replace(plan)
+    timing_file.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+
+def load_plan(runtime: Any, plan: Path) -> tuple[Any, Any]:
+    """(engine, execution context) of a built plan."""
+    engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+    return engine, engine.create_execution_context()
+
+
+def execute(context: Any, feeds: dict[str, Any], like: Any, device: Any) -> Any:
+    """Run `context` on torch tensors `feeds` on the current stream; `noise`, shaped like `like`."""
+    import torch
+
+    feeds = {name: t.contiguous() for name, t in feeds.items()}  # alive until the stream is done
+    for name, tensor in feeds.items():
+        context.set_input_shape(name, tuple(tensor.shape))
+        context.set_tensor_address(name, tensor.data_ptr())
+    out = torch.empty_like(like)
+    context.set_tensor_address("noise", out.data_ptr())
+    stream = torch.cuda.current_stream(device)
+    if not context.execute_async_v3(stream.cuda_stream):
+        raise RuntimeError("TensorRT execution failed")
+    return out
 
 
 def tensorrt_unavailable() -> str | None:

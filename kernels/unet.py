@@ -35,6 +35,26 @@ class UNetBackend(str, Enum):
 UNET_BACKENDS = tuple(b.value for b in UNetBackend)
 
 
+def runnable_backend(backend: str) -> UNetBackend:
+    """`backend` as a concrete backend a runner can be made for (UNet or transformer);
+    errors name the backend and the reason."""
+    import importlib.util
+
+    try:
+        kind = UNetBackend(backend)
+    except ValueError:
+        raise ValueError(
+            f"unet_backend: {backend!r} is not valid; use one of {', '.join(UNET_BACKENDS)}"
+        ) from None
+    if kind is UNetBackend.auto:
+        raise ValueError("unet_backend auto is resolved by the engine before a runner is made")
+    if kind is UNetBackend.onnxruntime and importlib.util.find_spec("onnxruntime") is None:
+        raise RuntimeError(
+            "unet_backend onnxruntime: install the onnx extra (pip install 'daguerre[onnx]')"
+        )
+    return kind
+
+
 @dataclass(frozen=True)
 class UNetSignature:
     """What an exported graph is specialised to (batch stays dynamic)."""

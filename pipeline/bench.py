@@ -124,9 +124,11 @@ def _transformer_flops(model: Any, width: int, height: int, batch: int | None) -
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from ..kernels.transformer import TransformerRunner
     from .dit import dit_denoiser
 
-    denoiser = dit_denoiser(model, torch.device("meta"), torch.float32)
+    eager = TransformerRunner(model.transformer)
+    denoiser = dit_denoiser(model, torch.device("meta"), torch.float32, eager)
     rows = batch if batch is not None else (2 if denoiser.cfg else 1)
     inputs = denoiser.forward_inputs(rows, width, height)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:

@@ -18,6 +18,8 @@ Three families: `unet` (SD 1.x/2.x, SDXL: this file), `sd3` and `flux` (pipeline
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,8 +97,20 @@ class Denoiser:
         shift = getattr(config, "shift_factor", None)
         return latents + shift if shift else latents
 
+    @contextmanager
+    def loop(self, cached: bool) -> Iterator[None]:
+        """Around one denoising loop (`cached`: this chunk's speed tier is cached)."""
+        self.begin(cached)
+        try:
+            yield
+        finally:
+            self.end()
+
     def begin(self, cached: bool) -> None:
-        """A denoising loop starts (`cached`: this chunk's speed tier is cached)."""
+        """A denoising loop starts."""
+
+    def end(self) -> None:
+        """The loop is over (or failed): nothing it set up stays on the model."""
 
     def mu(self, width: int, height: int) -> float | None:
         """The resolution-dependent timestep shift (None where the model's shift is static)."""

@@ -29,29 +29,34 @@ FLOW_SCHEDULERS = (Scheduler.euler.value, Scheduler.euler_a.value, Scheduler.dpm
 
 
 class FlowDenoiser(Denoiser):
-    """What SD3 and FLUX share: flow schedulers, the transformer, step caching (diffusers'
-    TaylorSeer hooks, kernels/dit_cache.py) for speed: cached."""
+    """What SD3 and FLUX share: flow schedulers, the transformer through its backend runner
+    (kernels/transformer.py), step caching (diffusers' TaylorSeer hooks, kernels/dit_cache.py)
+    for speed: cached, on the eager transformer whatever the backend."""
 
     schedulers = FLOW_SCHEDULERS
     patch = 2  # latent pixels per token side (SD3's patch embedding, FLUX's packing)
 
-    def __init__(self, model: Any, device: torch.device, dtype: torch.dtype,
+    def __init__(self, model: Any, device: torch.device, dtype: torch.dtype, runner: Any,
                  cache_interval: int = 3):  # fmt: skip
         from ..kernels.dit_cache import TaylorSeerSteps
 
         super().__init__(model, device, dtype)
-        self.transformer = model.transformer
+        self.transformer, self.runner = model.transformer, runner
         self.step_cache = TaylorSeerSteps(self.transformer, cache_interval)
+        self.cached = False
 
     @property
     def size_multiple(self) -> int:
         return self.factor * self.patch
 
     def begin(self, cached: bool) -> None:
+        self.cached = cached
         if cached:
             self.step_cache.on()
-        else:
-            self.step_cache.off()
+
+    def end(self) -> None:
+        self.step_cache.off()  # other users of the module (engines, FLOP counts) see it bare
+        self.cached = False
 
     def t5_rows(self, encoder: Any, tokenizer: Any, prompts: list[str], width: int) -> Any:
         """T5's last hidden state [N, L, width] (zeros where the model has no T5, as SD3 allows)."""
@@ -69,8 +74,10 @@ class FlowDenoiser(Denoiser):
         return None
 
     def run(self, hidden: torch.Tensor, timestep: Any, kwargs: dict) -> torch.Tensor:
-        return self.transformer(hidden_states=hidden, timestep=timestep, return_dict=False,
-                                **kwargs)[0]  # fmt: skip
+        inputs = {"hidden_states": hidden, "timestep": timestep, **kwargs}
+        if self.cached:  # the TaylorSeer hooks act on the eager module's calls
+            return self.transformer(**inputs, return_dict=False)[0]
+        return self.runner(inputs)
 
     def image_tokens(self, width: int, height: int) -> int:
         side = self.factor * self.patch
@@ -243,8 +250,8 @@ def flow_scheduler(name: str, config: dict[str, Any], steps: int, device: Any,
     return scheduler
 
 
-def dit_denoiser(model: Any, device: torch.device, dtype: torch.dtype,
+def dit_denoiser(model: Any, device: torch.device, dtype: torch.dtype, runner: Any,
                  cache_interval: int = 3) -> FlowDenoiser:  # fmt: skip
-    """The denoiser of a transformer-family model."""
+    """The denoiser of a transformer-family model, its transformer run by `runner`."""
     family = Sd3Denoiser if model.family == "sd3" else FluxDenoiser
-    return family(model, device, dtype, cache_interval)
+    return family(model, device, dtype, runner, cache_interval)

@@ -97,7 +97,6 @@ class DiffusionEngine:
         """The UNet behind its hot-path options, attention backend and runner."""
         from ..kernels.attention import fuse_qkv, install
         from ..kernels.compile import make_runner
-        from ..kernels.quantize import QUANTIZABLE_UNET_BACKENDS, Quantization
 
         unet = self.model.unet
         if self.config.fuse_qkv:
@@ -106,43 +105,57 @@ class DiffusionEngine:
             unet.to(memory_format=torch.channels_last)
             self.model.vae.to(memory_format=torch.channels_last)
         self.attention = install(unet, self.config.attention_backend, self.device.type)
-        unet_backend = self.config.unet_backend.value
-        if unet_backend == "auto":
-            from .bench import fastest_unet_backend
-
-            quantized = self.config.quantize is not Quantization.none
-            unet_backend, why = fastest_unet_backend(
-                self.config.model, self.device, QUANTIZABLE_UNET_BACKENDS if quantized else None
-            )
-            logger.info("unet_backend auto -> %s (%s)", unet_backend, why)
         runner = make_runner(
-            unet, unet_backend, self.model.weights_hash,
+            unet, self._denoiser_backend(), self.model.weights_hash,
             max_batch_size=self.config.max_batch_size, compile_mode=self.config.compile_mode,
         )  # fmt: skip
         return UnetDenoiser(self.model, self.device, self.dtype, runner, self.config.cache_interval)
 
+    def _denoiser_backend(self) -> str:
+        """`unet_backend`, with auto resolved from the last `daguerre bench` (eager on a CPU)."""
+        from ..kernels.quantize import QUANTIZABLE_UNET_BACKENDS, Quantization
+
+        backend = self.config.unet_backend.value
+        if backend != "auto":
+            return backend
+        from .bench import fastest_unet_backend
+
+        quantized = self.config.quantize is not Quantization.none
+        backend, why = fastest_unet_backend(
+            self.config.model, self.device, QUANTIZABLE_UNET_BACKENDS if quantized else None
+        )
+        logger.info("unet_backend auto -> %s (%s)", backend, why)
+        return backend
+
     def _dit_denoiser(self) -> Any:
-        """A transformer family's denoiser; the UNet-only options refused in one line."""
+        """A transformer family's denoiser through its backend runner; the UNet-only
+        options refused in one line."""
+        from ..kernels.attention import AttentionBackend, resolve
+        from ..kernels.dit_attention import install_dit_attention
+        from ..kernels.transformer import make_transformer_runner
         from .dit import dit_denoiser
 
         family, config = self.model.family, self.config
-        unsupported = {
-            "unet_backend": config.unet_backend.value not in ("auto", "eager"),
-            "attention_backend": config.attention_backend.value not in ("auto", "sdpa"),
-            "channels_last": config.channels_last,
-        }
-        for name, refused in unsupported.items():
-            if refused:
-                value = getattr(config, name)
-                raise ConfigError(
-                    f"{name}: {getattr(value, 'value', value)} is for UNet models; {self.model.name} "
-                    f"is a {family} transformer, which runs eager torch with diffusers' own "
-                    "attention (sdpa) so far"
-                )
+        if config.channels_last:
+            raise ConfigError(
+                f"channels_last: True is for UNet models; {self.model.name} is a {family} "
+                "transformer (its activations are token sequences, not images)"
+            )
         if config.fuse_qkv:
             self.model.transformer.fuse_qkv_projections()
-        self.attention = _SdpaOnly()
-        return dit_denoiser(self.model, self.device, self.dtype, config.cache_interval)
+        # sdpa: diffusers' own processors stay; any other backend runs through ours
+        requested, device_type = config.attention_backend.value, self.device.type
+        if resolve(requested, device_type) is AttentionBackend.sdpa:
+            self.attention = _SdpaOnly()
+        else:
+            self.attention = install_dit_attention(self.model.transformer, family, requested,
+                                                   device_type)  # fmt: skip
+        runner = make_transformer_runner(
+            self.model.transformer, self._denoiser_backend(), self.model.weights_hash,
+            max_batch_size=config.max_batch_size, rows_per_image=2 if family == "sd3" else 1,
+            compile_mode=config.compile_mode,
+        )  # fmt: skip
+        return dit_denoiser(self.model, self.device, self.dtype, runner, config.cache_interval)
 
     @property
     def backend(self) -> dict[str, str]:
@@ -155,7 +168,7 @@ class DiffusionEngine:
         if self.model.family == "unet":
             backend["unet"] = self.denoiser.runner.backend.value
         else:
-            backend["transformer"] = f"{self.model.family} eager"
+            backend["transformer"] = f"{self.model.family} {self.denoiser.runner.backend.value}"
         hot_path = [name for name in HOT_PATH_OPTIONS if getattr(self.config, name)]
         if hot_path:
             backend["hot_path"] = ",".join(hot_path)
@@ -206,10 +219,10 @@ class DiffusionEngine:
         return bucket_key(request, self.model.default_size)
 
     def prepare(self, width: int, height: int) -> list[Any]:
-        """Build (or find cached) what the UNet backend needs for one image size (the
-        transformer families run eager: nothing to build)."""
+        """Build (or find cached) what the denoiser's backend needs for one image size."""
         if self.model.family != "unet":
-            return []
+            rows = self.denoiser.runner.rows_per_image
+            return self.denoiser.runner.prepare(self.denoiser.forward_inputs(rows, width, height))
         factor = self.model.vae_scale_factor
         return self.denoiser.runner.prepare(
             height // factor, width // factor, TEXT_MAX_LENGTH,
@@ -284,10 +297,9 @@ class DiffusionEngine:
 
         # 4. Denoising loop (speed: cached skips most of the model between full steps),
         #    each sample through its request's LoRA adapter: names [2B], uncond then cond half.
-        denoiser.begin(speed == Speed.cached.value)
         adapters = self.lora.names(requests)
         adapter_files = [self.lora.loaded.get(name) for name in adapters]  # None: no adapter
-        with self.lora.routed(adapters + adapters):
+        with self.lora.routed(adapters + adapters), denoiser.loop(speed == Speed.cached.value):
             for index, t in enumerate(scheduler.timesteps):
                 noise = denoiser.predict(scheduler, latents, t, cond, index)
                 # Ancestral samplers draw fresh noise per step: each request from its own generator.
@@ -372,7 +384,7 @@ def _scheduler_record(scheduler: Any, denoiser: Any, width: int, height: int) ->
 
 
 class _SdpaOnly:
-    """The transformer families' attention: diffusers' own processors over torch SDPA."""
+    """The transformer families' attention when sdpa is asked for: diffusers' own processors."""
 
     def describe(self) -> str:
         return "sdpa"

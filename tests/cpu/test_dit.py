@@ -78,10 +78,8 @@ def test_refusals_are_per_row(engine):
 
 
 def test_unet_only_options_are_refused_at_start():
-    with pytest.raises(ConfigError, match="unet_backend: compile is for UNet models; tiny-flux"):
-        DiffusionEngine(EngineConfig(model="tiny-flux", device="cpu", unet_backend="compile"))
-    with pytest.raises(ConfigError, match="attention_backend"):
-        DiffusionEngine(EngineConfig(model="tiny-sd3", device="cpu", attention_backend="triton"))
+    with pytest.raises(ConfigError, match="channels_last: True is for UNet models; tiny-flux"):
+        DiffusionEngine(EngineConfig(model="tiny-flux", device="cpu", channels_last=True))
 
 
 def test_lora_is_refused_per_row_for_transformers(engine, tmp_path):

@@ -37,7 +37,8 @@ def test_gpu_check_on_a_cpu_leaves_evidence_for_every_stage(tmp_path):
     assert len(ran) == 4 and all(t["images_per_s"] > 0 and t["stand_in"]["model"] == "tiny"
                                  for t in ran)  # fmt: skip
     assert all("needs a CUDA GPU" in t["skipped"] for t in throughput if t not in ran)
-    assert len(throughput) == 2 + 7  # every case is there: run, or skipped with the reason
+    assert len(throughput) == 3 + 9  # every case is there: run, or skipped with the reason
+    assert {"flux-dev eager", "flux-dev torch.compile"} <= {t["case"] for t in throughput}
     assert result["stages"]["attention"][0]["shapes"]
     [fast] = result["stages"]["fast_paths"]
     variants = {r["variant"]: r for r in fast["results"]}
