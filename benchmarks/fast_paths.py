@@ -8,7 +8,8 @@ two warm-up steps, diffusers' TaylorSeer extrapolating the output in between), t
 compute capability 8.9+, skipped with the reason elsewhere) and the hot-path switches.
 
     python benchmarks/fast_paths.py --json benchmarks/results/fast_paths_cpu.json
-    python benchmarks/fast_paths.py --model tiny-flux --json benchmarks/results/fast_paths_flux_cpu.json
+    python benchmarks/fast_paths.py --model small-flux --size 256 --batch-size 2 \
+        --json benchmarks/results/fast_paths_flux_cpu.json
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ spent is recorded as skipped, never silently dropped):
      test's outcome (and a skip's reason) is written as soon as it ends;
   2. throughput, the fast-starting baseline: `daguerre bench` eager for sd15 512x512 30
      steps, sdxl 1024x1024 20 steps and flux-dev 1024x1024 28 steps (bf16) over batch
-     sizes (flux-dev's random weights are drawn on the CPU first: ~67 GB, about a minute);
+     sizes (flux-dev's random weights are drawn on the CPU first: ~67 GB, time not measured);
   3. attention: benchmarks/attention.py on SD1.5's and SDXL's shapes;
   4. fast paths: benchmarks/fast_paths.py (step caching, int8/fp8, the hot path) against
      the default, images/s and mean abs pixel difference on the same seeds;

@@ -16,8 +16,9 @@ in any batch of cached requests (the seed contract). diffusers' FirstBlockCache,
 calibration and cache-dit's DBCache decide once per batch from the batch's mean instead.
 
 The hooks live on the transformer only while a cached loop runs (the denoiser's `loop`
-removes them when it ends, failed or not), so exact images, other engines sharing the
-module and FLOP counts never pass through them.
+removes them when it ends, failed or not), so exact images, FLOP counts and engines that
+share the module one after another never pass through them. (Two engines running loops
+on one module at the same time would: each engine thread owns its model.)
 """
 
 from __future__ import annotations
@@ -43,33 +44,36 @@ class TaylorSeerSteps:
         return i < warmup or (i - warmup - 1) % self.interval == 0
 
     def on(self) -> None:
-        """Hooks on, with fresh state: a cached loop starts."""
+        """Hooks on, freshly made (fresh state): a cached loop starts."""
         import torch
         from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
         from diffusers.hooks.hooks import CacheContext
 
-        if not self.hooks or self.installed() != self.hooks:  # another engine's (same module)
-            self.off()
-            config = TaylorSeerCacheConfig(
-                cache_interval=self.interval, disable_cache_before_step=self.warmup,
-                max_order=1, taylor_factors_dtype=torch.float32,
-                skip_predict_identifiers=skipped_blocks(self.transformer),
-                cache_identifiers=["proj_out"],
-            )  # fmt: skip
-            apply_taylorseer_cache(self.transformer, config)
-            self.hooks = self.installed()
+        self.off()  # whatever a loop that failed, or another engine, left behind
+        config = TaylorSeerCacheConfig(
+            cache_interval=self.interval, disable_cache_before_step=self.warmup, max_order=1,
+            taylor_factors_dtype=torch.float32,  # the factors' storage: no loss on fp32 models
+            skip_predict_identifiers=skipped_blocks(self.transformer),
+            cache_identifiers=["proj_out"],
+        )  # fmt: skip
+        apply_taylorseer_cache(self.transformer, config)
+        self.hooks = self.installed()
         for hook in self.hooks:
-            hook.state_manager.reset()  # also clears the context
             hook.state_manager.set_context(CacheContext("daguerre"))  # one state per hook
 
     def off(self) -> None:
-        """Hooks removed: the transformer runs exactly as built."""
+        """Hooks removed: the transformer runs exactly as built (no `forward` left on its
+        modules' instances either, which would fail a compiled graph's guards)."""
         if self.installed():
             from diffusers.hooks import HookRegistry
 
             registry = HookRegistry.check_if_exists_or_initialize(self.transformer)
             registry.remove_hook(TAYLORSEER_HOOK, recurse=True)
             registry.invalidate_child_registries_cache()
+            for module in self.transformer.modules():  # diffusers put the bound method back
+                bound = module.__dict__.get("forward")
+                if getattr(bound, "__func__", None) is type(module).forward:
+                    del module.__dict__["forward"]
         self.hooks = []
 
     def installed(self) -> list[Any]:

@@ -32,6 +32,7 @@ from .unet import (
 
 UNBATCHED = ("txt_ids", "img_ids")  # FLUX's position ids: one per call, not per row
 FLOAT32 = ("timestep", "guidance")  # scalars per row, kept exact in exported graphs
+EXPORT_VERSION = 1  # in the cache keys: bump when what export_transformer writes changes
 
 
 @dataclass(frozen=True)
@@ -58,14 +59,15 @@ def signature_of(inputs: dict[str, Any], dtype: Any) -> TransformerSignature:
 
 
 def graph_inputs(inputs: dict[str, Any], dtype: Any) -> dict[str, Any]:
-    """The call's tensors as an exported graph takes them: None dropped, timestep and
-    guidance in float32, the rest in the model's dtype, each contiguous."""
+    """The call's tensors as an exported graph takes them: None dropped, sorted by name (so
+    a graph built ahead of time and a call's agree whatever order they were made in),
+    timestep and guidance in float32, the rest in the model's dtype, each contiguous."""
     import torch
 
     return {
-        name: t.to(torch.float32 if name in FLOAT32 else dtype).contiguous()
-        for name, t in inputs.items()
-        if t is not None
+        name: inputs[name].to(torch.float32 if name in FLOAT32 else dtype).contiguous()
+        for name in sorted(inputs)
+        if inputs[name] is not None
     }
 
 
@@ -148,22 +150,15 @@ class OnnxRuntimeTransformer(TransformerRunner):
     def prepare(self, inputs: dict[str, Any]) -> list[Path]:
         feeds = graph_inputs(inputs, self.dtype)
         self._session(feeds)
-        return [self.onnx_file(feeds)]
-
-    def onnx_file(self, feeds: dict[str, Any]) -> Path:
-        """The cached ONNX graph for calls shaped like `feeds` (exported when missing)."""
-        signature = signature_of(feeds, self.dtype)
-        path = cache_root() / "onnx" / cache_key(self.weights_hash, signature) / "transformer.onnx"
-        if not path.is_file():
-            export_transformer(self.transformer, feeds, path)
-        return path
+        return [onnx_graph(self.transformer, self.weights_hash, feeds)]
 
     def _session(self, feeds: dict[str, Any]) -> Any:
         from .onnx import ort_session
 
         signature = signature_of(feeds, self.dtype)
         if signature not in self.sessions:
-            self.sessions[signature] = ort_session(self.onnx_file(feeds), self.device)
+            path = onnx_graph(self.transformer, self.weights_hash, feeds)
+            self.sessions[signature] = ort_session(path, self.device)
         return self.sessions[signature]
 
     def __call__(self, inputs: dict[str, Any]) -> Any:
@@ -173,7 +168,7 @@ class OnnxRuntimeTransformer(TransformerRunner):
         return run_session(self._session(feeds), feeds, inputs["hidden_states"], self.device)
 
 
-class TensorRTTransformer(OnnxRuntimeTransformer):
+class TensorRTTransformer(TransformerRunner):
     """The same ONNX graph built into a TensorRT engine (fp16, one profile over the engine's
     batch range), cached by weights hash + signature + profile + TensorRT version + GPU arch."""
 
@@ -188,8 +183,12 @@ class TensorRTTransformer(OnnxRuntimeTransformer):
             raise BackendUnavailable(f"unet_backend tensorrt: {reason}")
         import tensorrt as trt
 
-        TransformerRunner.__init__(self, transformer, weights_hash, max_batch_size,
-                                   rows_per_image)  # fmt: skip
+        super().__init__(transformer, weights_hash, max_batch_size, rows_per_image)
+        if str(self.dtype) == "torch.bfloat16":
+            raise BackendUnavailable(
+                "unet_backend tensorrt: the transformer is in bfloat16 and the engines are "
+                "built in fp16; use dtype float16 (or another unet_backend)"
+            )
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.arch = gpu_arch(self.device)
@@ -198,26 +197,27 @@ class TensorRTTransformer(OnnxRuntimeTransformer):
     def prepare(self, inputs: dict[str, Any]) -> list[Path]:
         feeds = graph_inputs(inputs, self.dtype)
         self._context(feeds)
-        return [self.plan_path(signature_of(feeds, self.dtype))]
+        return [self.plan_path(signature_of(feeds, self.dtype))[0]]
 
-    def plan_path(self, signature: TransformerSignature) -> Path:
+    def plan_path(self, signature: TransformerSignature) -> tuple[Path, dict[str, tuple]]:
+        """The cached plan for `signature` and the profile it is built with."""
         import tensorrt as trt
 
         profile = trt_transformer_profile(signature, self.max_batch_size, self.rows_per_image)
         key = cache_key(self.weights_hash, signature, tensorrt=trt.__version__, arch=self.arch,
+                        export=EXPORT_VERSION,
                         profile={k: [list(s) for s in v] for k, v in profile.items()})  # fmt: skip
-        return cache_root() / "tensorrt" / key / "transformer.plan"
+        return cache_root() / "tensorrt" / key / "transformer.plan", profile
 
     def _context(self, feeds: dict[str, Any]) -> Any:
         from .tensorrt import build_plan, load_plan
 
         signature = signature_of(feeds, self.dtype)
         if signature not in self.engines:
-            plan = self.plan_path(signature)
+            plan, profile = self.plan_path(signature)
             if not plan.is_file():
-                profile = trt_transformer_profile(signature, self.max_batch_size,
-                                                  self.rows_per_image)  # fmt: skip
-                build_plan(self.onnx_file(feeds), plan, profile, self.logger, self.arch)
+                onnx_file = onnx_graph(self.transformer, self.weights_hash, feeds)
+                build_plan(onnx_file, plan, profile, self.logger, self.arch)
             self.engines[signature] = load_plan(self.runtime, plan)
         return self.engines[signature][1]
 
@@ -226,6 +226,18 @@ class TensorRTTransformer(OnnxRuntimeTransformer):
 
         feeds = graph_inputs(inputs, self.dtype)
         return execute(self._context(feeds), feeds, inputs["hidden_states"], self.device)
+
+
+def onnx_graph(transformer: Any, weights_hash: str, feeds: dict[str, Any]) -> Path:
+    """The cached ONNX graph of `transformer` for calls shaped like `feeds` (exported when
+    missing), keyed by weights hash, signature and export version."""
+    dtype = next(transformer.parameters()).dtype
+    signature = signature_of(feeds, dtype)
+    key = cache_key(weights_hash, signature, export=EXPORT_VERSION)
+    path = cache_root() / "onnx" / key / "transformer.onnx"
+    if not path.is_file():
+        export_transformer(transformer, feeds, path)
+    return path
 
 
 def export_transformer(transformer: Any, feeds: dict[str, Any], path: Path) -> Path:

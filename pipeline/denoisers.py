@@ -100,8 +100,8 @@ class Denoiser:
     @contextmanager
     def loop(self, cached: bool) -> Iterator[None]:
         """Around one denoising loop (`cached`: this chunk's speed tier is cached)."""
-        self.begin(cached)
         try:
+            self.begin(cached)
             yield
         finally:
             self.end()

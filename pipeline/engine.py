@@ -143,9 +143,10 @@ class DiffusionEngine:
             )
         if config.fuse_qkv:
             self.model.transformer.fuse_qkv_projections()
-        # sdpa: diffusers' own processors stay; any other backend runs through ours
+        # sdpa: diffusers' own processors stay, but for fused projections (diffusers' fused
+        # SD3 processor skips the q/k norms SD3.5 has); any other backend runs through ours
         requested, device_type = config.attention_backend.value, self.device.type
-        if resolve(requested, device_type) is AttentionBackend.sdpa:
+        if resolve(requested, device_type) is AttentionBackend.sdpa and not config.fuse_qkv:
             self.attention = _SdpaOnly()
         else:
             self.attention = install_dit_attention(self.model.transformer, family, requested,
