@@ -18,7 +18,7 @@ from typing import Any
 from ..pipeline.bench import last_bench
 from ..pipeline.config import JobConfig
 from ..pipeline.id_index import id_digests
-from ..pipeline.schema import ImageRequest
+from ..pipeline.schema import ImageRequest, bucket_key
 from ..pipeline.storage import Storage
 from .plan import check_inputs, manifest_rows, plan_resume, served_engine
 from .stages import check_row
@@ -73,18 +73,25 @@ def dry_run(manifest: str, output: str, config: JobConfig, *, address: str | Non
         if done:
             finished += 1
             continue
-        side = plan.model.default_size
-        buckets[(*result.resolved_size(side), result.steps, result.scheduler.value)] += 1
+        buckets[bucket_key(result, plan.model.default_size)] += 1
     size = min(plan.config.batch_size, plan.config.engine.max_batch_size)
     report = DryRun(
         manifest_rows=table.num_rows, valid=valid, invalid=sum(invalid.values()),
         invalid_by_field=dict(invalid), finished=finished, to_generate=sum(buckets.values()),
-        buckets={f"{w}x{h}, {s} steps, {k}": n for (w, h, s, k), n in sorted(buckets.items())},
+        buckets={_label(key): n for key, n in sorted(buckets.items())},
         engine_batches=sum(math.ceil(n / size) for n in buckets.values()), batch_size=size,
         actors=f"{plan.config.min_actors}:{plan.config.max_actors}", notices=plan.notices,
     )  # fmt: skip
     _estimate(report, plan.model.name, buckets, size, plan.config.max_actors)
     return report
+
+
+def _label(key: tuple) -> str:
+    """A bucket as the report names it: WxH, N steps, scheduler (and the cached speed tier,
+    whose requests get batches of their own)."""
+    width, height, steps, scheduler, speed = key
+    tier = ", cached" if speed == "cached" else ""
+    return f"{width}x{height}, {steps} steps, {scheduler}{tier}"
 
 
 def _estimate(report: DryRun, model: str, buckets: collections.Counter, batch: int,
@@ -103,7 +110,7 @@ def _estimate(report: DryRun, model: str, buckets: collections.Counter, batch: i
     steps = bench["conditions"]["steps"]
     seconds = sum(
         n * near["s_per_image"] * (s / steps) * (w * h) / (width * height)
-        for (w, h, s, _), n in buckets.items()
+        for (w, h, s, *_), n in buckets.items()
     )
     report.estimate = {
         "engine_seconds": seconds, "gpu_hours": seconds / 3600,
@@ -133,7 +140,7 @@ def print_dry_run(report: DryRun) -> None:
         ("engine actors", report.actors),
     ]
     for bucket, count in report.buckets.items():
-        rows.append((f"  {bucket}", f"{count} images"))
+        rows.append((f"  {bucket}", f"{count} image{'s' if count != 1 else ''}"))
     if report.estimate:
         e = report.estimate
         rows += [("estimated engine time", f"{e['engine_seconds']:.0f} s = {e['gpu_hours']:.3f} "

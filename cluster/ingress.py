@@ -392,7 +392,7 @@ class ApiIngress:
         except RequestRefused as exc:  # the model cannot make this request (an adapter that
             # does not load, a negative prompt for FLUX, a scheduler without a flow form)
             cause = getattr(exc, "cause", exc)  # Ray's wrapper keeps the engine's exception
-            raise ApiError(400, fields=[FieldError(field=cause.field, reason=first_line(cause))],
+            raise ApiError(400, fields=[FieldError(field=cause.field, reason=cause.detail)],
                            code="invalid_value") from None  # fmt: skip
         except EngineLoopFailed as exc:
             raise ApiError(503, str(exc), type="server_error", code="engine_restarted",

@@ -312,6 +312,8 @@ def _engine_row(row: dict[str, Any], result: Any, provenance: dict[str, Any]) ->
                          error_reason=str(result), **pixels)  # fmt: skip
     if isinstance(result, str):  # a replica's one-line reason
         reason = result
+    elif isinstance(result, RequestRefused):  # the field is its own column
+        reason = result.detail
     else:
         reason = f"{type(result).__name__}: {first_line(result)}" if result else "not generated"
     field = getattr(result, "field", None) or "engine"  # e.g. RequestRefused: the request's `lora`

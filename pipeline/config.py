@@ -40,6 +40,11 @@ class RequestRefused(ValueError):
     def __reduce__(self):  # crosses Ray's process boundaries with its two arguments
         return (type(self), (self.field, self.reason))
 
+    @property
+    def detail(self) -> str:
+        """The reason as shown beside the field (an errors row, a 400's `fields`)."""
+        return self.reason
+
 
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when it has none)."""

@@ -166,10 +166,13 @@ class DiffusionEngine:
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention": self.attention.describe(),
         }
+        runner = self.denoiser.runner.backend.value
         if self.model.family == "unet":
-            backend["unet"] = self.denoiser.runner.backend.value
+            backend["unet"] = runner
         else:
-            backend["transformer"] = f"{self.model.family} {self.denoiser.runner.backend.value}"
+            backend["transformer"] = f"{self.model.family} {runner}"
+        if runner != "eager":  # step caching hooks into the eager module: speed cached runs it
+            backend["speed_cached"] = "eager"
         hot_path = [name for name in HOT_PATH_OPTIONS if getattr(self.config, name)]
         if hot_path:
             backend["hot_path"] = ",".join(hot_path)

@@ -83,6 +83,10 @@ class LoraError(RequestRefused):
     def __reduce__(self):  # crosses Ray's process boundaries with its two arguments
         return (LoraError, (self.spec, self.reason))
 
+    @property
+    def detail(self) -> str:
+        return str(self)  # names the adapter: lora '/path': why
+
 
 @dataclass(frozen=True)
 class AdapterFile:

@@ -167,3 +167,18 @@ def test_generate_without_address_never_joins_the_last_cluster_started_here(mani
         assert len(list((tmp_path / "out" / "images").glob("*.png"))) == len(ROWS)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_dry_run_counts_the_cached_tier_as_its_own_batches(tmp_path):
+    """exact and cached requests never share an engine batch: the dry run's buckets say so."""
+    from daguerre.cluster.dryrun import dry_run
+    from daguerre.pipeline.config import JobConfig
+
+    rows = [{"id": f"r{i}", "prompt": "a lamp", "steps": 2, "speed": "cached" if i % 2 else "exact"}
+            for i in range(4)]  # fmt: skip
+    path = tmp_path / "m.csv"
+    path.write_text("id,prompt,steps,speed\n" + "".join(
+        f"{r['id']},{r['prompt']},{r['steps']},{r['speed']}\n" for r in rows))  # fmt: skip
+    report = dry_run(str(path), str(tmp_path / "o"), JobConfig())
+    assert report.buckets == {"64x64, 2 steps, ddim": 2, "64x64, 2 steps, ddim, cached": 2}
+    assert report.engine_batches == 2

@@ -97,6 +97,7 @@ def test_engine_on_onnxruntime_makes_the_eager_images(eager, cache):
         diff = np.abs(made.image.astype(int) - reference.image.astype(int)).max()
         assert diff <= 2, (made.request.id, diff)  # within 2/255, as the UNet's backends
     assert onnx_engine.backend["transformer"] == f"{family} onnxruntime"
+    assert onnx_engine.backend["speed_cached"] == "eager"  # what a cached image ran on
     cached = onnx_engine.generate([ImageRequest(**{**requests[0].model_dump(), "speed": "cached"})])
     assert cached[0].image.std() > 0  # cached loops run the eager module (the hooks' home)
 

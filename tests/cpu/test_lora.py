@@ -338,4 +338,4 @@ def test_an_adapter_failure_crossing_ray_is_an_errors_row_naming_lora():
     failed = pickle.loads(pickle.dumps(LoraError("/nope.safetensors", "no such file")))
     (row,) = engine_rows(rows, [request], [failed], [provenance], provenance).to_pylist()
     assert (row["error_stage"], row["error_field"]) == ("generate", "lora")
-    assert row["error_reason"] == "LoraError: lora '/nope.safetensors': no such file"
+    assert row["error_reason"] == "lora '/nope.safetensors': no such file"
