@@ -90,6 +90,20 @@ class Denoiser:
     def pack(self, latents: torch.Tensor) -> torch.Tensor:
         return latents
 
+    def encode_images(self, pixels: Any, generators: list[torch.Generator]) -> torch.Tensor:
+        """Init images uint8 [B, H, W, 3] -> latents [B, C, h, w] as a loop starts from: each
+        sampled from the VAE's posterior with its request's generator (first, as diffusers
+        draws), then (x - shift_factor) * scaling_factor, what `to_vae` undoes."""
+        vae, config = self.model.vae, self.model.vae.config
+        images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2)
+        posterior = vae.encode(images.to(vae.dtype) / 127.5 - 1).latent_dist
+        mean, std = posterior.mean, posterior.std
+        draws = [torch.randn((1, *mean.shape[1:]), generator=g, device=g.device, dtype=mean.dtype)
+                 for g in generators]  # fmt: skip
+        samples = mean + std * torch.cat(draws).to(mean.device)
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return ((samples - shift) * config.scaling_factor).to(self.dtype)
+
     def to_vae(self, latents: torch.Tensor, latent_h: int, latent_w: int) -> torch.Tensor:
         """Latents as the VAE decodes them: / scaling_factor (+ shift_factor where it has one)."""
         config = self.model.vae.config

@@ -19,22 +19,21 @@ so the accelerator never waits for I/O.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 
-from .config import HOT_PATH_OPTIONS, ConfigError, EngineConfig, StorageConfig, first_line
-from .denoisers import UnetDenoiser
+from .config import HOT_PATH_OPTIONS, EngineConfig, StorageConfig, first_line
+from .denoiser_build import build_denoiser
+from .image_inputs import ImageInput, noised_start, start_step
 from .lora import LoraAdapters, LoraError
 from .models import SDXL_TIME_IDS, ModelComponents, describe_model, load_model
 from .schema import BucketKey, GeneratedImage, ImageRequest, Speed, StageTimings, bucket_key
 from .tokenizer import TEXT_MAX_LENGTH
-
-logger = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -78,11 +77,11 @@ class DiffusionEngine:
 
         if self.config.quantize is not Quantization.none:
             quantize_unet(self.model.denoiser, self.config.quantize, self.device)
+        self.denoiser, self.attention = build_denoiser(self.model, self.config, self.device,
+                                                       self.dtype)  # fmt: skip
         if self.model.family == "unet":
-            self.denoiser: Any = self._unet_denoiser()
             refusal = self._lora_refusal(self.denoiser.runner.backend.value)
         else:
-            self.denoiser = self._dit_denoiser()
             refusal = (f"needs a UNet model; {self.model.name} is a {self.model.family} "
                        "transformer (LoRA for transformers is not supported yet)")  # fmt: skip
         self._prompt_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = (
@@ -92,71 +91,6 @@ class DiffusionEngine:
                                  refusal=refusal)  # fmt: skip
         self.prompt_cache_hits = 0
         self.prompt_cache_misses = 0
-
-    def _unet_denoiser(self) -> Any:
-        """The UNet behind its hot-path options, attention backend and runner."""
-        from ..kernels.attention import fuse_qkv, install
-        from ..kernels.compile import make_runner
-
-        unet = self.model.unet
-        if self.config.fuse_qkv:
-            fuse_qkv(unet)
-        if self.config.channels_last:
-            unet.to(memory_format=torch.channels_last)
-            self.model.vae.to(memory_format=torch.channels_last)
-        self.attention = install(unet, self.config.attention_backend, self.device.type)
-        runner = make_runner(
-            unet, self._denoiser_backend(), self.model.weights_hash,
-            max_batch_size=self.config.max_batch_size, compile_mode=self.config.compile_mode,
-        )  # fmt: skip
-        return UnetDenoiser(self.model, self.device, self.dtype, runner, self.config.cache_interval)
-
-    def _denoiser_backend(self) -> str:
-        """`unet_backend`, with auto resolved from the last `daguerre bench` (eager on a CPU)."""
-        from ..kernels.quantize import QUANTIZABLE_UNET_BACKENDS, Quantization
-
-        backend = self.config.unet_backend.value
-        if backend != "auto":
-            return backend
-        from .bench import fastest_unet_backend
-
-        quantized = self.config.quantize is not Quantization.none
-        backend, why = fastest_unet_backend(
-            self.config.model, self.device, QUANTIZABLE_UNET_BACKENDS if quantized else None
-        )
-        logger.info("unet_backend auto -> %s (%s)", backend, why)
-        return backend
-
-    def _dit_denoiser(self) -> Any:
-        """A transformer family's denoiser through its backend runner; the UNet-only
-        options refused in one line."""
-        from ..kernels.attention import AttentionBackend, resolve
-        from ..kernels.dit_attention import install_dit_attention
-        from ..kernels.transformer import make_transformer_runner
-        from .dit import dit_denoiser
-
-        family, config = self.model.family, self.config
-        if config.channels_last:
-            raise ConfigError(
-                f"channels_last: True is for UNet models; {self.model.name} is a {family} "
-                "transformer (its activations are token sequences, not images)"
-            )
-        if config.fuse_qkv:
-            self.model.transformer.fuse_qkv_projections()
-        # sdpa: diffusers' own processors stay, but for fused projections (diffusers' fused
-        # SD3 processor skips the q/k norms SD3.5 has); any other backend runs through ours
-        requested, device_type = config.attention_backend.value, self.device.type
-        if resolve(requested, device_type) is AttentionBackend.sdpa and not config.fuse_qkv:
-            self.attention = _SdpaOnly()
-        else:
-            self.attention = install_dit_attention(self.model.transformer, family, requested,
-                                                   device_type)  # fmt: skip
-        runner = make_transformer_runner(
-            self.model.transformer, self._denoiser_backend(), self.model.weights_hash,
-            max_batch_size=config.max_batch_size, rows_per_image=2 if family == "sd3" else 1,
-            compile_mode=config.compile_mode,
-        )  # fmt: skip
-        return dit_denoiser(self.model, self.device, self.dtype, runner, config.cache_interval)
 
     @property
     def backend(self) -> dict[str, str]:
@@ -236,19 +170,38 @@ class DiffusionEngine:
     # -- the hot path ---------------------------------------------------------------
 
     @torch.inference_mode()
-    def generate(self, requests: list[ImageRequest]) -> list[GeneratedImage]:
-        """One image per request, in the order given."""
-        buckets: dict[BucketKey, list[int]] = {}
+    def generate(self, requests: list[ImageRequest],
+                 images: list[ImageInput | None] | None = None) -> list[GeneratedImage]:  # fmt: skip
+        """One image per request, in the order given; `images[i]`, where given, is request
+        i's init image (img2img, pipeline/image_inputs.py)."""
+        images = images or [None] * len(requests)
+        buckets: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
-            buckets.setdefault(self.bucket_key(request), []).append(i)
+            buckets.setdefault(self._loop_key(request, images[i]), []).append(i)
         out: list[GeneratedImage | None] = [None] * len(requests)
         for key, indices in buckets.items():
             for chunk in self._chunks(indices, requests):
-                for i, image in zip(
-                    chunk, self._generate_chunk(key, [requests[i] for i in chunk]), strict=True
-                ):
+                made = self._generate_chunk(key, [requests[i] for i in chunk],
+                                            [images[i] for i in chunk])  # fmt: skip
+                for i, image in zip(chunk, made, strict=True):
                     out[i] = image
         return out  # type: ignore[return-value]
+
+    def _loop_key(self, request: ImageRequest, image: ImageInput | None) -> tuple:
+        """The bucket key plus where the loop starts: None from noise, else the step an init
+        image enters at (requests starting elsewhere cannot share a loop)."""
+        key = self.bucket_key(request)
+        if image is None:
+            return (*key, None)
+        if self.model.family != "unet":
+            raise ValueError(f"init images (img2img) run on UNet models so far; {self.model.name} "
+                             f"is a {self.model.family} transformer")  # fmt: skip
+        width, height = key[0], key[1]
+        if image.pixels.shape[:2] != (height, width):
+            raise ValueError(f"init image of {request.id}: {image.pixels.shape[1]}x"
+                             f"{image.pixels.shape[0]} pixels for a {width}x{height} image; "
+                             "resize it to the request's size first")  # fmt: skip
+        return (*key, start_step(request.steps, image.strength))
 
     def _chunks(self, indices: list[int], requests: list[ImageRequest]) -> list[list[int]]:
         """One bucket's requests as engine batches: at most max_batch_size each, naming at
@@ -274,8 +227,9 @@ class DiffusionEngine:
                 named.add(adapter(i))
         return chunks + [chunk] if chunk else chunks
 
-    def _generate_chunk(self, key: BucketKey, requests: list[ImageRequest]) -> list[GeneratedImage]:
-        width, height, steps, scheduler_name, speed = key
+    def _generate_chunk(self, key: tuple, requests: list[ImageRequest],
+                        images: list[ImageInput | None]) -> list[GeneratedImage]:  # fmt: skip
+        width, height, steps, scheduler_name, speed, start = key
         batch = len(requests)
         denoiser = self.denoiser
         latent_h, latent_w = height // denoiser.factor, width // denoiser.factor
@@ -287,24 +241,32 @@ class DiffusionEngine:
         t1 = self._clock()
 
         # 2. Per-request initial noise from per-request generators (CPU by default), drawn
-        #    unpacked [1, C, h, w] each (FLUX packs it after, as diffusers does).
+        #    unpacked [1, C, h, w] each (FLUX packs it after, as diffusers does); init images
+        #    (img2img) are encoded first, sampled with the same generators.
         noise_device = self.device if self.config.noise_on_device else torch.device("cpu")
         generators = [torch.Generator(noise_device).manual_seed(r.resolved_seed) for r in requests]
+        if start is not None:
+            init = denoiser.encode_images(np.stack([i.pixels for i in images]), generators)
         shape = (1, *denoiser.noise_shape(latent_h, latent_w))
         latents = torch.cat([torch.randn(shape, generator=g, device=noise_device)
                              for g in generators])  # fmt: skip
         latents = denoiser.pack(latents.to(self.device, self.dtype))
 
-        # 3. Timesteps. A scheduler instance is stateful: one per chunk.
+        # 3. Timesteps. A scheduler instance is stateful: one per chunk. From noise the loop
+        #    runs them all; from an init image, those from `start` on, the image noised to it.
         scheduler = denoiser.scheduler(scheduler_name, steps, width, height)
-        latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching: none
+        timesteps = scheduler.timesteps
+        if start is None:
+            latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow: none
+        else:
+            timesteps, latents = noised_start(scheduler, start, init, latents)
 
         # 4. Denoising loop (speed: cached skips most of the model between full steps),
         #    each sample through its request's LoRA adapter: names [2B], uncond then cond half.
         adapters = self.lora.names(requests)
         adapter_files = [self.lora.loaded.get(name) for name in adapters]  # None: no adapter
         with self.lora.routed(adapters + adapters), denoiser.loop(speed == Speed.cached.value):
-            for index, t in enumerate(scheduler.timesteps):
+            for index, t in enumerate(timesteps):
                 noise = denoiser.predict(scheduler, latents, t, cond, index)
                 # Ancestral samplers draw fresh noise per step: each request from its own generator.
                 latents = scheduler.step(noise, t, latents, generator=generators).prev_sample
@@ -385,10 +347,3 @@ def _scheduler_record(scheduler: Any, denoiser: Any, width: int, height: int) ->
     if mu is not None:
         record["mu"] = mu
     return record
-
-
-class _SdpaOnly:
-    """The transformer families' attention when sdpa is asked for: diffusers' own processors."""
-
-    def describe(self) -> str:
-        return "sdpa"
