@@ -29,7 +29,7 @@ import torch
 
 from .config import HOT_PATH_OPTIONS, EngineConfig, StorageConfig, first_line
 from .denoiser_build import build_denoiser
-from .image_inputs import ImageInput, noised_start, start_step
+from .image_inputs import ImageInput, MaskedBlend, noised_start, start_step
 from .lora import LoraAdapters, LoraError
 from .models import SDXL_TIME_IDS, ModelComponents, describe_model, load_model
 from .schema import BucketKey, GeneratedImage, ImageRequest, Speed, StageTimings, bucket_key
@@ -188,8 +188,8 @@ class DiffusionEngine:
         return out  # type: ignore[return-value]
 
     def _loop_key(self, request: ImageRequest, image: ImageInput | None) -> tuple:
-        """The bucket key plus where the loop starts: None from noise, else the step an init
-        image enters at (requests starting elsewhere cannot share a loop)."""
+        """The bucket key plus where the loop starts: None from noise, else (img2img or
+        inpaint, the step the init image enters at): loops that start elsewhere are apart."""
         key = self.bucket_key(request)
         if image is None:
             return (*key, None)
@@ -201,7 +201,11 @@ class DiffusionEngine:
             raise ValueError(f"init image of {request.id}: {image.pixels.shape[1]}x"
                              f"{image.pixels.shape[0]} pixels for a {width}x{height} image; "
                              "resize it to the request's size first")  # fmt: skip
-        return (*key, start_step(request.steps, image.strength))
+        if image.mask is not None and self.model.unet.config.in_channels != 4:
+            raise ValueError(f"mask of {request.id}: {self.model.name}'s UNet takes "
+                             f"{self.model.unet.config.in_channels} channels; inpainting runs "
+                             "on 4-channel UNets so far (masked latent blending)")  # fmt: skip
+        return (*key, (image.kind, start_step(request.steps, image.strength)))
 
     def _chunks(self, indices: list[int], requests: list[ImageRequest]) -> list[list[int]]:
         """One bucket's requests as engine batches: at most max_batch_size each, naming at
@@ -229,7 +233,7 @@ class DiffusionEngine:
 
     def _generate_chunk(self, key: tuple, requests: list[ImageRequest],
                         images: list[ImageInput | None]) -> list[GeneratedImage]:  # fmt: skip
-        width, height, steps, scheduler_name, speed, start = key
+        width, height, steps, scheduler_name, speed, entry = key
         batch = len(requests)
         denoiser = self.denoiser
         latent_h, latent_w = height // denoiser.factor, width // denoiser.factor
@@ -245,21 +249,27 @@ class DiffusionEngine:
         #    (img2img) are encoded first, sampled with the same generators.
         noise_device = self.device if self.config.noise_on_device else torch.device("cpu")
         generators = [torch.Generator(noise_device).manual_seed(r.resolved_seed) for r in requests]
-        if start is not None:
+        if entry is not None:
             init = denoiser.encode_images(np.stack([i.pixels for i in images]), generators)
         shape = (1, *denoiser.noise_shape(latent_h, latent_w))
-        latents = torch.cat([torch.randn(shape, generator=g, device=noise_device)
-                             for g in generators])  # fmt: skip
-        latents = denoiser.pack(latents.to(self.device, self.dtype))
+        noise = torch.cat([torch.randn(shape, generator=g, device=noise_device)
+                           for g in generators])  # fmt: skip
+        noise = denoiser.pack(noise.to(self.device, self.dtype))
 
         # 3. Timesteps. A scheduler instance is stateful: one per chunk. From noise the loop
-        #    runs them all; from an init image, those from `start` on, the image noised to it.
+        #    runs them all; from an init image those from its start on, the image noised to
+        #    it (inpainting at strength 1: from noise), a mask putting back what it keeps.
         scheduler = denoiser.scheduler(scheduler_name, steps, width, height)
-        timesteps = scheduler.timesteps
-        if start is None:
-            latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow: none
-        else:
-            timesteps, latents = noised_start(scheduler, start, init, latents)
+        timesteps, blend = scheduler.timesteps, None
+        latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching: none
+        if entry is not None:
+            kind, start = entry
+            timesteps, noised = noised_start(scheduler, start, init, noise)
+            if kind == "img2img" or start > 0:
+                latents = noised
+            if kind == "inpaint":
+                masks = torch.from_numpy(np.stack([i.mask for i in images])).to(self.device)
+                blend = MaskedBlend(scheduler, timesteps, init, noise, masks)
 
         # 4. Denoising loop (speed: cached skips most of the model between full steps),
         #    each sample through its request's LoRA adapter: names [2B], uncond then cond half.
@@ -267,9 +277,11 @@ class DiffusionEngine:
         adapter_files = [self.lora.loaded.get(name) for name in adapters]  # None: no adapter
         with self.lora.routed(adapters + adapters), denoiser.loop(speed == Speed.cached.value):
             for index, t in enumerate(timesteps):
-                noise = denoiser.predict(scheduler, latents, t, cond, index)
+                prediction = denoiser.predict(scheduler, latents, t, cond, index)
                 # Ancestral samplers draw fresh noise per step: each request from its own generator.
-                latents = scheduler.step(noise, t, latents, generator=generators).prev_sample
+                latents = scheduler.step(prediction, t, latents, generator=generators).prev_sample
+                if blend is not None:
+                    latents = blend(index, latents)
         t2 = self._clock()
 
         # 5. VAE decode, [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3].

@@ -1,4 +1,5 @@
-"""Images in (img2img): what the engine takes beside a request, and where the loop starts.
+"""Images in (img2img, inpainting): what the engine takes beside a request, where the loop
+starts, and how a mask keeps what it keeps.
 
 An init image enters the denoising loop part way: `strength` (0 < strength <= 1) decides
 how many of the request's steps run, int(steps * strength) as diffusers counts them, and the
@@ -7,6 +8,11 @@ at the request's size (reading, decoding and resizing are CPU work done before i
 PNG encoding is after it), encodes them with the VAE (each sampled from the VAE's
 posterior with its request's own generator, so an image does not depend on its batch),
 and runs the remaining steps in the same hot path as text-only requests.
+
+With a mask (inpainting on an ordinary 4-channel UNet, diffusers' masked latent blending)
+the region the mask keeps (black) is put back after every step: the init image's latents
+noised to the next step (to none after the last), so the loop only paints where the mask
+is white. A strength of 1 starts that loop from pure noise, as diffusers' does.
 
 Here the engine takes them through `DiffusionEngine.generate(requests, images)`; the
 manifest, the job and the HTTP fronts do not pass init images yet.
@@ -25,6 +31,7 @@ class ImageInput:
 
     pixels: Any  # np.ndarray [H, W, 3] uint8
     strength: float = 0.8
+    mask: Any = None  # np.ndarray [H, W] uint8: white (>= 128) is painted, black kept
 
     def __post_init__(self) -> None:
         if not 0 < self.strength <= 1:  # NaN fails both
@@ -32,6 +39,15 @@ class ImageInput:
         shape = getattr(self.pixels, "shape", None)
         if shape is None or len(shape) != 3 or shape[2] != 3 or str(self.pixels.dtype) != "uint8":
             raise ValueError(f"init image: pixels must be uint8 [H, W, 3], not {shape}")
+        if self.mask is not None:
+            mask_shape = getattr(self.mask, "shape", None)
+            if mask_shape != shape[:2] or str(self.mask.dtype) != "uint8":
+                raise ValueError(f"mask: must be uint8 [H, W] as the image's {shape[:2]}, "
+                                 f"not {mask_shape}")  # fmt: skip
+
+    @property
+    def kind(self) -> str:
+        return "img2img" if self.mask is None else "inpaint"
 
 
 def start_step(steps: int, strength: float) -> int:
@@ -54,3 +70,26 @@ def noised_start(scheduler: Any, start: int, image_latents: Any, noise: Any) -> 
         scheduler.set_begin_index(begin)
     first = timesteps[:1].repeat(noise.shape[0])
     return timesteps, scheduler.add_noise(image_latents, noise, first)
+
+
+class MaskedBlend:
+    """Inpainting on an ordinary UNet: after step `index`, the kept region (mask 0) is the
+    init latents noised to the next timestep (the init latents themselves after the last),
+    the painted region (mask 1) what the loop made. As diffusers' inpainting pipeline for
+    4-channel UNets; every row has its own mask, latents and noise."""
+
+    def __init__(self, scheduler: Any, timesteps: Any, image_latents: Any, noise: Any,
+                 masks: Any):  # fmt: skip
+        import torch.nn.functional as F
+
+        self.scheduler, self.timesteps = scheduler, timesteps
+        self.image_latents, self.noise = image_latents, noise
+        # [B, H, W] uint8 -> binary [B, 1, h, w] at the latents' size (nearest, as diffusers)
+        binary = (masks.float() / 255 >= 0.5).float()[:, None]
+        self.mask = F.interpolate(binary, size=image_latents.shape[-2:]).to(image_latents.dtype)
+
+    def __call__(self, index: int, latents: Any) -> Any:
+        kept = self.image_latents
+        if index < len(self.timesteps) - 1:
+            kept = self.scheduler.add_noise(kept, self.noise, self.timesteps[index + 1 : index + 2])
+        return (1 - self.mask) * kept + self.mask * latents
