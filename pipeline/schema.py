@@ -42,6 +42,9 @@ class Scheduler(str, Enum):
 SCHEDULERS = tuple(s.value for s in Scheduler)
 # A request without a scheduler gets its model's: flow-matching models have no DDIM.
 FAMILY_SCHEDULERS = {"unet": Scheduler.ddim, "sd3": Scheduler.euler, "flux": Scheduler.euler}
+# ... and without guidance_scale its model's: FLUX.1-dev's is the distilled guidance input,
+# 3.5 in diffusers' FluxPipeline (schnell ignores it), not a CFG weight.
+FAMILY_GUIDANCE = {"unet": 7.5, "sd3": 7.0, "flux": 3.5}
 
 
 class Speed(str, Enum):
@@ -106,13 +109,23 @@ class RequestLimits(BaseModel):
         description="The scheduler of requests that name none; default: the model's own (ddim "
         "for UNet models, euler, flow matching, for SD3 and FLUX).",
     )
+    default_guidance_scale: float | None = Field(
+        None,
+        gt=0,
+        description="The guidance_scale of requests that give none; default: the model's own "
+        "(7.5 for UNet models, 7.0 for SD3 as diffusers' pipeline, 3.5 for FLUX's distilled "
+        "guidance).",
+    )
 
     def for_family(self, family: str) -> RequestLimits:
-        """These limits for a model of `family`: the family's scheduler as the default where
-        none is configured."""
-        if self.default_scheduler is not None:
-            return self
-        return self.model_copy(update={"default_scheduler": FAMILY_SCHEDULERS[family]})
+        """These limits for a model of `family`: the family's scheduler and guidance as the
+        defaults where none is configured."""
+        update: dict[str, Any] = {}
+        if self.default_scheduler is None:
+            update["default_scheduler"] = FAMILY_SCHEDULERS[family]
+        if self.default_guidance_scale is None:
+            update["default_guidance_scale"] = FAMILY_GUIDANCE[family]
+        return self.model_copy(update=update) if update else self
 
 
 DEFAULT_LIMITS = RequestLimits()
@@ -363,7 +376,8 @@ def validate_request(
     (a list of key/value pairs in Python) is accepted for `metadata`."""
     clean = {k: v for k, v in row.items() if v is not None}
     clean.setdefault("steps", min(DEFAULT_STEPS, limits.max_steps))
-    clean.setdefault("guidance_scale", min(DEFAULT_GUIDANCE, limits.max_guidance_scale))
+    guidance = getattr(limits, "default_guidance_scale", None) or DEFAULT_GUIDANCE
+    clean.setdefault("guidance_scale", min(guidance, limits.max_guidance_scale))
     if getattr(limits, "default_scheduler", None) is not None:
         clean.setdefault("scheduler", limits.default_scheduler.value)
     if isinstance(clean.get("metadata"), list):

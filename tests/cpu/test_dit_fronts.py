@@ -59,6 +59,7 @@ def test_flux_job_makes_images_and_records_refusals(flux_job):
     records = {r["id"]: r for r in pads.dataset(out / "metadata").to_table().to_pylist()}
     assert sorted(records) == sorted(r["id"] for r in VALID)
     assert records["f-0"]["scheduler"] == "euler"  # the family's default, recorded
+    assert records["f-0"]["guidance_scale"] == 3.5  # FLUX's distilled guidance default
     assert records["f-2"]["scheduler"] == "dpmpp_2m"
     assert records["f-3"]["speed"] == "cached"  # TaylorSeer step caching, recorded
     assert dict(records["f-0"]["backend"])["transformer"] == "flux eager"
@@ -72,7 +73,7 @@ def test_flux_job_makes_images_and_records_refusals(flux_job):
 
 def test_flux_job_image_equals_engine_image(flux_job):
     engine = DiffusionEngine(EngineConfig(model="tiny-flux", device="cpu"))
-    request = ImageRequest(**VALID[0], scheduler="euler")
+    request = ImageRequest(**VALID[0], scheduler="euler", guidance_scale=3.5)  # the defaults
     alone = engine.generate([request])[0].image
     from_job = np.asarray(Image.open(flux_job["out"] / "images" / "f-0.png"))
     assert np.abs(alone.astype(int) - from_job.astype(int)).max() <= 1
@@ -119,7 +120,8 @@ def test_openai_client_routes_to_each_transformer(server):
         assert first.shape == (64, 64, 3) and not np.array_equal(first, second)
     engine = DiffusionEngine(EngineConfig(model="tiny-flux", device="cpu"))
     alone = engine.generate([ImageRequest(id="x", prompt="a red fox", steps=3, seed=5,
-                                          scheduler="euler", width=64, height=64)])[0]  # fmt: skip
+                                          scheduler="euler", guidance_scale=3.5, width=64,
+                                          height=64)])[0]  # FLUX's defaults  # fmt: skip
     assert np.abs(alone.image.astype(int) - first.astype(int)).max() <= 1
 
 

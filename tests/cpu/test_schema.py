@@ -29,6 +29,21 @@ def test_minimal_row_takes_defaults():
     assert request.resolved_seed == seed_from_id("a") == seed_from_id("a")
 
 
+def test_each_family_has_its_default_scheduler_and_guidance():
+    from daguerre.pipeline.schema import RequestLimits
+
+    defaults = {}
+    for family in ("unet", "sd3", "flux"):
+        request = validate_request({"id": "a", "prompt": "a cat"},
+                                   RequestLimits().for_family(family))  # fmt: skip
+        defaults[family] = (request.scheduler.value, request.guidance_scale)
+    assert defaults == {"unet": ("ddim", 7.5), "sd3": ("euler", 7.0), "flux": ("euler", 3.5)}
+    capped = RequestLimits(max_guidance_scale=2.0).for_family("flux")
+    assert validate_request({"id": "a", "prompt": "x"}, capped).guidance_scale == 2.0
+    chosen = RequestLimits(default_guidance_scale=5.0).for_family("flux")
+    assert validate_request({"id": "a", "prompt": "x"}, chosen).guidance_scale == 5.0
+
+
 def test_nulls_count_as_missing():
     request = validate_request(
         {"id": "a", "prompt": "x", "steps": None, "seed": None, "metadata": None}
