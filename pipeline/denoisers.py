@@ -95,14 +95,23 @@ class Denoiser:
         sampled from the VAE's posterior with its request's generator (first, as diffusers
         draws), then (x - shift_factor) * scaling_factor, what `to_vae` undoes."""
         vae, config = self.model.vae, self.model.vae.config
-        images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2)
-        posterior = vae.encode(images.to(vae.dtype) / 127.5 - 1).latent_dist
+        images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        posterior = vae.encode(images.to(vae.dtype)).latent_dist
         mean, std = posterior.mean, posterior.std
         draws = [torch.randn((1, *mean.shape[1:]), generator=g, device=g.device, dtype=mean.dtype)
                  for g in generators]  # fmt: skip
         samples = mean + std * torch.cat(draws).to(mean.device)
         shift = getattr(config, "shift_factor", None) or 0.0
         return ((samples - shift) * config.scaling_factor).to(self.dtype)
+
+    def skip_posterior_draw(self, generators: list[torch.Generator], latent_h: int,
+                            latent_w: int) -> None:  # fmt: skip
+        """Advance each generator past one posterior-sized draw, as diffusers' inpainting
+        spends one on the masked image (4-channel UNets never use it), so an ancestral
+        sampler's per-step noise is diffusers' too."""
+        shape = (1, self.model.vae.config.latent_channels, latent_h, latent_w)
+        for g in generators:
+            torch.randn(shape, generator=g, device=g.device)
 
     def to_vae(self, latents: torch.Tensor, latent_h: int, latent_w: int) -> torch.Tensor:
         """Latents as the VAE decodes them: / scaling_factor (+ shift_factor where it has one)."""

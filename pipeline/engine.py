@@ -29,7 +29,7 @@ import torch
 
 from .config import HOT_PATH_OPTIONS, EngineConfig, StorageConfig, first_line
 from .denoiser_build import build_denoiser
-from .image_inputs import ImageInput, MaskedBlend, noised_start, start_step
+from .image_inputs import ImageInput, MaskedBlend, image_refusal, noised_start, start_step
 from .lora import LoraAdapters, LoraError
 from .models import SDXL_TIME_IDS, ModelComponents, describe_model, load_model
 from .schema import BucketKey, GeneratedImage, ImageRequest, Speed, StageTimings, bucket_key
@@ -125,14 +125,19 @@ class DiffusionEngine:
             return "needs quantize none (adapters on 8-bit layers are not supported)"
         return None
 
-    def request_errors(self, requests: list[ImageRequest]) -> dict[int, Exception]:
+    def request_errors(self, requests: list[ImageRequest],
+                       images: list[ImageInput | None] | None = None) -> dict[int, Exception]:  # fmt: skip
         """{index: why} for the requests this engine cannot make: what the model's family
         refuses (a scheduler without a flow form, a negative prompt for FLUX, a size off its
-        grid), then an adapter that cannot be used (the others' adapters load on the way)."""
+        grid), an init image it cannot start from, then an adapter that cannot be used (the
+        others' adapters load on the way)."""
         failed: dict[int, Exception] = {}
         for i, request in enumerate(requests):
             width, height = request.resolved_size(self.model.default_size)
             refused = self.denoiser.refusal(request, width, height)
+            image = images[i] if images else None
+            if refused is None and image is not None:
+                refused = image_refusal(image, request.steps, width, height, self.model)
             if refused is not None:
                 failed[i] = refused
         tried: dict[tuple[str, float], Exception | None] = {}
@@ -174,7 +179,9 @@ class DiffusionEngine:
                  images: list[ImageInput | None] | None = None) -> list[GeneratedImage]:  # fmt: skip
         """One image per request, in the order given; `images[i]`, where given, is request
         i's init image (img2img, pipeline/image_inputs.py)."""
-        images = images or [None] * len(requests)
+        images = [None] * len(requests) if images is None else images
+        if len(images) != len(requests):
+            raise ValueError(f"{len(images)} init images for {len(requests)} requests")
         buckets: dict[tuple, list[int]] = {}
         for i, request in enumerate(requests):
             buckets.setdefault(self._loop_key(request, images[i]), []).append(i)
@@ -193,18 +200,9 @@ class DiffusionEngine:
         key = self.bucket_key(request)
         if image is None:
             return (*key, None)
-        if self.model.family != "unet":
-            raise ValueError(f"init images (img2img) run on UNet models so far; {self.model.name} "
-                             f"is a {self.model.family} transformer")  # fmt: skip
-        width, height = key[0], key[1]
-        if image.pixels.shape[:2] != (height, width):
-            raise ValueError(f"init image of {request.id}: {image.pixels.shape[1]}x"
-                             f"{image.pixels.shape[0]} pixels for a {width}x{height} image; "
-                             "resize it to the request's size first")  # fmt: skip
-        if image.mask is not None and self.model.unet.config.in_channels != 4:
-            raise ValueError(f"mask of {request.id}: {self.model.name}'s UNet takes "
-                             f"{self.model.unet.config.in_channels} channels; inpainting runs "
-                             "on 4-channel UNets so far (masked latent blending)")  # fmt: skip
+        refused = image_refusal(image, request.steps, key[0], key[1], self.model)
+        if refused is not None:  # callers find these per row with request_errors first
+            raise refused
         return (*key, (image.kind, start_step(request.steps, image.strength)))
 
     def _chunks(self, indices: list[int], requests: list[ImageRequest]) -> list[list[int]]:
@@ -255,6 +253,8 @@ class DiffusionEngine:
         noise = torch.cat([torch.randn(shape, generator=g, device=noise_device)
                            for g in generators])  # fmt: skip
         noise = denoiser.pack(noise.to(self.device, self.dtype))
+        if entry is not None and entry[0] == "inpaint":  # diffusers draws the masked image's
+            denoiser.skip_posterior_draw(generators, latent_h, latent_w)  # posterior next
 
         # 3. Timesteps. A scheduler instance is stateful: one per chunk. From noise the loop
         #    runs them all; from an init image those from its start on, the image noised to

@@ -23,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .config import RequestRefused
+
 
 @dataclass(frozen=True)
 class ImageInput:
@@ -52,13 +54,34 @@ class ImageInput:
 
 def start_step(steps: int, strength: float) -> int:
     """The step an init image enters a loop of `steps` at (steps run: int(steps * strength))."""
-    run = min(int(steps * strength), steps)
-    if run < 1:
-        raise ValueError(
-            f"strength: {strength} of {steps} steps runs no step; use strength >= {1 / steps:.3g} "
+    return steps - min(int(steps * strength), steps)
+
+
+def image_refusal(image: ImageInput, steps: int, width: int, height: int,
+                  model: Any) -> RequestRefused | None:  # fmt: skip
+    """Why an engine of `model` cannot start this init image's loop (None: it can)."""
+    if model.family != "unet":
+        return RequestRefused("init_image", (
+            f"img2img and inpainting run on UNet models so far; {model.name} is a "
+            f"{model.family} transformer"
+        ))  # fmt: skip
+    if image.pixels.shape[:2] != (height, width):
+        return RequestRefused("init_image", (
+            f"{image.pixels.shape[1]}x{image.pixels.shape[0]} pixels for a {width}x{height} "
+            "image; resize it to the request's size first"
+        ))  # fmt: skip
+    channels = model.unet.config.in_channels
+    if image.mask is not None and channels != 4:
+        return RequestRefused("mask_image", (
+            f"{model.name}'s UNet takes {channels} channels; inpainting runs on 4-channel UNets "
+            "so far (masked latent blending)"
+        ))  # fmt: skip
+    if start_step(steps, image.strength) == steps:
+        return RequestRefused("strength", (
+            f"{image.strength} of {steps} steps runs no step; use strength >= {1 / steps:.3g} "
             "or more steps"
-        )
-    return steps - run
+        ))  # fmt: skip
+    return None
 
 
 def noised_start(scheduler: Any, start: int, image_latents: Any, noise: Any) -> tuple[Any, Any]:

@@ -13,6 +13,7 @@ from daguerre.pipeline.image_inputs import ImageInput, start_step
 from daguerre.pipeline.schema import ImageRequest
 
 SCHEDULER_CLASSES = {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler",
+                     "euler_a": "EulerAncestralDiscreteScheduler",
                      "dpmpp_2m": "DPMSolverMultistepScheduler"}  # fmt: skip
 
 
@@ -46,7 +47,7 @@ def peer(engine, tmp_path_factory):
     return ours, StableDiffusionImg2ImgPipeline.from_pretrained(str(folder), local_files_only=True)
 
 
-@pytest.mark.parametrize("scheduler", list(SCHEDULER_CLASSES))
+@pytest.mark.parametrize("scheduler", ["ddim", "euler", "euler_a", "dpmpp_2m"])
 def test_img2img_matches_diffusers_pipeline(peer, scheduler):
     import diffusers
     from PIL import Image
@@ -101,17 +102,29 @@ def test_strength_decides_the_steps_run_and_how_far_the_image_moves(engine):
 
 
 def test_bad_inputs_say_what_is_wrong(engine, tmp_path):
+    """Each bad init image is refused alone, naming its field (request_errors), and a call
+    that skips that check fails with the same line."""
+    from daguerre.pipeline.config import RequestRefused
+
     with pytest.raises(ValueError, match="strength: 0 is out of range"):
         ImageInput(photo(0), 0)
     with pytest.raises(ValueError, match=r"pixels must be uint8 \[H, W, 3\]"):
         ImageInput(photo(0)[..., 0], 0.5)
-    with pytest.raises(ValueError, match="strength: 0.05 of 5 steps runs no step"):
-        start_step(5, 0.05)
-    with pytest.raises(ValueError, match="48x48 pixels for a 64x64 image"):
-        engine.generate([req(0)], [ImageInput(photo(0, side=48), 0.5)])
+    assert start_step(5, 0.6) == 2 and start_step(5, 1.0) == 0
+    inputs = [ImageInput(photo(0), 0.05), ImageInput(photo(0, side=48), 0.5), None,
+              ImageInput(photo(0), 0.5)]  # fmt: skip
+    failed = engine.request_errors([req(i) for i in range(4)], inputs)
+    assert sorted(failed) == [0, 1]
+    assert (failed[0].field, failed[1].field) == ("strength", "init_image")
+    assert "0.05 of 5 steps runs no step" in str(failed[0])
+    assert "48x48 pixels for a 64x64 image" in str(failed[1])
+    with pytest.raises(RequestRefused, match="48x48 pixels for a 64x64 image"):
+        engine.generate([req(0)], [inputs[1]])
+    with pytest.raises(ValueError, match="1 init images for 2 requests"):
+        engine.generate([req(0), req(1)], [inputs[3]])
     flux = DiffusionEngine(EngineConfig(model="tiny-flux", device="cpu"))
-    with pytest.raises(ValueError, match="run on UNet models so far; tiny-flux is a flux"):
-        flux.generate([req(0)], [ImageInput(photo(0), 0.5)])
+    [refused] = flux.request_errors([req(0, scheduler="euler")], [inputs[3]]).values()
+    assert refused.field == "init_image" and "run on UNet models so far" in str(refused)
 
 
 # -- inpainting: masked latent blending on a 4-channel UNet ----------------------------------
@@ -124,7 +137,9 @@ def square_mask(side: int = 64) -> np.ndarray:
     return mask
 
 
-@pytest.mark.parametrize(("scheduler", "strength"), [("ddim", 1.0), ("euler", 0.7), ("ddim", 0.6)])
+@pytest.mark.parametrize(
+    ("scheduler", "strength"), [("ddim", 1.0), ("euler", 0.7), ("ddim", 0.6), ("euler_a", 1.0)]
+)
 def test_inpainting_matches_diffusers_pipeline(peer, scheduler, strength):
     import diffusers
     from diffusers import StableDiffusionInpaintPipeline
