@@ -4,8 +4,10 @@ CUDA execution provider with I/O binding on GPU, the CPU one otherwise)."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -78,9 +80,14 @@ def export_graph(module: Any, inputs: list[Any], input_names: list[str], dynamic
     tmp = path.parent.with_name(f".{path.parent.name}.{uuid.uuid4().hex}.tmp")
     tmp.mkdir(parents=True)
     try:
-        with torch.no_grad():
+        # quiet: the exporter's progress lines and its own deprecation notes are not the
+        # user's to act on (a failed export still raises)
+        registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+        registration.setLevel(logging.ERROR)  # "torchvision is not installed": nor needed
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", (FutureWarning, UserWarning))
             program = torch.onnx.export(
-                module, tuple(inputs), dynamo=True, opset_version=ONNX_OPSET,
+                module, tuple(inputs), dynamo=True, opset_version=ONNX_OPSET, verbose=False,
                 input_names=input_names, output_names=["noise"], dynamic_shapes=dynamic,
             )  # fmt: skip
         program.save(str(tmp / path.name), external_data=True)  # > 2 GB models need it

@@ -8,8 +8,10 @@ denoising loop, VAE decode, timings, provenance) and asks its `Denoiser` for the
     conditioning(...)                 the stacked rows plus family extras (SDXL time ids,
                                       FLUX position ids and guidance vector)
     noise_shape(h, w)                 one request's unpacked latent noise: drawn per request
+    encode_images(pixels, generators) init images (img2img, inpainting) as latents
     pack(x) / to_vae(x, h, w)         latent packing (FLUX 2x2) and the VAE's latent scale
     scheduler(name, steps, w, h)      the family's scheduler, timesteps set
+    loop(cached)                      around one denoising loop (step caching on or off)
     predict(sched, x, t, cond, i)     the model output for the batch at step i (CFG inside)
     refusal(request)                  why one request cannot run here (a per-row error)
 
