@@ -32,6 +32,15 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private $DAGUERRE_CACHE for one test module (compiled graphs, bench results)."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGUERRE_CACHE", str(root))
+        yield root
+
+
 @pytest.fixture(scope="session")
 def tiny_engine():
     """A DiffusionEngine on the tiny preset (CPU, float32)."""

@@ -24,14 +24,6 @@ HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
 needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnxruntime is not installed (onnx extra)")
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DAGUERRE_CACHE", str(root))
-        yield root
-
-
 def unet_inputs(unet, batch: int, size: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     sample = torch.randn(batch, unet.config.in_channels, size, size, generator=gen)

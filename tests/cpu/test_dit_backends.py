@@ -28,14 +28,6 @@ needs_ort = pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None,
 FAMILIES = ["tiny-sd3", "tiny-flux"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DAGUERRE_CACHE", str(root))
-        yield root
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
 def eager(request):
     return DiffusionEngine(EngineConfig(model=request.param, device="cpu"))
