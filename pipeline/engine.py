@@ -133,9 +133,9 @@ class DiffusionEngine:
         others' adapters load on the way)."""
         failed: dict[int, Exception] = {}
         for i, request in enumerate(requests):
-            width, height = request.resolved_size(self.model.default_size)
-            refused = self.denoiser.refusal(request, width, height)
             image = images[i] if images else None
+            width, height = self._size(request, image)
+            refused = self.denoiser.refusal(request, width, height)
             if refused is None and image is not None:
                 refused = image_refusal(image, request.steps, width, height, self.model)
             if refused is not None:
@@ -160,6 +160,12 @@ class DiffusionEngine:
     def bucket_key(self, request: ImageRequest) -> BucketKey:
         """Requests with equal keys can share one denoising loop."""
         return bucket_key(request, self.model.default_size)
+
+    def _size(self, request: ImageRequest, image: ImageInput | None) -> tuple[int, int]:
+        """(width, height) made: an init image's own when the request gives no size."""
+        if image is not None and request.sized_by_image:
+            return image.pixels.shape[1], image.pixels.shape[0]
+        return request.resolved_size(self.model.default_size)
 
     def prepare(self, width: int, height: int) -> list[Any]:
         """Build (or find cached) what the denoiser's backend needs for one image size."""
@@ -200,6 +206,7 @@ class DiffusionEngine:
         key = self.bucket_key(request)
         if image is None:
             return (*key, None)
+        key = (*self._size(request, image), *key[2:])
         refused = image_refusal(image, request.steps, key[0], key[1], self.model)
         if refused is not None:  # callers find these per row with request_errors first
             raise refused
@@ -287,7 +294,7 @@ class DiffusionEngine:
         # 5. VAE decode, [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3].
         pixels = self.model.vae.decode(denoiser.to_vae(latents, latent_h, latent_w)).sample
         pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        images = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        made = pixels.permute(0, 2, 3, 1).cpu().numpy()
         t3 = self._clock()
 
         share = StageTimings(
@@ -300,7 +307,7 @@ class DiffusionEngine:
         return [
             GeneratedImage(
                 request=r,
-                image=images[i],
+                image=made[i],
                 seed=r.resolved_seed,
                 width=width,
                 height=height,
@@ -308,6 +315,7 @@ class DiffusionEngine:
                 scheduler_config=scheduler_config,
                 timings=share,
                 lora_sha256=None if adapter_files[i] is None else adapter_files[i].sha256,
+                inputs=None if images[i] is None else images[i].provenance,
             )
             for i, r in enumerate(requests)
         ]

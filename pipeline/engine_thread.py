@@ -8,32 +8,37 @@ import dataclasses
 
 from .config import EngineConfig, StorageConfig
 from .engine import DiffusionEngine
+from .image_inputs import ImageInput
 from .quality import QualityConfig, QualityGate
 from .schema import GeneratedImage, ImageRequest
 from .semantic_cache import SemanticIndex, semantic_hits
 
+Images = dict[str, ImageInput]  # init images by request id (img2img, inpainting)
 
-def generate_each(
-    engine: DiffusionEngine, requests: list[ImageRequest]
-) -> list[GeneratedImage | Exception]:
+
+def generate_each(engine: DiffusionEngine, requests: list[ImageRequest],
+                  images: Images | None = None) -> list[GeneratedImage | Exception]:  # fmt: skip
     """One image or one exception per request, in order: a request whose LoRA adapter cannot
     be used fails alone first (LoraError, field `lora`); a batch that fails is retried one
-    request at a time, so a single bad request cannot take its batch-mates down with it."""
+    request at a time, so a single bad request cannot take its batch-mates down with it.
+    `images`: the init images of the requests that have one, by id."""
     if not requests:
         return []
-    failed = engine.request_errors(requests)
+    images = images or {}
+    failed = engine.request_errors(requests, [images.get(r.id) for r in requests])
     if failed:
-        rest = iter(generate_each(engine, [r for i, r in enumerate(requests) if i not in failed]))
+        rest = iter(generate_each(engine, [r for i, r in enumerate(requests) if i not in failed],
+                                  images))  # fmt: skip
         return [failed[i] if i in failed else next(rest) for i in range(len(requests))]
     try:
-        return list(engine.generate(requests))
+        return list(engine.generate(requests, [images.get(r.id) for r in requests]))
     except Exception as exc:
         if len(requests) == 1:
             return [exc]
     out: list[GeneratedImage | Exception] = []
     for request in requests:
         try:
-            out.append(engine.generate([request])[0])
+            out.append(engine.generate([request], [images.get(request.id)])[0])
         except Exception as exc:
             out.append(exc)
     return out
@@ -58,15 +63,16 @@ class EngineThread:
         self.gate = QualityGate(quality) if quality is not None and quality.enabled else None
         self.semantic = semantic
 
-    def _generate(self, requests: list[ImageRequest]) -> list[GeneratedImage | Exception]:
+    def _generate(self, requests: list[ImageRequest],
+                  images: Images | None = None) -> list[GeneratedImage | Exception]:  # fmt: skip
         """Near-duplicates from the semantic cache (with it), the rest made: `generate_each`,
         then the quality gate (its regenerations included); made images carry their prompt
-        vector, so the write path indexes them."""
+        vector, so the write path indexes them. Requests with an init image are always made."""
         if self.semantic is None:
-            return self._make(requests)
+            return self._make(requests, images)
         quality = self.gate.config if self.gate is not None else None
         hits, vectors = semantic_hits(self.semantic, self.engine, requests, quality)
-        made = iter(self._make([r for i, r in enumerate(requests) if i not in hits]))
+        made = iter(self._make([r for i, r in enumerate(requests) if i not in hits], images))
         out: list[GeneratedImage | Exception] = []
         for i in range(len(requests)):
             if i in hits:
@@ -79,22 +85,24 @@ class EngineThread:
             out.append(result)
         return out
 
-    def _make(self, requests: list[ImageRequest]) -> list[GeneratedImage | Exception]:
-        results = generate_each(self.engine, requests)
+    def _make(self, requests: list[ImageRequest],
+              images: Images | None) -> list[GeneratedImage | Exception]:  # fmt: skip
+        results = generate_each(self.engine, requests, images)
         if self.gate is None:
             return results
-        return self.gate.run(lambda again: generate_each(self.engine, again), requests, results)
+        again = lambda retries: generate_each(self.engine, retries, images)  # noqa: E731
+        return self.gate.run(again, requests, results)
 
-    def generate_each(self, requests: list[ImageRequest]) -> list[GeneratedImage | Exception]:
+    def generate_each(self, requests: list[ImageRequest],
+                      images: Images | None = None) -> list[GeneratedImage | Exception]:  # fmt: skip
         """`generate_each` and the gate on the engine's thread (blocking the caller)."""
-        return self.executor.submit(self._generate, requests).result()
+        return self.executor.submit(self._generate, requests, images).result()
 
-    async def generate_each_async(
-        self, requests: list[ImageRequest]
-    ) -> list[GeneratedImage | Exception]:
+    async def generate_each_async(self, requests: list[ImageRequest],
+                                  images: Images | None = None) -> list[GeneratedImage | Exception]:  # fmt: skip
         """`generate_each` and the gate on the engine's thread, awaited without blocking the
         event loop."""
         import asyncio
 
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.executor, self._generate, requests)
+        return await loop.run_in_executor(self.executor, self._generate, requests, images)

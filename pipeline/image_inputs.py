@@ -14,8 +14,8 @@ the region the mask keeps (black) is put back after every step: the init image's
 noised to the next step (to none after the last), so the loop only paints where the mask
 is white. A strength of 1 starts that loop from pure noise, as diffusers' does.
 
-Here the engine takes them through `DiffusionEngine.generate(requests, images)`; the
-manifest, the job and the HTTP fronts do not pass init images yet.
+The engine takes them through `DiffusionEngine.generate(requests, images)`; reading them
+from a request's URI or upload is pipeline/image_reads.py's.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class ImageInput:
     pixels: Any  # np.ndarray [H, W, 3] uint8
     strength: float = 0.8
     mask: Any = None  # np.ndarray [H, W] uint8: white (>= 128) is painted, black kept
+    provenance: dict[str, Any] | None = None  # for the metadata row (pipeline/image_reads.py)
 
     def __post_init__(self) -> None:
         if not 0 < self.strength <= 1:  # NaN fails both

@@ -193,6 +193,9 @@ def watermark_survives(data: bytes, marks: MarksConfig) -> bool:
     return read_watermark(decode(data), len(payload), marks.watermark_method) == payload
 
 
+IMAGE_INPUT_FIELDS = ("init_image", "mask_image", "strength", "resize")  # from `inputs` instead
+
+
 def provenance_fields(generated: GeneratedImage, provenance: Provenance, run_id: str,
                       version: str, watermark: str | None) -> dict[str, Any]:  # fmt: skip
     """What a file says about itself (PNG text chunks, content credentials): the request
@@ -205,7 +208,7 @@ def provenance_fields(generated: GeneratedImage, provenance: Provenance, run_id:
             "model": provenance.model, "weights_hash": provenance.weights_hash,
             "speed": request.speed.value, "lora": request.lora,
             "lora_scale": request.lora_scale if request.lora else None,
-            "lora_sha256": generated.lora_sha256,
+            "lora_sha256": generated.lora_sha256, **(generated.inputs or {}),
             "run_id": run_id, "daguerre_version": version, "ai_generated": True,
             "watermark": watermark}  # fmt: skip
 
@@ -218,7 +221,8 @@ def image_record(encoded: EncodedImage, *, uri: str, variants: dict[str, str], r
     generated, provenance = encoded.generated, encoded.provenance
     request = generated.request
     fields = request.model_dump(exclude={"seed", "width", "height", "scheduler", "model",
-                                         "speed"})  # fmt: skip
+                                         "speed", *IMAGE_INPUT_FIELDS})  # fmt: skip
+    fields.update(generated.inputs or {})  # init image, mask, strength, steps run
     return ImageRecord(
         **fields,
         speed=request.speed.value,

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .schema import GeneratedImage, ImageRequest, StageTimings
+from .schema import UPLOAD_PREFIX, GeneratedImage, ImageRequest, StageTimings
 from .storage import Storage
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,11 @@ def cache_salt(request: ImageRequest, quantize: str, noise_on_device: bool, qual
     request's: an 8-bit UNet and device noise (other pixels), the quality gate that passed
     it (a stricter gate must not be served what a laxer one let through), and the version
     of a LoRA file (retrained in place, same path). "" for the defaults; None when the
-    request's adapter cannot be found (the cache stays out of it)."""
+    request's adapter cannot be found, or its init image is named by a URI whose file may
+    change (the cache stays out of it; uploads are named by their content's sha256)."""
+    if any(uri is not None and not uri.startswith(UPLOAD_PREFIX)
+           for uri in (request.init_image, request.mask_image)):  # fmt: skip
+        return None
     parts: dict[str, Any] = {}
     if quantize != "none":
         parts["quantize"] = quantize

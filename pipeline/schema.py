@@ -55,6 +55,16 @@ class Speed(str, Enum):
     cached = "cached"
 
 
+class ResizeMode(str, Enum):
+    """How an init image becomes the request's size: `fill` covers it (scaled, the overflow
+    cropped from the centre), `fit` fits inside it (scaled, centred, padded with white),
+    `stretch` scales each side on its own (aspect not kept)."""
+
+    fill = "fill"
+    fit = "fit"
+    stretch = "stretch"
+
+
 SEED_LIMIT = 2**63  # seeds are int64 in the manifest: 0 <= seed < SEED_LIMIT
 
 # An id becomes a storage key (`images/<id>.png`): path segments of these characters only.
@@ -64,6 +74,8 @@ ID_PATTERN = f"^{_SEGMENT}(/{_SEGMENT})*$"  # a whole id, as the OpenAPI documen
 MAX_ID_CHARS = 200
 DEFAULT_STEPS, DEFAULT_GUIDANCE = 30, 7.5  # a request's defaults, capped by its limits
 MAX_LORA_CHARS = 1024  # longest `lora` path or URI
+MAX_URI_CHARS = 1024  # longest `init_image` or `mask_image` URI
+UPLOAD_PREFIX = "upload:sha256:"  # an init image sent online: named by its content
 LORA_SCALE_LIMIT = 10.0  # -LORA_SCALE_LIMIT <= lora_scale <= LORA_SCALE_LIMIT
 
 # A prompt must hold a character that is not blank. Blank is whitespace to Python's
@@ -197,6 +209,28 @@ class ImageRequest(BaseModel):
         f"{LORA_SCALE_LIMIT:g}); unused without lora.",
     )
 
+    init_image: str | None = Field(
+        None,
+        description="An image to start from (img2img): an s3:// URI, file://, or a path "
+        "relative to the manifest; online, the uploaded image. Without width and height the "
+        "output takes its size rounded down to a multiple of 8.",
+    )
+    mask_image: str | None = Field(
+        None,
+        description="Inpainting: a mask the size of init_image, white where the image is "
+        "repainted, black where it is kept; needs init_image.",
+    )
+    strength: float = Field(
+        0.8,
+        description="How far from init_image the result may go (0 < strength <= 1): "
+        "int(steps * strength) of the steps run; unused without init_image.",
+    )
+    resize: ResizeMode = Field(
+        ResizeMode.fill,
+        description="How init_image (and mask_image) become width x height when the request "
+        "gives a size: fill (cover, centre crop), fit (inside, padded) or stretch.",
+    )
+
     @field_validator("id")
     @classmethod
     def _check_id(cls, v: str) -> str:
@@ -254,6 +288,26 @@ class ImageRequest(BaseModel):
             raise ValueError("contains control characters")
         return _check_unicode(v)
 
+    @field_validator("init_image", "mask_image")
+    @classmethod
+    def _check_image_uri(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("must not be empty")
+        if len(v) > MAX_URI_CHARS:
+            raise ValueError(f"is {len(v)} characters long; at most {MAX_URI_CHARS} allowed")
+        if any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError("contains control characters")
+        return _check_unicode(v)
+
+    @field_validator("strength")
+    @classmethod
+    def _check_strength(cls, v: float) -> float:
+        if not 0 < v <= 1:  # NaN fails both comparisons
+            raise ValueError(f"{v} is out of range; use 0 < strength <= 1")
+        return v
+
     @field_validator("lora_scale")
     @classmethod
     def _check_lora_scale(cls, v: float) -> float:
@@ -308,7 +362,14 @@ class ImageRequest(BaseModel):
                     f"width,height: {self.width}x{self.height} is {self.width * self.height} "
                     f"pixels; at most {limit} allowed"
                 )
+        if self.mask_image is not None and self.init_image is None:
+            raise ValueError("mask_image: needs init_image (the image the mask applies to)")
         return self
+
+    @property
+    def sized_by_image(self) -> bool:
+        """The output takes the init image's size (rounded down to a multiple of 8)."""
+        return self.init_image is not None and self.width is None and self.height is None
 
     @property
     def resolved_seed(self) -> int:
@@ -325,7 +386,9 @@ class ImageRequest(BaseModel):
         `metadata` and `model` are left out: the first never changes an image, the second is
         compared on its own (model name and weights hash). `lora` counts by its path (a rerun
         compares fingerprints from the manifest alone, without reading adapters), `lora_scale`
-        only with a lora, so requests without one keep the fingerprints they had."""
+        only with a lora, so requests without one keep the fingerprints they had. An init
+        image counts by its URI, with the mask, strength and resize mode (online uploads are
+        named by their content's sha256); sized by the image, the size is "init_image"."""
         fields = {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
@@ -341,6 +404,11 @@ class ImageRequest(BaseModel):
         if self.lora is not None:
             fields["lora"] = self.lora
             fields["lora_scale"] = float(self.lora_scale)
+        if self.init_image is not None:
+            fields.update(init_image=self.init_image, mask_image=self.mask_image,
+                          strength=float(self.strength), resize=self.resize.value)  # fmt: skip
+            if self.sized_by_image:  # a rerun computes it from the manifest, unread
+                fields["width"] = fields["height"] = "init_image"
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -449,6 +517,7 @@ class GeneratedImage:
     made_by: dict[str, Any] | None = None  # a cache hit: the provenance of what made it
     prompt_vector: Any = None  # the semantic cache's unit vector of the prompt (np.float16)
     lora_sha256: str | None = None  # the adapter file it was made with (the audit trail)
+    inputs: dict[str, Any] | None = None  # made from an image: ImageRecord's init_* fields
 
 
 class EngineRow(BaseModel):
@@ -464,6 +533,7 @@ class EngineRow(BaseModel):
     cache_similarity: float | None = None
     prompt_vector: bytes | None = None  # float16: the write stage indexes the image with it
     lora_sha256: str | None = None
+    inputs: str | None = None  # JSON: the init image's provenance (GeneratedImage.inputs)
     error_stage: str | None = None
     error_field: str | None = None
     error_reason: str | None = None
@@ -528,6 +598,15 @@ class ImageRecord(BaseModel):
     cache_source: str | None = None  # on a hit: the cache entry's key (weights + request)
     cache_similarity: float | None = None  # a semantic-cache hit: prompt cosine similarity
     lora_sha256: str | None = None  # sha256 of the LoRA file the image was made with
+    # Images in (null for text-only requests): the source photo, the mask, how they were used.
+    init_image: str | None = None  # its URI (online: upload:sha256:<hex>)
+    init_sha256: str | None = None  # sha256 of the file as read
+    mask_image: str | None = None
+    mask_sha256: str | None = None
+    strength: float | None = None
+    resize: str | None = None  # how they became the output's size (null: sized by the image)
+    steps_run: int | None = None  # denoising steps actually run: int(steps * strength)
+    composite: str | None = None  # JSON: the layers placed over the image (composite:)
     status: Literal["ok"] = "ok"  # failures go to the errors table, never here
     error: str | None = None
 

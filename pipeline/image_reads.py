@@ -1,0 +1,169 @@
+"""Reading init images and masks: from a request's URI to the pixels the engine takes.
+
+A request names its init image (and mask) by URI: `s3://`, `file://`, an absolute path, or
+a path relative to the manifest's folder; online, an upload named by its content
+(`upload:sha256:<hex>`). Reading is CPU work done before the engine (the job's image stage,
+the online ingress), so the engine only ever sees pixels at the output's size.
+
+The size rule: a request with width or height gets that size (the model's side filling a
+missing one), the image made to fit it by `resize` (fill: cover and crop the centre; fit:
+inside, padded with white, a mask's padding white so the padding is painted; stretch).
+A request with neither takes the image's own size rounded down to a multiple of 8 (the
+centre kept), within the deployment's limits. A mask must be the init image's size.
+
+Every failure is the row's alone, a `RequestRefused` naming the field: a missing file, one
+that is not an image, one too large, a mask that does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import posixpath
+from collections.abc import Callable
+from typing import Any
+
+from .config import RequestRefused, StorageConfig
+from .image_inputs import ImageInput, start_step
+from .schema import UPLOAD_PREFIX, ImageRequest, RequestLimits, ResizeMode
+
+MAX_INPUT_BYTES = 64 * 2**20  # largest init image or mask file read
+MAX_INPUT_PIXELS = 64 * 10**6  # largest decoded (width x height), checked before decoding
+WHITE = (255, 255, 255)
+
+Reader = Callable[[str], bytes]
+
+
+def resolve_uri(uri: str, base: str | None) -> str:
+    """`uri` as read: URLs and absolute paths as they are, relative paths under `base` (the
+    manifest's folder, itself a path or URL)."""
+    if "://" in uri or uri.startswith(UPLOAD_PREFIX) or os.path.isabs(uri) or not base:
+        return uri
+    if "://" in base:
+        return posixpath.join(base.rstrip("/"), uri)
+    return os.path.join(base, uri)
+
+
+def storage_reader(config: StorageConfig | None = None) -> Reader:
+    """A reader of paths, file:// and s3:// URIs (through fsspec, with the storage config's
+    endpoint and credentials), refusing files over MAX_INPUT_BYTES."""
+
+    def read(uri: str) -> bytes:
+        import fsspec
+
+        from .storage import storage_options
+
+        with fsspec.open(uri, "rb", **storage_options(uri, config)) as f:
+            data = f.read(MAX_INPUT_BYTES + 1)
+        if len(data) > MAX_INPUT_BYTES:
+            raise ValueError(f"the file is over {MAX_INPUT_BYTES // 2**20} MiB")
+        return data
+
+    return read
+
+
+def load_image_input(request: ImageRequest, read: Reader, base: str | None,
+                     limits: RequestLimits, default_side: int) -> ImageInput:  # fmt: skip
+    """The engine's ImageInput of a request with an init image (its provenance for the
+    metadata row with it); RequestRefused naming init_image or mask_image when it cannot be
+    used."""
+    assert request.init_image is not None
+    init_bytes = _read(request.init_image, "init_image", read, base)
+    init = _decode(init_bytes, "init_image", mode="RGB")
+    mask = mask_bytes = None
+    if request.mask_image is not None:
+        mask_bytes = _read(request.mask_image, "mask_image", read, base)
+        mask = _decode(mask_bytes, "mask_image", mode="L")
+        if mask.size != init.size:
+            raise RequestRefused("mask_image", (
+                f"is {mask.size[0]}x{mask.size[1]} pixels; it must match init_image's "
+                f"{init.size[0]}x{init.size[1]}"
+            ))  # fmt: skip
+    width, height = output_size(request, init.size, limits, default_side)
+    mode = None if request.sized_by_image else request.resize
+    pixels = _resized(init, width, height, mode)
+    mask_pixels = None if mask is None else _resized(mask, width, height, mode)
+    provenance = {
+        "init_image": request.init_image, "init_sha256": hashlib.sha256(init_bytes).hexdigest(),
+        "mask_image": request.mask_image, "strength": float(request.strength),
+        "mask_sha256": None if mask_bytes is None else hashlib.sha256(mask_bytes).hexdigest(),
+        "resize": None if mode is None else mode.value,
+        "steps_run": request.steps - start_step(request.steps, request.strength),
+    }  # fmt: skip
+    return ImageInput(pixels, request.strength, mask_pixels, provenance)
+
+
+def output_size(request: ImageRequest, image_size: tuple[int, int], limits: RequestLimits,
+                default_side: int) -> tuple[int, int]:  # fmt: skip
+    """(width, height) of the output: the request's, or the image's rounded down to a
+    multiple of 8 (and of the limits' size_multiple), refused past the limits."""
+    if not request.sized_by_image:
+        return request.resolved_size(default_side)
+    step = math.lcm(8, limits.size_multiple)
+    width, height = (side - side % step for side in image_size)
+    shown = f"{image_size[0]}x{image_size[1]} pixels"
+    if min(width, height) < step:
+        raise RequestRefused("init_image", f"is {shown}; each side needs at least {step}")
+    if max(width, height) > limits.max_side or width * height > limits.max_pixels:
+        raise RequestRefused("init_image", (
+            f"is {shown}; this deployment makes at most {limits.max_side} per side and "
+            f"{limits.max_pixels} pixels: give width and height to resize it"
+        ))  # fmt: skip
+    return width, height
+
+
+def _read(uri: str, field: str, read: Reader, base: str | None) -> bytes:
+    where = resolve_uri(uri, base)
+    try:
+        return read(where)
+    except FileNotFoundError:
+        raise RequestRefused(field, f"{uri!r} does not exist (read as {where!r})") from None
+    except Exception as exc:  # permissions, storage errors, too large: this row's alone
+        from .config import first_line
+
+        raise RequestRefused(field, f"cannot read {uri!r} ({type(exc).__name__}: "
+                             f"{first_line(exc)})") from None  # fmt: skip
+
+
+def _decode(data: bytes, field: str, mode: str) -> Any:
+    """The image in `data` as a Pillow image of `mode`, upright (EXIF orientation applied),
+    transparency composited over white; RequestRefused when it is not a usable image."""
+    from PIL import Image, ImageOps
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        if image.width * image.height > MAX_INPUT_PIXELS:
+            raise RequestRefused(field, (
+                f"is {image.width}x{image.height} pixels; at most {MAX_INPUT_PIXELS} are read"
+            ))  # fmt: skip
+        image = ImageOps.exif_transpose(image)
+        image.load()
+    except RequestRefused:
+        raise
+    except Exception as exc:  # not an image, truncated, an unknown format
+        raise RequestRefused(field, f"is not an image Pillow can decode "
+                             f"({type(exc).__name__})") from None  # fmt: skip
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (*WHITE, 255)), rgba)
+    return image.convert(mode)
+
+
+def _resized(image: Any, width: int, height: int, mode: ResizeMode | None) -> Any:
+    """`image` as uint8 pixels of width x height; mode None: sized by the image (the
+    centre cropped to the rounded size)."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    size, resample = (width, height), Image.Resampling.LANCZOS
+    if image.size == size:
+        out = image
+    elif mode is None or mode is ResizeMode.fill:
+        out = ImageOps.fit(image, size, resample, centering=(0.5, 0.5))
+    elif mode is ResizeMode.fit:
+        out = ImageOps.pad(image, size, resample, color=255 if image.mode == "L" else WHITE)
+    else:
+        out = image.resize(size, resample)
+    return np.asarray(out, dtype=np.uint8).copy()

@@ -1,0 +1,152 @@
+"""Reading init images and masks (pipeline/image_reads.py): the size rule, the resize
+modes, and every bad input as a per-row refusal naming its field."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from daguerre.pipeline.config import RequestRefused
+from daguerre.pipeline.image_reads import load_image_input, resolve_uri, storage_reader
+from daguerre.pipeline.schema import DEFAULT_LIMITS, ImageRequest, RequestLimits, validate_request
+
+READ = storage_reader()
+
+
+def _png(path, width, height, color=(200, 30, 30), mode="RGB"):
+    Image.new(mode, (width, height), color).save(path)
+    return str(path)
+
+
+def _load(request, base=None, limits=DEFAULT_LIMITS, side=64):
+    return load_image_input(request, READ, base, limits, side)
+
+
+def test_sized_by_the_image_rounds_down_to_multiples_of_8(tmp_path):
+    _png(tmp_path / "photo.png", 101, 67)
+    image = _load(ImageRequest(id="a", prompt="p", init_image="photo.png"), base=str(tmp_path))
+    assert image.pixels.shape == (64, 96, 3) and image.pixels.dtype == np.uint8
+    assert image.provenance["resize"] is None
+    assert image.provenance["init_image"] == "photo.png"
+    assert len(image.provenance["init_sha256"]) == 64
+
+
+@pytest.mark.parametrize("mode", ["fill", "fit", "stretch"])
+def test_a_request_size_resizes_by_mode(tmp_path, mode):
+    # A red 64x32 photo into 32x32: fill crops to red, fit pads white above and below.
+    _png(tmp_path / "wide.png", 64, 32)
+    request = ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "wide.png"), width=32,
+                           height=32, resize=mode)  # fmt: skip
+    pixels = _load(request).pixels
+    assert pixels.shape == (32, 32, 3)
+    top = pixels[1, 16]
+    if mode == "fit":
+        assert tuple(top) == (255, 255, 255) and tuple(pixels[16, 16]) == (200, 30, 30)
+    else:
+        assert tuple(top) == (200, 30, 30)
+
+
+def test_fit_pads_the_mask_white_so_the_padding_is_painted(tmp_path):
+    _png(tmp_path / "wide.png", 64, 32)
+    _png(tmp_path / "mask.png", 64, 32, color=0, mode="L")
+    request = ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "wide.png"),
+                           mask_image=str(tmp_path / "mask.png"), width=32, height=32,
+                           resize="fit")  # fmt: skip
+    mask = _load(request).mask
+    assert mask.shape == (32, 32) and mask[1, 16] == 255 and mask[16, 16] == 0
+
+
+def test_transparency_is_composited_over_white(tmp_path):
+    _png(tmp_path / "cutout.png", 16, 16, color=(0, 0, 0, 0), mode="RGBA")
+    image = _load(ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "cutout.png")))
+    assert (image.pixels == 255).all()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: a 32x16 file shows 16x32
+    Image.new("RGB", (32, 16), (10, 10, 10)).save(tmp_path / "phone.jpg", exif=exif)
+    image = _load(ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "phone.jpg")))
+    assert image.pixels.shape == (32, 16, 3)
+
+
+def _refusal(request, **kw) -> RequestRefused:
+    with pytest.raises(RequestRefused) as caught:
+        _load(request, **kw)
+    return caught.value
+
+
+def test_bad_inputs_are_refused_naming_the_field(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    _png(tmp_path / "photo.png", 64, 48)
+    _png(tmp_path / "small_mask.png", 32, 32, color=255, mode="L")
+    missing = _refusal(ImageRequest(id="a", prompt="p", init_image="gone.png"), base=str(tmp_path))
+    assert missing.field == "init_image" and "does not exist" in missing.reason
+    assert "gone.png" in missing.reason
+    garbage = _refusal(ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "notes.png")))
+    assert garbage.field == "init_image" and "not an image" in garbage.reason
+    mismatch = _refusal(ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "photo.png"),
+                                     mask_image=str(tmp_path / "small_mask.png")))  # fmt: skip
+    assert mismatch.field == "mask_image"
+    assert "32x32" in mismatch.reason and "64x48" in mismatch.reason
+    bad_mask = _refusal(ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "photo.png"),
+                                     mask_image=str(tmp_path / "notes.png")))  # fmt: skip
+    assert bad_mask.field == "mask_image"
+
+
+def test_an_image_past_the_limits_asks_for_a_size(tmp_path):
+    _png(tmp_path / "big.png", 320, 64)
+    limits = RequestLimits(max_side=256)
+    request = ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "big.png"))
+    refused = _refusal(request, limits=limits)
+    assert refused.field == "init_image" and "give width and height" in refused.reason
+    sized = request.model_copy(update={"width": 128, "height": 64})
+    assert _load(sized, limits=limits).pixels.shape == (64, 128, 3)
+    _png(tmp_path / "tiny.png", 5, 40)
+    tiny = _refusal(ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "tiny.png")))
+    assert "at least 8" in tiny.reason
+
+
+def test_relative_uris_resolve_under_the_manifest_folder():
+    assert resolve_uri("p/a.png", "s3://bucket/jobs") == "s3://bucket/jobs/p/a.png"
+    assert resolve_uri("p/a.png", "/data/jobs") == "/data/jobs/p/a.png"
+    assert resolve_uri("s3://b/a.png", "/data") == "s3://b/a.png"
+    assert resolve_uri("/abs/a.png", "s3://bucket") == "/abs/a.png"
+    assert resolve_uri("file:///x/a.png", "/data") == "file:///x/a.png"
+
+
+def test_the_contract_checks_the_image_fields():
+    errors = validate_request({"id": "a", "prompt": "p", "mask_image": "m.png"})
+    assert [e.field for e in errors] == ["mask_image"] and "needs init_image" in errors[0].reason
+    errors = validate_request({"id": "a", "prompt": "p", "init_image": "a.png", "strength": 0})
+    assert [e.field for e in errors] == ["strength"]
+    errors = validate_request({"id": "a", "prompt": "p", "init_image": "a.png", "resize": "crop"})
+    assert [e.field for e in errors] == ["resize"] and "fill" in errors[0].reason
+    errors = validate_request({"id": "a", "prompt": "p", "init_image": " "})
+    assert [e.field for e in errors] == ["init_image"]
+
+
+def test_fingerprints_are_computable_from_the_manifest():
+    text = ImageRequest(id="a", prompt="p")
+    photo = ImageRequest(id="a", prompt="p", init_image="a.png")
+    # Text-only requests keep the fingerprints they had; an image request's does not depend
+    # on the size it turns out to have (a rerun computes it before reading the image).
+    assert text.fingerprint(64, 64) == ImageRequest(id="a", prompt="p", strength=0.5).fingerprint(
+        64, 64
+    )
+    assert photo.fingerprint(64, 64) == photo.fingerprint(96, 48) != text.fingerprint(64, 64)
+    assert photo.fingerprint(64, 64) != photo.model_copy(update={"strength": 0.5}).fingerprint(
+        64, 64
+    )
+    assert photo.fingerprint(64, 64) != ImageRequest(
+        id="a", prompt="p", init_image="b.png"
+    ).fingerprint(64, 64)
+
+
+def test_storage_reader_reads_file_uris(tmp_path):
+    path = _png(tmp_path / "a.png", 8, 8)
+    data = READ(f"file://{path}")
+    assert Image.open(io.BytesIO(data)).size == (8, 8)
