@@ -34,6 +34,7 @@ from ..pipeline.report import mean_engine_batch_counts, speed_figures_s
 from ..pipeline.schema import StageTimings
 from ..pipeline.semantic_cache import semantic_index
 from ..pipeline.storage import METADATA, RUNS, Storage, StorageError, transient_errors
+from .image_stage import manifest_base, read_images
 from .plan import JobPlan, check_inputs, plan_resume, rejects_only, served_engine
 from .runtime import ResourceError, engine_resources, init_ray
 from .stages import EngineWorker, ServeEngineClient, prepare_batch, write_batch
@@ -225,6 +226,17 @@ def _run_pipeline(
     )
     if limit is not None:  # --limit counts rows still to do, not finished ones
         ds = ds.limit(limit)
+    ds = ds.map_batches(  # init images read ahead of the engine (cluster/image_stage.py)
+        read_images,
+        fn_kwargs={
+            "base": manifest_base(plan.manifest.uri, config.storage),
+            "storage_config": config.storage,
+            "limits": config.limits.model_dump(),
+            "default_side": plan.model.default_size,
+        },  # fmt: skip
+        batch_format="pyarrow",
+        num_cpus=config.writer_num_cpus,
+    )
     ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     ds = _engine_stage(ds, plan, address, options)
     shards = {}

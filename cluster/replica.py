@@ -33,6 +33,7 @@ from typing import Any
 from ray import serve
 
 from ..pipeline.config import EngineConfig, RequestRefused, StorageConfig, first_line
+from ..pipeline.image_inputs import ImageInput
 from ..pipeline.outputs import Provenance
 from ..pipeline.quality import QualityConfig, Rejected
 from ..pipeline.schema import GeneratedImage, ImageRequest
@@ -304,6 +305,7 @@ class EngineDeployment:
             batch_wait_timeout_s, online_fill_slack=online_fill_slack,
         )  # fmt: skip
         self._busy_s, self._first_call = 0.0, None
+        self._images: dict[str, ImageInput] = {}  # init images of requests waiting, by id
         self.description = {
             "model": engine.model.name, "weights_hash": engine.model.weights_hash,
             "backend": engine.backend, "default_size": engine.model.default_size,
@@ -321,7 +323,8 @@ class EngineDeployment:
         )
         started = time.monotonic()
         self._first_call = self._first_call or started
-        results = await self._thread.generate_each_async(requests)
+        images = {r.id: self._images[r.id] for r in requests if r.id in self._images}
+        results = await self._thread.generate_each_async(requests, images)
         ended = time.monotonic()
         self._busy_s += ended - started
         metrics.observe_stage("generate", "serve", ended - started)
@@ -330,21 +333,34 @@ class EngineDeployment:
                                   self._busy_s / max(ended - self._first_call, 1e-9))  # fmt: skip
         return results
 
-    async def generate(self, requests: list[ImageRequest]) -> list[ReplicaImage]:
-        """Online: one image per request, ahead of batch work; concurrent calls share batches."""
-        results = await self.scheduler.generate(requests, ONLINE)
+    async def _scheduled(self, requests: list[ImageRequest], priority: str,
+                         images: dict[str, ImageInput] | None) -> list[Any]:  # fmt: skip
+        """The scheduler's results for `requests`, their init images (by id) at hand while
+        they wait (ids are unique among the requests in flight: a job's, or namespaced)."""
+        self._images.update(images or {})
+        try:
+            return await self.scheduler.generate(requests, priority)
+        finally:
+            for request in requests:
+                self._images.pop(request.id, None)
+
+    async def generate(self, requests: list[ImageRequest],
+                       images: dict[str, ImageInput] | None = None) -> list[ReplicaImage]:  # fmt: skip
+        """Online: one image per request, ahead of batch work; concurrent calls share batches.
+        `images`: the init images of requests that have one (img2img, inpainting), by id."""
+        results = await self._scheduled(requests, ONLINE, images)
         for result in results:
             if isinstance(result, Exception):
                 raise result
         return [ReplicaImage(image=r, provenance=self._provenance_of(r)) for r in results]
 
     async def generate_batch(
-        self, requests: list[ImageRequest]
+        self, requests: list[ImageRequest], images: dict[str, ImageInput] | None = None
     ) -> list[ReplicaImage | Rejected | RequestRefused | str]:
         """A batch job's engine call: behind online work; one image, the quality gate's
         Rejected, or the failure's one-line reason per request (a bad request does not fail
         its batch-mates)."""
-        results = await self.scheduler.generate(requests, BATCH)
+        results = await self._scheduled(requests, BATCH, images)
         return [
             r if isinstance(r, (Rejected, RequestRefused))
             else f"{type(r).__name__}: {first_line(r)}" if isinstance(r, Exception)

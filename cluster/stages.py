@@ -190,10 +190,12 @@ class EngineWorker:
         }
 
     def __call__(self, batch: Any) -> Any:
+        from .image_stage import image_inputs
+
         rows = batch.to_pylist()
         requests = _requests(rows)
         started = time.time()
-        results = self._engine_thread.generate_each(requests)
+        results = self._engine_thread.generate_each(requests, image_inputs(rows))
         ended = time.time()
         if requests:  # a batch of rejected rows never reaches the engine
             from . import metrics
@@ -228,9 +230,11 @@ class ServeEngineClient:
 
     def __call__(self, batch: Any) -> Any:
 
+        from .image_stage import image_inputs
+
         rows = batch.to_pylist()
         requests = _requests(rows)
-        answers = self._call(requests) if requests else []
+        answers = self._call(requests, image_inputs(rows)) if requests else []
         results, provenance = [], []
         for answer in answers:
             if isinstance(answer, (str, Rejected, RequestRefused)):  # one failed, or was rejected
@@ -242,14 +246,14 @@ class ServeEngineClient:
                 self.provenance = provenance[-1]
         return engine_rows(rows, requests, results, provenance, self.provenance)
 
-    def _call(self, requests: list[ImageRequest]) -> list[Any]:
+    def _call(self, requests: list[ImageRequest], images: dict[str, Any]) -> list[Any]:
         from ray.exceptions import ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
         losses = 0
         while True:
             try:
-                return self.handle.generate_batch.remote(requests).result()
+                return self.handle.generate_batch.remote(requests, images).result()
             except BackPressureError as exc:  # the replicas' queues are full: wait, not fail
                 time.sleep(exc.retry_after_s or 1.0)
             except (RayActorError, ActorUnavailableError, DeploymentUnavailableError):
@@ -303,6 +307,7 @@ def _engine_row(row: dict[str, Any], result: Any, provenance: dict[str, Any]) ->
             cache_source=result.cache_source, cache_similarity=result.cache_similarity,
             prompt_vector=None if vector is None else vector.tobytes(),
             lora_sha256=result.lora_sha256,
+            inputs=None if result.inputs is None else json.dumps(result.inputs),
         )  # fmt: skip
     if isinstance(result, Rejected):  # the quality gate's, after its retries
         last = result.image  # its pixels travel on, for quality.keep_rejected
@@ -405,6 +410,7 @@ def _generated(row: dict[str, Any]) -> GeneratedImage:
         cache_source=row.get("cache_source"), cache_similarity=row.get("cache_similarity"),
         prompt_vector=None if vector is None else np.frombuffer(vector, dtype=np.float16),
         lora_sha256=row.get("lora_sha256"),
+        inputs=json.loads(row["inputs"]) if row.get("inputs") else None,
     )  # fmt: skip
 
 
