@@ -7,11 +7,10 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from daguerre.pipeline.config import RequestRefused
 from daguerre.pipeline.image_reads import load_image_input, resolve_uri, storage_reader
 from daguerre.pipeline.schema import DEFAULT_LIMITS, ImageRequest, RequestLimits, validate_request
+from PIL import Image
 
 READ = storage_reader()
 
