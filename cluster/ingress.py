@@ -37,6 +37,7 @@ import daguerre
 
 from ..pipeline.config import RequestRefused, ServeConfig, first_line
 from ..pipeline.credentials import CredentialsError
+from ..pipeline.files import Provenance, WriteOptions
 from ..pipeline.formats import (
     EXTENSIONS,
     FORMAT_OF_EXTENSION,
@@ -45,9 +46,7 @@ from ..pipeline.formats import (
     VARIANTS,
 )
 from ..pipeline.outputs import (
-    Provenance,
     StoredImage,
-    WriteOptions,
     cache_view,
     keep_rejected,
     new_run_id,

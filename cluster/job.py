@@ -27,9 +27,10 @@ from typing import Any
 from ..pipeline.catalog import prune_superseded
 from ..pipeline.config import JobConfig
 from ..pipeline.environment import git_commit, host, software_versions
+from ..pipeline.files import OutputLayout, WriteOptions
 from ..pipeline.formats import EXTENSIONS
 from ..pipeline.lease import OutputLease
-from ..pipeline.outputs import OutputLayout, WriteOptions, cache_view, new_run_id
+from ..pipeline.outputs import cache_view, new_run_id
 from ..pipeline.report import mean_engine_batch_counts, speed_figures_s
 from ..pipeline.schema import StageTimings
 from ..pipeline.semantic_cache import semantic_index

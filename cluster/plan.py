@@ -16,9 +16,9 @@ from typing import Any
 from ..kernels.tensorrt import tensorrt_unavailable
 from ..kernels.unet import UNetBackend
 from ..pipeline.config import ConfigError, JobConfig
+from ..pipeline.files import check_outputs
 from ..pipeline.manifest import ManifestInfo, inspect_manifest
 from ..pipeline.models import ModelInfo, describe_model
-from ..pipeline.outputs import check_outputs
 from ..pipeline.quality import check_quality
 from ..pipeline.schema import ImageRequest
 from ..pipeline.storage import Storage

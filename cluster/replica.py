@@ -33,8 +33,8 @@ from typing import Any
 from ray import serve
 
 from ..pipeline.config import EngineConfig, RequestRefused, StorageConfig, first_line
+from ..pipeline.files import Provenance
 from ..pipeline.image_inputs import ImageInput
-from ..pipeline.outputs import Provenance
 from ..pipeline.quality import QualityConfig, Rejected
 from ..pipeline.schema import GeneratedImage, ImageRequest
 from ..pipeline.semantic_cache import SemanticIndex

@@ -18,8 +18,8 @@ import socket
 from typing import Any
 
 from ..pipeline.config import ModelDeploymentConfig, ServeConfig, validate_config
+from ..pipeline.files import WriteOptions, check_outputs
 from ..pipeline.models import describe_model
-from ..pipeline.outputs import WriteOptions, check_outputs
 from ..pipeline.quality import check_quality
 from ..pipeline.semantic_cache import semantic_index
 from ..pipeline.storage import Storage, is_remote

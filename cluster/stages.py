@@ -15,15 +15,9 @@ import time
 from typing import Any
 
 from ..pipeline.config import EngineConfig, RequestRefused, StorageConfig, first_line
+from ..pipeline.files import PLAIN, Provenance, WriteOptions
 from ..pipeline.lease import check_lease
-from ..pipeline.outputs import (
-    PLAIN,
-    Provenance,
-    WriteOptions,
-    keep_rejected,
-    write_errors,
-    write_outputs,
-)
+from ..pipeline.outputs import keep_rejected, write_errors, write_outputs
 from ..pipeline.quality import QualityConfig, Rejected
 from ..pipeline.result_cache import CacheView
 from ..pipeline.rules import NO_RULES, PromptRules, apply_rules, error_stage
@@ -436,8 +430,15 @@ def _write_or_record(images: list, output: Storage, run_id: str, version: str, n
     from ..pipeline.storage import explain, transient_errors
 
     try:
-        stored = write_outputs(images, output, run_id=run_id, version=version, options=options)
-        return stored, []
+        failed: list = []  # (image, CompositeError): this row's layers could not be placed
+        stored = write_outputs(images, output, run_id=run_id, version=version, options=options,
+                               failed=failed)  # fmt: skip
+        return stored, [
+            ErrorRecord(id=generated.request.id, stage="composite", field=exc.field,
+                        reason=exc.reason, run_id=run_id, created_at=_utc(now),
+                        row=generated.request.model_dump_json()[:MAX_ERROR_ROW_CHARS])
+            for generated, exc in failed
+        ]  # fmt: skip
     except (OSError, TimeoutError, CredentialsError, *transient_errors()) as exc:  # recorded
         field = "credentials" if isinstance(exc, CredentialsError) else "storage"
         reason = (f"signing failed: {exc}" if field == "credentials"

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from ..kernels.attention import AttentionBackend
 from ..kernels.quantize import QUANTIZABLE_UNET_BACKENDS, Quantization
 from ..kernels.unet import UNetBackend
+from .composite import CompositeConfig
 from .credentials import CredentialsConfig
 from .formats import EncodingConfig
 from .marks import MarksConfig
@@ -190,6 +191,7 @@ class JobConfig(BaseModel):
     limits: RequestLimits = Field(default_factory=RequestLimits)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     marks: MarksConfig = Field(default_factory=MarksConfig)
+    composite: CompositeConfig = Field(default_factory=CompositeConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     encoding: EncodingConfig = Field(default_factory=EncodingConfig)
     credentials: CredentialsConfig = Field(default_factory=CredentialsConfig)
@@ -346,6 +348,7 @@ class ServeConfig(BaseModel):
     limits: RequestLimits = Field(default_factory=RequestLimits)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     marks: MarksConfig = Field(default_factory=MarksConfig)
+    composite: CompositeConfig = Field(default_factory=CompositeConfig)
     quality: QualityConfig = Field(default_factory=QualityConfig)
     encoding: EncodingConfig = Field(default_factory=EncodingConfig)
     credentials: CredentialsConfig = Field(default_factory=CredentialsConfig)

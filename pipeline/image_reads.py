@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import os
 import posixpath
@@ -46,22 +47,41 @@ def resolve_uri(uri: str, base: str | None) -> str:
     return os.path.join(base, uri)
 
 
-def storage_reader(config: StorageConfig | None = None) -> Reader:
-    """A reader of paths, file:// and s3:// URIs (through fsspec, with the storage config's
-    endpoint and credentials), refusing files over MAX_INPUT_BYTES."""
+class StorageReader:
+    """Reads paths, file:// and s3:// URIs (through fsspec, with the storage config's
+    endpoint and credentials), refusing files over MAX_INPUT_BYTES. Picklable (it crosses
+    to Ray workers) and equal to another of the same config (caches keyed on it hit)."""
 
-    def read(uri: str) -> bytes:
+    def __init__(self, config: StorageConfig | None = None):
+        self.config = config
+        self._key = None if config is None else json.dumps(config.model_dump(), default=_plain)
+
+    def __call__(self, uri: str) -> bytes:
         import fsspec
 
         from .storage import storage_options
 
-        with fsspec.open(uri, "rb", **storage_options(uri, config)) as f:
+        with fsspec.open(uri, "rb", **storage_options(uri, self.config)) as f:
             data = f.read(MAX_INPUT_BYTES + 1)
         if len(data) > MAX_INPUT_BYTES:
             raise ValueError(f"the file is over {MAX_INPUT_BYTES // 2**20} MiB")
         return data
 
-    return read
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, StorageReader) and other._key == self._key
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+
+def _plain(value: Any) -> str:
+    secret = getattr(value, "get_secret_value", None)  # keys tell configs apart too
+    return secret() if secret else str(value)
+
+
+def storage_reader(config: StorageConfig | None = None) -> Reader:
+    """A reader of paths, file:// and s3:// URIs with `config`'s credentials."""
+    return StorageReader(config)
 
 
 def load_image_input(request: ImageRequest, read: Reader, base: str | None,

@@ -615,7 +615,7 @@ class ErrorRecord(BaseModel):
     """One row of the errors table: a request that produced no image, and why."""
 
     id: str
-    stage: Literal["validate", "rules", "generate", "quality", "write"]
+    stage: Literal["validate", "rules", "generate", "quality", "composite", "write"]
     field: str
     reason: str
     row: str  # the offending row as JSON, truncated

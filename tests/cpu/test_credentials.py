@@ -271,8 +271,9 @@ def test_enabled_credentials_need_both_files():
 
 
 def test_the_write_path_signs_the_master_and_every_variant(chain, tmp_path):
+    from daguerre.pipeline.files import Provenance, WriteOptions
     from daguerre.pipeline.formats import EncodingConfig, Variant
-    from daguerre.pipeline.outputs import Provenance, WriteOptions, write_outputs
+    from daguerre.pipeline.outputs import write_outputs
     from daguerre.pipeline.schema import GeneratedImage, ImageRequest, StageTimings
     from daguerre.pipeline.storage import Storage
 

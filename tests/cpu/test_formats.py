@@ -18,9 +18,10 @@ from daguerre.pipeline.config import (
     ServeConfig,
     validate_config,
 )
+from daguerre.pipeline.files import Provenance, WriteOptions
 from daguerre.pipeline.formats import EncodingConfig, Variant
 from daguerre.pipeline.marks import MarksConfig, visibly_marked
-from daguerre.pipeline.outputs import Provenance, WriteOptions, write_outputs
+from daguerre.pipeline.outputs import write_outputs
 from daguerre.pipeline.schema import GeneratedImage, ImageRequest, StageTimings, manifest_schema
 from daguerre.pipeline.storage import Storage
 from PIL import Image

@@ -159,3 +159,61 @@ def test_init_images_on_s3_relative_to_the_manifest(s3_server, ray_session):
     error = errors.to_table().to_pylist()[0]
     assert (error["id"], error["field"]) == ("gone", "init_image")
     assert json.loads(error["row"])["init_image"] == "photos/gone.png"
+
+
+def _cutout(path: Path) -> str:
+    """A product cut-out: an opaque green square in a transparent margin."""
+    pixels = np.zeros((40, 40, 4), np.uint8)
+    pixels[8:32, 8:32] = (0, 200, 0, 255)
+    Image.fromarray(pixels, "RGBA").save(path)
+    return str(path)
+
+
+COMPOSITE = {
+    "layers": [
+        {"kind": "image", "source": "{product}", "box": {"x": 0, "y": 0, "width": 32,
+                                                           "height": 32}},
+        {"kind": "text", "text": "{headline}", "size": 12, "color": "#ff0000",
+         "box": {"x": 0.0, "y": 0.5, "width": 1.0, "height": 0.5}},
+    ]
+}  # fmt: skip
+
+
+def test_composited_ad_creatives(ray_session, tmp_path):
+    product = _cutout(tmp_path / "shoe.png")
+    rows = [
+        {"id": "ad-1", "prompt": "a beach", "seed": 1, "steps": 2,
+         "metadata": {"product": product, "headline": "SALE 20%"}},
+        {"id": "ad-no-headline", "prompt": "a beach", "seed": 1, "steps": 2,
+         "metadata": {"product": product}},
+    ]  # fmt: skip
+    schema = pa.schema([f.with_nullable(True) for f in manifest_schema()])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "ads.parquet")
+    config = JobConfig(batch_size=2, engine=EngineConfig(model="tiny", device="cpu"),
+                       composite=COMPOSITE)  # fmt: skip
+    summary = run_job(str(tmp_path / "ads.parquet"), str(tmp_path / "out"), config,
+                      progress=False)  # fmt: skip
+    assert (summary.generated, summary.errors) == (1, 1)
+    meta, errors = _tables(tmp_path / "out")
+    error = errors["ad-no-headline"]
+    assert (error["stage"], error["field"]) == ("composite", "composite.layers[1].text")
+    assert "headline" in error["reason"]
+    placed = json.loads(meta["ad-1"]["composite"])
+    assert [p["kind"] for p in placed] == ["image", "text"] and placed[1]["text"] == "SALE 20%"
+    pixels = np.asarray(Image.open(meta["ad-1"]["uri"].removeprefix("file://")))
+    x, y, w, h = placed[0]["placed"]
+    centre = pixels[y + h // 2, x + w // 2]
+    assert tuple(centre) == (0, 200, 0)  # the product, opaque, on top
+    assert (pixels[32:, :, 0] > 200).any()  # red headline ink in the lower half
+
+
+def test_a_bad_layer_config_fails_before_any_actor(ray_session, tmp_path):
+    from daguerre.pipeline.config import ConfigError
+
+    pq.write_table(manifest_table().slice(3, 1), tmp_path / "m.parquet")
+    bad = {"layers": [{"kind": "image", "source": str(tmp_path / "no-logo.png"),
+                       "box": {"x": 0, "y": 0, "width": 8, "height": 8}}]}  # fmt: skip
+    config = JobConfig(engine=EngineConfig(model="tiny", device="cpu"), composite=bad)
+    with pytest.raises(ConfigError, match=r"^composite\.layers\[0\]\.source: "):
+        run_job(str(tmp_path / "m.parquet"), str(tmp_path / "out"), config, progress=False)
+    assert not (tmp_path / "out" / "metadata").exists()

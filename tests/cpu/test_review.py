@@ -23,14 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from daguerre.pipeline.files import OutputLayout, Provenance, WriteOptions
 from daguerre.pipeline.formats import EncodingConfig, Variant
-from daguerre.pipeline.outputs import (
-    OutputLayout,
-    Provenance,
-    WriteOptions,
-    write_errors,
-    write_outputs,
-)
+from daguerre.pipeline.outputs import write_errors, write_outputs
 from daguerre.pipeline.report import figure_rows
 from daguerre.pipeline.schema import ErrorRecord, GeneratedImage, ImageRequest, StageTimings
 from daguerre.pipeline.storage import Storage

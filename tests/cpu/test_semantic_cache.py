@@ -58,7 +58,8 @@ def engine_thread(tmp_path_factory):
 
 def made(thread, cache, request: ImageRequest):
     """One request through the engine and the write path (which indexes what it made)."""
-    from daguerre.pipeline.outputs import Provenance, WriteOptions, write_outputs
+    from daguerre.pipeline.files import Provenance, WriteOptions
+    from daguerre.pipeline.outputs import write_outputs
 
     [result] = thread.generate_each([request])
     provenance = Provenance(**result.made_by) if result.made_by else Provenance(

@@ -76,7 +76,8 @@ def test_cached_alone_equals_in_a_batch_and_never_shares_one_with_exact(engine):
 
 
 def test_speed_is_a_manifest_column_recorded_and_fingerprinted(engine):
-    from daguerre.pipeline.outputs import Provenance, write_outputs
+    from daguerre.pipeline.files import Provenance
+    from daguerre.pipeline.outputs import write_outputs
 
     cached = validate_request({"id": "a", "prompt": "p", "speed": "cached"})
     exact = validate_request({"id": "a", "prompt": "p"})
