@@ -17,7 +17,10 @@ x images per request (`ServeConfig.max_request_pixel_steps`).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import datetime as dt
+import hashlib
 import re
 import uuid
 from enum import Enum
@@ -27,10 +30,12 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, fiel
 
 from ..pipeline.schema import (
     SEED_LIMIT,
+    UPLOAD_PREFIX,
     FieldError,
     ImageRecord,
     ImageRequest,
     RequestLimits,
+    ResizeMode,
     Scheduler,
     Speed,
     validate_request,
@@ -113,8 +118,20 @@ class ImagesGenerationRequest(BaseModel):
         """One `ImageRequest` per image (image i: id `<namespace>/<i>`, seed
         `(base_seed + i) mod 2**63`, so every valid seed is valid for every n), or what is
         wrong."""
+        row = self.row()
+        requests: list[ImageRequest] = []
+        for i in range(self.n):
+            seed = (base_seed + i) % SEED_LIMIT
+            result = validate_request({**row, "id": f"{namespace}/{i}", "seed": seed}, limits)
+            if isinstance(result, list):
+                return [_openai_field(e) for e in result]
+            requests.append(result)
+        return requests
+
+    def row(self) -> dict[str, Any]:
+        """The ImageRequest fields every image of this request shares."""
         width, height = self.dimensions()
-        row: dict[str, Any] = {
+        return {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
             "steps": self.steps,
@@ -127,14 +144,6 @@ class ImagesGenerationRequest(BaseModel):
             "lora_scale": self.lora_scale,
             "metadata": {"user": self.user} if self.user else {},
         }
-        requests: list[ImageRequest] = []
-        for i in range(self.n):
-            seed = (base_seed + i) % SEED_LIMIT
-            result = validate_request({**row, "id": f"{namespace}/{i}", "seed": seed}, limits)
-            if isinstance(result, list):
-                return [_openai_field(e) for e in result]
-            requests.append(result)
-        return requests
 
 
 def _openai_field(error: FieldError) -> FieldError:
@@ -147,10 +156,12 @@ def _openai_field(error: FieldError) -> FieldError:
 
 
 def over_budget(requests: list[ImageRequest], default_side: int, budget: int | None,
-                field: str) -> list[FieldError]:  # fmt: skip
+                field: str, sizes: dict[str, tuple[int, int]] | None = None) -> list[FieldError]:  # fmt: skip
     """The error of a request whose images together ask for more than `budget`
-    pixel-steps (width x height x steps, summed), or none."""
-    work = [r.resolved_size(default_side) + (r.steps,) for r in requests]
+    pixel-steps (width x height x steps, summed), or none; `sizes`: those sized by their
+    init image, by id."""
+    sizes = sizes or {}
+    work = [sizes.get(r.id, r.resolved_size(default_side)) + (r.steps,) for r in requests]
     total = sum(w * h * steps for w, h, steps in work)
     if budget is None or total <= budget:
         return []
@@ -188,6 +199,17 @@ class ImageRequestIn(BaseModel):
     lora_scale: Float | None = Field(None, description=_about("lora_scale"))
     model: str | None = Field(None, description="A served model; must agree with the call's.")
     metadata: dict[str, str] | None = Field(None, description=_about("metadata"))
+    init_image: str | None = Field(
+        None, description="An image to start from (img2img): the file's bytes in base64 (or a "
+        "data: URL). Without width and height the output takes its size rounded down to a "
+        "multiple of 8.",
+    )  # fmt: skip
+    mask_image: str | None = Field(
+        None, description="Inpainting: a mask the size of init_image (base64), white where the "
+        "image is repainted, black where it is kept.",
+    )  # fmt: skip
+    strength: Float | None = Field(None, description=_about("strength"))
+    resize: ResizeMode | None = Field(None, description=_about("resize"))
 
 
 class GenerateRequest(BaseModel):
@@ -206,14 +228,16 @@ class GenerateRequest(BaseModel):
 
     def image_requests(
         self, namespace: str, limits: RequestLimits
-    ) -> tuple[list[ImageRequest], dict[str, str]] | list[FieldError]:
-        """Validated requests stored as `<namespace>/<i>` and {stored id: client id}, or
-        every field error."""
+    ) -> tuple[list[ImageRequest], dict[str, str], dict[str, bytes]] | list[FieldError]:
+        """Validated requests stored as `<namespace>/<i>`, {stored id: client id} and the
+        uploaded images {upload uri: bytes} they name, or every field error."""
         requests: list[ImageRequest] = []
         client_ids: dict[str, str] = {}
-        errors: list[FieldError] = []
-        for i, item in enumerate(self.requests):
-            row = item.model_dump(exclude_none=True, mode="json")
+        rows = [item.model_dump(exclude_none=True, mode="json") for item in self.requests]
+        uploads, errors = decode_base64_images(rows)
+        for i, (item, row) in enumerate(zip(self.requests, rows, strict=True)):
+            if any(e.field.startswith(f"requests.{i}.") for e in errors):
+                continue
             row.pop("model", None)
             result = validate_request({**row, "id": row.get("id", str(i))}, limits)
             if isinstance(result, list):
@@ -225,7 +249,46 @@ class GenerateRequest(BaseModel):
             if item.id is not None:
                 client_ids[stored.id] = item.id
             requests.append(stored)
-        return errors or (requests, client_ids)
+        return errors or (requests, client_ids, uploads)
+
+
+def upload_uri(data: bytes) -> str:
+    """The name of an uploaded image: its content's sha256."""
+    return UPLOAD_PREFIX + hashlib.sha256(data).hexdigest()
+
+
+def decode_base64_images(rows: list[dict[str, Any]]) -> tuple[dict[str, bytes], list[FieldError]]:
+    """The native API's init_image / mask_image (base64, or a data: URL) in `rows`,
+    replaced in place by their upload uris: ({uri: bytes}, every field error)."""
+    uploads: dict[str, bytes] = {}
+    errors: list[FieldError] = []
+    for i, row in enumerate(rows):
+        for name in ("init_image", "mask_image"):
+            text = row.get(name)
+            if text is None:
+                continue
+            try:
+                data = _from_base64(text)
+            except ValueError as exc:
+                errors.append(FieldError(field=f"requests.{i}.{name}", reason=str(exc)))
+                continue
+            row[name] = upload_uri(data)
+            uploads[row[name]] = data
+    return uploads, errors
+
+
+def _from_base64(text: str) -> bytes:
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if not header.endswith(";base64"):
+            raise ValueError("is a data: URL without ;base64")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("is not base64 (send the image file's bytes base64-encoded)") from None
+    if not data:
+        raise ValueError("is empty")
+    return data
 
 
 def lora_errors(requests: list[ImageRequest], roots: list[str], field: str) -> list[FieldError]:

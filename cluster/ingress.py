@@ -35,6 +35,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 import daguerre
 
+from ..pipeline.composite import CompositeError
 from ..pipeline.config import RequestRefused, ServeConfig, first_line
 from ..pipeline.credentials import CredentialsError
 from ..pipeline.files import Provenance, WriteOptions
@@ -70,6 +71,14 @@ from .api import (
     lora_errors,
     online_namespace,
     over_budget,
+)
+from .edits import (
+    MAX_FORM_FIELDS,
+    form_document,
+    form_field,
+    image_inputs,
+    native_field,
+    read_edit_form,
 )
 from .http_app import UNAUTHORIZED, ApiError, app, authorized, configure
 from .openapi import api_document
@@ -195,6 +204,31 @@ class ApiIngress:
               "together within the server's compute budget, else 400 (code over_budget).")  # fmt: skip
     async def images_generations(self, body: ImagesGenerationRequest, request: Request) -> Any:
         self._authorize(request)
+        return await self._openai_images(body, request, {})
+
+    @app.post("/v1/images/edits", response_model=ImagesResponse,
+              responses=error_responses(400, 401, 404, 413, 422, 500, 503),
+              openapi_extra=form_document(),
+              description="OpenAI's image edits (multipart form): img2img from `image`, "
+              "inpainting with `mask`; daguerre's extensions as form fields (strength, resize, "
+              "steps, seed, ...). Beyond the schema: the image must decode, and the mask match "
+              "its size, else 400 naming the field.")  # fmt: skip
+    async def images_edits(self, request: Request) -> Any:
+        self._authorize(request)
+        try:
+            form = await request.form(max_files=4, max_fields=MAX_FORM_FIELDS)
+        except Exception as exc:  # not a parsable multipart body
+            raise ApiError(400, f"the body is not a readable multipart form ({first_line(exc)})",
+                           code="invalid_value") from None  # fmt: skip
+        read = await read_edit_form(form)
+        if isinstance(read, list):
+            raise ApiError(400, fields=read, code="invalid_value")
+        body, uploads = read
+        return await self._openai_images(body, request, uploads)
+
+    async def _openai_images(self, body: ImagesGenerationRequest, request: Request,
+                             uploads: dict[str, bytes]) -> Any:  # fmt: skip
+        """The images of an OpenAI generations or edits request, answered in its shape."""
         model = self._model(body.model, "model")
         base_seed = body.seed if body.seed is not None else secrets.randbelow(2**62)
         image_requests = body.image_requests(online_namespace(), base_seed, self.limits[model])
@@ -202,12 +236,25 @@ class ApiIngress:
             raise ApiError(400, fields=image_requests, code="invalid_value")
         self._check_lora(image_requests, "lora")
         image_requests = self._apply_rules(image_requests, "prompt")
-        self._check_budget(model, image_requests, "n")
-        stored = await self._make(model, image_requests, body.response_format, request, {})
+        images = await self._image_inputs(model, image_requests, uploads, form_field)
+        self._check_budget(model, image_requests, "n", images)
+        stored = await self._make(model, image_requests, body.response_format, request, {},
+                                  images)  # fmt: skip
         data = [ImageData(seed=s.record.seed, id=s.record.id, **fields) for s, fields in stored]
         return JSONResponse(
             ImagesResponse(created=int(time.time()), data=data).model_dump(exclude_none=True)
         )
+
+    async def _image_inputs(self, model: str, requests: list[ImageRequest],
+                            uploads: dict[str, bytes], field: Any) -> dict[str, Any]:  # fmt: skip
+        """The requests' init images decoded and sized (off the event loop), or a 400."""
+        if not uploads:
+            return {}
+        images = await asyncio.to_thread(image_inputs, requests, uploads, self.limits[model],
+                                         self.default_sides.get(model, 512), field)  # fmt: skip
+        if isinstance(images, list):
+            raise ApiError(400, fields=images, code="invalid_value")
+        return images
 
     @app.post("/v1/generate", response_model=GenerateResponse,
               responses=error_responses(400, 401, 404, 413, 422, 500, 503),
@@ -231,12 +278,13 @@ class ApiIngress:
         checked = body.image_requests(online_namespace(), self.limits[model])
         if isinstance(checked, list):
             raise ApiError(400, fields=checked, code="invalid_value")
-        image_requests, client_ids = checked
+        image_requests, client_ids, uploads = checked
         self._check_lora(image_requests, "requests.{i}.lora")
         image_requests = self._apply_rules(image_requests, "requests.{i}.prompt")
-        self._check_budget(model, image_requests, "requests")
+        images = await self._image_inputs(model, image_requests, uploads, native_field)
+        self._check_budget(model, image_requests, "requests", images)
         stored = await self._make(model, image_requests, body.response_format, request,
-                                  client_ids)  # fmt: skip
+                                  client_ids, images)  # fmt: skip
         data = [
             GeneratedImageOut(
                 id=s.record.id, client_id=s.record.client_id, record=s.record, **fields
@@ -311,19 +359,23 @@ class ApiIngress:
         _refuse(errors, field, "rule_broken")
         return out
 
-    def _check_budget(self, model: str, requests: list[ImageRequest], field: str) -> None:
+    def _check_budget(self, model: str, requests: list[ImageRequest], field: str,
+                      images: dict[str, Any] | None = None) -> None:  # fmt: skip
         budget = self.config.max_request_pixel_steps
-        errors = over_budget(requests, self.default_sides.get(model, 512), budget, field)
+        sizes = {i: (m.pixels.shape[1], m.pixels.shape[0]) for i, m in (images or {}).items()}
+        errors = over_budget(requests, self.default_sides.get(model, 512), budget, field, sizes)
         if errors:
             raise ApiError(400, fields=errors, code="over_budget")
 
     async def _make(self, model: str, requests: list[ImageRequest], response_format: ResponseFormat,
-                    request: Request, client_ids: dict[str, str]) -> list[tuple[StoredImage, dict]]:  # fmt: skip
+                    request: Request, client_ids: dict[str, str],
+                    inputs: dict[str, Any] | None = None) -> list[tuple[StoredImage, dict]]:  # fmt: skip
         """Generate (what the result cache does not hold), then encode (and for url, write)
-        through the one write path."""
-        hits = await self._cached(model, requests) if self.options.cache is not None else {}
+        through the one write path. `inputs`: init images by request id."""
+        inputs = inputs or {}
+        hits = await self._cached(model, requests, inputs) if self.options.cache is not None else {}
         misses = [r for r in requests if r.id not in hits]
-        made = iter(await self._generate(model, misses) if misses else [])
+        made = iter(await self._generate(model, misses, inputs) if misses else [])
         images = [hits[r.id] if r.id in hits else next(made) for r in requests]
         if hits:
             metrics.record_cache_hits("serve", model, len(hits))
@@ -331,11 +383,15 @@ class ApiIngress:
         try:
             return await asyncio.to_thread(self._package, images, response_format, base_url,
                                            client_ids)  # fmt: skip
+        except CompositeError as exc:  # this request's layers cannot be placed
+            raise ApiError(400, fields=[FieldError(field=exc.field, reason=exc.reason)],
+                           code="invalid_value") from None  # fmt: skip
         except CredentialsError as exc:  # a timestamp server down, say: retry later
             raise ApiError(503, f"the images could not be signed: {exc}", type="server_error",
                            code="signing_failed", headers={"Retry-After": "5"}) from None  # fmt: skip
 
-    async def _cached(self, model: str, requests: list[ImageRequest]) -> dict[str, ReplicaImage]:
+    async def _cached(self, model: str, requests: list[ImageRequest],
+                      inputs: dict[str, Any]) -> dict[str, ReplicaImage]:  # fmt: skip
         """Request id -> the image the result cache holds for it (best effort: a cache or a
         replica that cannot answer now is a miss, the engine makes the image)."""
         from ..pipeline.result_cache import load
@@ -355,6 +411,8 @@ class ApiIngress:
                 request = next(r for r in requests if r.id == image_id)
                 try:
                     generated, made = load(view.storage, key, request)
+                    if image_id in inputs:  # the upload it was made from, as made
+                        generated.inputs = inputs[image_id].provenance
                     out[image_id] = ReplicaImage(generated, Provenance(**made["provenance"]))
                 except Exception as exc:  # gone, or not an entry this version reads
                     logger.warning("result cache entry %s unreadable (%s): made again", key, exc)
@@ -362,9 +420,11 @@ class ApiIngress:
 
         return await asyncio.to_thread(read)
 
-    async def _generate(self, model: str, requests: list[ImageRequest]) -> list[ReplicaImage]:
+    async def _generate(self, model: str, requests: list[ImageRequest],
+                        inputs: dict[str, Any]) -> list[ReplicaImage]:  # fmt: skip
         """The images of one HTTP request, from one engine call (replicas batch calls)."""
-        call = self.engines[model].generate.remote(requests)
+        wanted = {r.id: inputs[r.id] for r in requests if r.id in inputs}
+        call = self.engines[model].generate.remote(requests, wanted)
         self.in_flight[model] += 1
         try:
             return await call

@@ -39,7 +39,7 @@ from .http_app import needs_token
 
 BEARER = "bearer"
 MAX_SIZE_PATTERN_CHARS = 64 * 1024  # above it, the plain WIDTHxHEIGHT syntax is documented
-BUDGETED = ("/v1/images/generations", "/v1/generate")
+BUDGETED = ("/v1/images/generations", "/v1/images/edits", "/v1/generate")
 
 
 def api_document(base: dict[str, Any], config: ServeConfig, *, auth: bool) -> dict[str, Any]:

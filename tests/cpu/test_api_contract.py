@@ -71,7 +71,7 @@ def test_the_document_lists_400_and_each_routes_errors_not_fastapis_422(api):
                 for op in item.values()}  # fmt: skip
     # 422 is the quality gate's (an image refused), never FastAPI's validation error
     assert [path for path, codes in statuses.items() if "422" in codes] == [
-        "/v1/images/generations", "/v1/generate"]  # fmt: skip
+        "/v1/images/generations", "/v1/images/edits", "/v1/generate"]  # fmt: skip
     assert statuses["/v1/images/generations"] == ["200", "400", "401", "404", "413", "422", "500",
                                                   "503"]  # fmt: skip
     assert statuses["/v1/files/{key}"] == ["200", "400", "401", "403", "404"]
@@ -80,6 +80,15 @@ def test_the_document_lists_400_and_each_routes_errors_not_fastapis_422(api):
     assert doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert doc["paths"]["/v1/models"]["get"]["security"] == [{"bearer": []}]
     assert "budget: 32,768 pixel-steps" in doc["paths"]["/v1/generate"]["post"]["description"]
+    edits = doc["paths"]["/v1/images/edits"]["post"]
+    form = edits["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert (
+        form["required"] == ["image", "prompt"]
+        and form["properties"]["image"]["format"] == "binary"
+    )
+    assert form["properties"]["resize"]["enum"] == ["fill", "fit", "stretch"]
+    assert form["properties"]["n"]["type"] == "integer"
+    assert "budget: 32,768 pixel-steps" in edits["description"]
 
 
 def test_the_document_states_the_deployments_limits(api):
