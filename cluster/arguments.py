@@ -161,6 +161,23 @@ def build_parser() -> argparse.ArgumentParser:
     man.add_argument("--height", type=int, help="height (row default: the model's)")
     man.add_argument("--scheduler", choices=SCHEDULERS, help="sampler (row default: ddim)")
     man.add_argument("--negative-prompt", help="negative prompt for every row")
+    man.add_argument(
+        "--init-image-column",
+        metavar="COLUMN",
+        help="img2img: the CSV column "
+        "naming each row's photo (a path relative to the CSV, file:// or s3://)",
+    )
+    man.add_argument(
+        "--mask-image-column",
+        metavar="COLUMN",
+        help="inpainting: the CSV column naming each row's mask",
+    )
+    man.add_argument("--strength", type=float, help="how far from the photo (0 < s <= 1; 0.8)")
+    man.add_argument(
+        "--resize",
+        choices=("fill", "fit", "stretch"),
+        help="how photos become --width x --height (default fill)",
+    )
 
     ins = _sub(
         sub, "inspect", "summarise an output prefix: counts, errors, speed, provenance",

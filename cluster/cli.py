@@ -182,9 +182,13 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     defaults = {
         "steps": args.steps, "guidance_scale": args.guidance_scale, "width": args.width,
         "height": args.height, "scheduler": args.scheduler, "negative_prompt": args.negative_prompt,
+        "strength": args.strength, "resize": args.resize,
     }  # fmt: skip
     defaults = {k: v for k, v in defaults.items() if v is not None}
-    table = build_manifest(args.prompts, args.template, args.seeds, args.seed_base, defaults)
+    images = {"init_image": args.init_image_column, "mask_image": args.mask_image_column}
+    images = {k: v for k, v in images.items() if v is not None}
+    table = build_manifest(args.prompts, args.template, args.seeds, args.seed_base, defaults,
+                           images, args.output.parent)  # fmt: skip
     write_manifest(table, args.output)
     print(f"wrote {table.num_rows} rows to {args.output}")
     return 0

@@ -364,8 +364,10 @@ class ServeConfig(BaseModel):
         "images (default: four 1024x1024 images at 50 steps); beyond it, 400. null: none.",
     )
     max_body_bytes: int = Field(
-        1024 * 1024, ge=1024, description="Largest HTTP request body, checked before parsing (413)."
-    )
+        16 * 1024 * 1024, ge=1024,
+        description="Largest HTTP request body, checked before parsing (413); uploads for "
+        "image edits count.",
+    )  # fmt: skip
     output: str = Field(
         "output/serve",
         description="Prefix (folder or s3://) where response_format=url images and metadata go.",

@@ -7,6 +7,7 @@ Light to import: pyarrow and the schema only.
 from __future__ import annotations
 
 import csv
+import os
 import re
 import string
 from dataclasses import dataclass
@@ -170,12 +171,17 @@ def build_manifest(
     seeds: int = 1,
     seed_base: int = 0,
     defaults: dict[str, Any] | None = None,
+    images: dict[str, str] | None = None,
+    manifest_dir: Path | None = None,
 ) -> Any:
     """A manifest table: one row per (prompt row, seed), ids `<stem>-<row>-s<seed>` (seeds
     zero-padded to one width, so ids sort by seed).
 
     With a template (`"a photo of {product}, {style}"`) each prompt is filled from the
-    row's fields; the row's fields are also kept in the image's `metadata`."""
+    row's fields; the row's fields are also kept in the image's `metadata`. `images` maps
+    `init_image` / `mask_image` to the CSV column naming each row's file: a path relative
+    to the CSV is rewritten relative to `manifest_dir` (where the manifest is written, which
+    the job reads relative paths from); URIs stay as they are."""
     import pyarrow as pa
 
     rows = read_prompt_rows(source)
@@ -199,9 +205,11 @@ def build_manifest(
             raise ManifestBuildError(
                 f"{source}: no 'prompt' column and no --template (columns: {', '.join(row)})"
             )
+        files = _image_columns(row, images or {}, source, manifest_dir, line)
         for seed in range(seed_base, seed_base + seeds):
             request = {
                 **(defaults or {}),
+                **files,
                 "id": f"{stem}-{line:05d}-s{seed:0{digits}d}",
                 "prompt": prompt,
                 "seed": seed,
@@ -214,6 +222,24 @@ def build_manifest(
             out.append(checked.model_dump(mode="json"))
     schema = manifest_schema()
     return pa.Table.from_pylist(out, schema=schema)
+
+
+def _image_columns(row: dict[str, str], images: dict[str, str], source: Path,
+                   manifest_dir: Path | None, line: int) -> dict[str, str]:  # fmt: skip
+    """{init_image / mask_image: the row's file, as the manifest names it}."""
+    out = {}
+    for field, column in images.items():
+        if column not in row:
+            raise ManifestBuildError(f"{source}: --{field.replace('_', '-')}-column {column!r} "
+                                     f"is not a column ({', '.join(row)})")  # fmt: skip
+        value = (row[column] or "").strip()
+        if not value:
+            raise ManifestBuildError(f"{source}: row {line}: column {column!r} is empty")
+        if "://" not in value and not Path(value).is_absolute():
+            where = (source.parent / value).resolve()
+            value = os.path.relpath(where, (manifest_dir or Path.cwd()).resolve())
+        out[field] = value
+    return out
 
 
 DEMO_PROMPTS = [

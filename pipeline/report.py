@@ -25,7 +25,8 @@ from .config import StorageConfig
 from .storage import METADATA, RUNS, Storage, StorageError
 
 _COLUMNS = ["id", "model", "weights_hash", "backend", "node_id", "created_at", "timings",
-            "width", "height", "steps", "scheduler", "batch_size", "run_id", "cache_hit"]  # fmt: skip
+            "width", "height", "steps", "scheduler", "batch_size", "run_id", "cache_hit",
+            "init_image", "mask_image", "strength", "steps_run"]  # fmt: skip
 
 
 def speed_figures(
@@ -89,6 +90,7 @@ class OutputReport:
     backends: dict[str, int] = field(default_factory=dict)
     nodes: int = 0
     shapes: dict[str, int] = field(default_factory=dict)  # "WxH, N steps, scheduler" -> images
+    inputs: dict[str, int] = field(default_factory=dict)  # made from a prompt or an init image
     runs: int = 0
     last_run: dict[str, Any] | None = None  # the latest run record's figures
 
@@ -147,6 +149,16 @@ def _describe_images(report: OutputReport, rows: list[dict]) -> None:
     report.shapes = _count(
         f"{r['width']}x{r['height']}, {r['steps']} steps, {r['scheduler']}" for r in rows
     )
+    if any(r["init_image"] for r in rows):
+        report.inputs = _count(_input_kind(r) for r in rows)
+
+
+def _input_kind(row: dict) -> str:
+    """What an image was made from: a prompt, or an init image (and how far from it)."""
+    if not row["init_image"]:
+        return "prompt only"
+    kind = "inpainted (init image and mask)" if row["mask_image"] else "img2img (init image)"
+    return f"{kind}, strength {row['strength']:g}: {row['steps_run']} of {row['steps']} steps"
 
 
 def read_run_records(storage: Storage) -> list[dict[str, Any]]:
@@ -246,6 +258,7 @@ def print_report(report: OutputReport) -> None:
         ("models", report.models),
         ("backends", report.backends),
         ("sizes", report.shapes),
+        ("inputs", report.inputs),
         ("errors by reason", report.errors_by_reason),
     ):
         if counts:

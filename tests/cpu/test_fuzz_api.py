@@ -33,7 +33,7 @@ def test_fuzz_api_finds_nothing(tmp_path):
     fuzzed = json.loads(out.read_text())["fuzz"]
     tails = "".join(run["output_tail"] for run in fuzzed["runs"])
     assert fuzzed["failures_found"] == 0 and not fuzzed["errors"], tails
-    assert fuzzed["operations_tested"] == 6 and fuzzed["requests_tried"] > 200
+    assert fuzzed["operations_tested"] == 7 and fuzzed["requests_tried"] > 200
     files_run = fuzzed["runs"][1]["valid_rates"]["GET /v1/files/{key}"]
     assert sum(phase["accepted"] for phase in files_run.values()) > 0  # a stored file was read
     assert fuzzed["healthy_after"] and proc.returncode == 0
