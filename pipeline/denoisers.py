@@ -96,8 +96,14 @@ class Denoiser:
         """Init images uint8 [B, H, W, 3] -> latents [B, C, h, w] as a loop starts from: each
         sampled from the VAE's posterior with its request's generator (first, as diffusers
         draws), then (x - shift_factor) * scaling_factor, what `to_vae` undoes."""
-        vae, config = self.model.vae, self.model.vae.config
         images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return self._sample_latents(images, generators)
+
+    def _sample_latents(
+        self, images: torch.Tensor, generators: list[torch.Generator]
+    ) -> torch.Tensor:
+        """Images [B, 3, H, W] in [-1, 1] -> latents sampled from the VAE's posterior."""
+        vae, config = self.model.vae, self.model.vae.config
         posterior = vae.encode(images.to(vae.dtype)).latent_dist
         mean, std = posterior.mean, posterior.std
         draws = [torch.randn((1, *mean.shape[1:]), generator=g, device=g.device, dtype=mean.dtype)
@@ -105,6 +111,21 @@ class Denoiser:
         samples = mean + std * torch.cat(draws).to(mean.device)
         shift = getattr(config, "shift_factor", None) or 0.0
         return ((samples - shift) * config.scaling_factor).to(self.dtype)
+
+    def inpaint_channels(self, pixels: Any, masks: Any, generators: list[torch.Generator],
+                         latent_h: int, latent_w: int) -> torch.Tensor:  # fmt: skip
+        """What a 9-channel inpainting UNet takes beside the latents, [2B, 5, h, w] for both
+        CFG halves: the mask at the latents' size, then the masked image's latents (the
+        image with its painted region set to grey, sampled with each request's generator:
+        diffusers' draw after the noise)."""
+        import torch.nn.functional as F
+
+        images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        painted = torch.from_numpy(masks).to(self.device).float()[:, None] / 255 >= 0.5
+        masked = self._sample_latents(images * ~painted, generators)
+        mask = F.interpolate(painted.float(), size=(latent_h, latent_w)).to(masked.dtype)
+        extra = torch.cat([mask, masked], dim=1)
+        return torch.cat([extra, extra])
 
     def skip_posterior_draw(self, generators: list[torch.Generator], latent_h: int,
                             latent_w: int) -> None:  # fmt: skip
@@ -198,6 +219,8 @@ class UnetDenoiser(Denoiser):
     def predict(self, scheduler: Any, latents: torch.Tensor, t: Any, cond: Conditioning,
                 index: int) -> torch.Tensor:  # fmt: skip
         latent_in = scheduler.scale_model_input(torch.cat([latents, latents]), t)  # [2B, ...]
+        if "inpaint" in cond.extra:  # a 9-channel inpainting UNet: + mask, masked image
+            latent_in = torch.cat([latent_in, cond.extra["inpaint"]], dim=1)
         added = cond.extra["added_cond"]
         if self.cached:
             noise = self.step_cache()(index, latent_in, t, cond.embeds, added)

@@ -29,7 +29,14 @@ import torch
 
 from .config import HOT_PATH_OPTIONS, EngineConfig, StorageConfig, first_line
 from .denoiser_build import build_denoiser
-from .image_inputs import ImageInput, MaskedBlend, image_refusal, noised_start, start_step
+from .image_inputs import (
+    ImageInput,
+    MaskedBlend,
+    image_refusal,
+    is_inpainting_unet,
+    noised_start,
+    start_step,
+)
 from .lora import LoraAdapters, LoraError
 from .models import SDXL_TIME_IDS, ModelComponents, describe_model, load_model
 from .schema import BucketKey, GeneratedImage, ImageRequest, Speed, StageTimings, bucket_key
@@ -136,7 +143,7 @@ class DiffusionEngine:
             image = images[i] if images else None
             width, height = self._size(request, image)
             refused = self.denoiser.refusal(request, width, height)
-            if refused is None and image is not None:
+            if refused is None:
                 refused = image_refusal(image, request.steps, width, height, self.model)
             if refused is not None:
                 failed[i] = refused
@@ -203,13 +210,12 @@ class DiffusionEngine:
     def _loop_key(self, request: ImageRequest, image: ImageInput | None) -> tuple:
         """The bucket key plus where the loop starts: None from noise, else (img2img or
         inpaint, the step the init image enters at): loops that start elsewhere are apart."""
-        key = self.bucket_key(request)
-        if image is None:
-            return (*key, None)
-        key = (*self._size(request, image), *key[2:])
+        key = (*self._size(request, image), *self.bucket_key(request)[2:])
         refused = image_refusal(image, request.steps, key[0], key[1], self.model)
         if refused is not None:  # callers find these per row with request_errors first
             raise refused
+        if image is None:
+            return (*key, None)
         return (*key, (image.kind, start_step(request.steps, image.strength)))
 
     def _chunks(self, indices: list[int], requests: list[ImageRequest]) -> list[list[int]]:
@@ -254,14 +260,21 @@ class DiffusionEngine:
         #    (img2img) are encoded first, sampled with the same generators.
         noise_device = self.device if self.config.noise_on_device else torch.device("cpu")
         generators = [torch.Generator(noise_device).manual_seed(r.resolved_seed) for r in requests]
-        if entry is not None:
-            init = denoiser.encode_images(np.stack([i.pixels for i in images]), generators)
+        nine = entry is not None and entry[0] == "inpaint" and is_inpainting_unet(self.model)
+        pixels = None if entry is None else np.stack([i.pixels for i in images])
+        init = None  # a 9-channel UNet from noise (strength 1) never encodes the image itself
+        if entry is not None and not (nine and entry[1] == 0):
+            init = denoiser.encode_images(pixels, generators)
         shape = (1, *denoiser.noise_shape(latent_h, latent_w))
         noise = torch.cat([torch.randn(shape, generator=g, device=noise_device)
                            for g in generators])  # fmt: skip
         noise = denoiser.pack(noise.to(self.device, self.dtype))
-        if entry is not None and entry[0] == "inpaint":  # diffusers draws the masked image's
-            denoiser.skip_posterior_draw(generators, latent_h, latent_w)  # posterior next
+        if nine:  # the masked image's latents, drawn next as diffusers draws them
+            masks = np.stack([i.mask for i in images])
+            cond.extra["inpaint"] = denoiser.inpaint_channels(pixels, masks, generators,
+                                                              latent_h, latent_w)  # fmt: skip
+        elif entry is not None and entry[0] == "inpaint":  # diffusers draws the masked
+            denoiser.skip_posterior_draw(generators, latent_h, latent_w)  # image's next
 
         # 3. Timesteps. A scheduler instance is stateful: one per chunk. From noise the loop
         #    runs them all; from an init image those from its start on, the image noised to
@@ -271,10 +284,11 @@ class DiffusionEngine:
         latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching: none
         if entry is not None:
             kind, start = entry
-            timesteps, noised = noised_start(scheduler, start, init, noise)
+            timesteps, noised = noised_start(scheduler, start, noise if init is None else init,
+                                             noise)  # fmt: skip
             if kind == "img2img" or start > 0:
                 latents = noised
-            if kind == "inpaint":
+            if kind == "inpaint" and not nine:
                 masks = torch.from_numpy(np.stack([i.mask for i in images])).to(self.device)
                 blend = MaskedBlend(scheduler, timesteps, init, noise, masks)
 

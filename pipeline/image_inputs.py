@@ -9,10 +9,12 @@ PNG encoding is after it), encodes them with the VAE (each sampled from the VAE'
 posterior with its request's own generator, so an image does not depend on its batch),
 and runs the remaining steps in the same hot path as text-only requests.
 
-With a mask (inpainting on an ordinary 4-channel UNet, diffusers' masked latent blending)
-the region the mask keeps (black) is put back after every step: the init image's latents
-noised to the next step (to none after the last), so the loop only paints where the mask
-is white. A strength of 1 starts that loop from pure noise, as diffusers' does.
+With a mask on an ordinary 4-channel UNet (diffusers' masked latent blending) the region
+the mask keeps (black) is put back after every step: the init image's latents noised to
+the next step (to none after the last), so the loop only paints where the mask is white.
+An inpainting UNet (9 input channels, sd-v1-5-inpainting) instead takes the mask and the
+masked image's latents beside the latents at every step, and blends nothing. A strength
+of 1 starts either loop from pure noise, as diffusers' does.
 
 The engine takes them through `DiffusionEngine.generate(requests, images)`; reading them
 from a request's URI or upload is pipeline/image_reads.py's.
@@ -58,9 +60,24 @@ def start_step(steps: int, strength: float) -> int:
     return steps - min(int(steps * strength), steps)
 
 
-def image_refusal(image: ImageInput, steps: int, width: int, height: int,
+def is_inpainting_unet(model: Any) -> bool:
+    """A UNet trained for inpainting (sd-v1-5-inpainting's 9 input channels: the latents,
+    the mask, the masked image's latents)."""
+    return model.family == "unet" and model.unet.config.in_channels == 9
+
+
+def image_refusal(image: ImageInput | None, steps: int, width: int, height: int,
                   model: Any) -> RequestRefused | None:  # fmt: skip
-    """Why an engine of `model` cannot start this init image's loop (None: it can)."""
+    """Why an engine of `model` cannot start this init image's loop (None: it can); an
+    inpainting UNet takes nothing but inpainting."""
+    if image is None or image.mask is None:
+        if is_inpainting_unet(model):
+            return RequestRefused("mask_image", (
+                f"{model.name} is an inpainting UNet (9 input channels): every request needs "
+                "init_image and mask_image"
+            ))  # fmt: skip
+        if image is None:
+            return None
     if model.family != "unet":
         return RequestRefused("init_image", (
             f"img2img and inpainting run on UNet models so far; {model.name} is a "
@@ -72,10 +89,10 @@ def image_refusal(image: ImageInput, steps: int, width: int, height: int,
             "image; resize it to the request's size first"
         ))  # fmt: skip
     channels = model.unet.config.in_channels
-    if image.mask is not None and channels != 4:
+    if image.mask is not None and channels not in (4, 9):
         return RequestRefused("mask_image", (
             f"{model.name}'s UNet takes {channels} channels; inpainting runs on 4-channel UNets "
-            "so far (masked latent blending)"
+            "(masked latent blending) and 9-channel inpainting UNets"
         ))  # fmt: skip
     if start_step(steps, image.strength) == steps:
         return RequestRefused("strength", (

@@ -118,9 +118,14 @@ def fleet(tmp_path_factory):
         _stop_head(temp_dir)
 
 
-def manifest(root: Path, name: str, n: int, steps: int = 3) -> str:
+def manifest(root: Path, name: str, n: int, steps: int = 3, photos: bool = False) -> str:
     rows = [{"id": f"{name}-{i:03d}", "prompt": f"a fleet painting {i % 5}", "seed": i,
              "steps": steps, "width": 64 if i % 3 else 96, "height": 64} for i in range(n)]  # fmt: skip
+    if photos:  # every fourth row restyles a photo (img2img), its pixels sent to the replicas
+        pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / "photo.png")
+        for row in rows[::4]:
+            row.update(init_image="photo.png", strength=0.5)
     rows.append({"id": f"{name}-bad", "prompt": "x", "steps": 0})
     path = root / f"{name}.parquet"
     pq.write_table(pa.Table.from_pylist(rows, schema=manifest_schema()), path)
@@ -168,7 +173,7 @@ def wait_for(condition, what: str, timeout: float = 300.0):
 
 
 def test_via_serve_equals_the_dedicated_pool(fleet, tmp_path):
-    m = manifest(tmp_path, "same", 10)
+    m = manifest(tmp_path, "same", 10, photos=True)
     shared, dedicated = tmp_path / "shared", tmp_path / "dedicated"
     a = generate(m, "--out", str(shared), "--address", fleet.address, "--via-serve", cwd=tmp_path)
     assert a.returncode == 0, a.stderr[-3000:]
@@ -180,12 +185,13 @@ def test_via_serve_equals_the_dedicated_pool(fleet, tmp_path):
     own = {r["id"]: r for r in exactly_once(dedicated, ids)}
     for key in ids:
         for field in ("seed", "width", "height", "steps", "scheduler", "model", "weights_hash",
-                      "request_fingerprint"):  # fmt: skip
+                      "request_fingerprint", "init_sha256", "steps_run"):  # fmt: skip
             assert via[key][field] == own[key][field], (key, field)
         x = np.asarray(Image.open(shared / "images" / f"{key}.png")).astype(int)
         y = np.asarray(Image.open(dedicated / "images" / f"{key}.png")).astype(int)
         assert np.abs(x - y).max() <= 1  # 1/255
     assert not {r["actor_id"] for r in via.values()} & {r["actor_id"] for r in own.values()}
+    assert sum(r["init_image"] == "photo.png" for r in via.values()) == 3
     record = last_run(shared)
     assert record["config"]["engine_pool"] == "serve" and record["errors"] == 1
     errors = pads.dataset(shared / "errors", format="parquet").to_table().to_pylist()

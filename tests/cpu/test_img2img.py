@@ -191,3 +191,58 @@ def test_inpainting_keeps_what_the_mask_keeps(engine):
     assert np.abs(batch[1].image.astype(int) - alone).max() <= 1
     with pytest.raises(ValueError, match="mask: must be uint8"):
         ImageInput(init, 1.0, square_mask(48))
+
+
+# -- inpainting on a 9-channel inpainting UNet (sd-v1-5-inpainting's shape) -----------------
+
+
+@pytest.fixture(scope="module")
+def inpainting_peer(engine, tmp_path_factory):
+    """The tiny model saved with a 9-channel UNet (seeded random weights), loaded by the
+    engine and by diffusers' StableDiffusionInpaintPipeline from the same folder."""
+    from daguerre.pipeline.model_build import save_model
+    from diffusers import StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+    folder = save_model(engine.model, tmp_path_factory.mktemp("inpaint9") / "tiny-inpainting")
+    config = dict(engine.model.unet.config)
+    config["in_channels"] = 9
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    ours = DiffusionEngine(EngineConfig(model=str(folder), device="cpu"))
+    pipe = StableDiffusionInpaintPipeline.from_pretrained(str(folder), local_files_only=True)
+    return ours, pipe
+
+
+@pytest.mark.parametrize(("scheduler", "strength"), [("ddim", 1.0), ("euler_a", 1.0),
+                                                     ("euler", 0.7)])  # fmt: skip
+def test_nine_channel_inpainting_matches_diffusers_pipeline(inpainting_peer, scheduler, strength):
+    import diffusers
+    from PIL import Image
+
+    ours, pipe = inpainting_peer
+    pipe.scheduler = getattr(diffusers, SCHEDULER_CLASSES[scheduler]).from_config(
+        pipe.scheduler.config
+    )
+    seeds = [5, 6]
+    inits = [photo(s) for s in seeds]
+    requests = [req(s, seed=s, scheduler=scheduler) for s in seeds]
+    masks = [square_mask(), 255 - square_mask()]
+    made = ours.generate(requests, [ImageInput(p, strength, m) for p, m in zip(inits, masks)])
+    theirs = pipe(
+        prompt=[r.prompt for r in requests], image=[Image.fromarray(p) for p in inits],
+        mask_image=[Image.fromarray(m) for m in masks], strength=strength,
+        num_inference_steps=5, guidance_scale=7.5, height=64, width=64, output_type="np",
+        generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+    ).images  # fmt: skip
+    theirs = (np.asarray(theirs) * 255).round().astype(int)
+    ours_pixels = np.stack([g.image for g in made]).astype(int)
+    assert np.abs(ours_pixels - theirs).mean() <= 1.0  # mean abs difference <= 1/255
+    alone = ours.generate([requests[1]], [ImageInput(inits[1], strength, masks[1])])[0]
+    assert np.abs(alone.image.astype(int) - made[1].image.astype(int)).max() <= 1
+
+
+def test_an_inpainting_unet_refuses_what_is_not_inpainting(inpainting_peer):
+    ours, _ = inpainting_peer
+    failed = ours.request_errors([req(0), req(1)], [None, ImageInput(photo(1), 0.5)])
+    assert sorted(failed) == [0, 1] and {f.field for f in failed.values()} == {"mask_image"}
+    assert "inpainting UNet (9 input channels)" in str(failed[0])
