@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+HERE = Path(__file__).resolve().parent
 TOKEN = "fuzz-token"
 LIMITS = {"max_steps": 4, "max_pixels": 64 * 64, "max_side": 64, "size_multiple": 8,
           "max_prompt_chars": 200, "max_guidance_scale": 20}  # fmt: skip
@@ -100,7 +101,12 @@ def run_schemathesis(url: str, examples: int, seed: int, folder: Path, workers: 
         "-H", f"Authorization: Bearer {TOKEN}", "--request-timeout", "120",
         "--report", "json", "--report-json-path", str(report), "--no-color", *extra,
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, cwd=folder)
+    env = {
+        **os.environ,
+        "SCHEMATHESIS_HOOKS": "fuzz_hooks",  # real images (fuzz_hooks.py)
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
+    }
+    done = subprocess.run(command, capture_output=True, text=True, cwd=folder, env=env)
     output = done.stdout + done.stderr
     if not report.exists():
         raise RuntimeError(f"schemathesis wrote no report:\n{output[-3000:]}")

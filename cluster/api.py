@@ -208,7 +208,7 @@ class ImageRequestIn(BaseModel):
         None, description="Inpainting: a mask the size of init_image (base64), white where the "
         "image is repainted, black where it is kept.",
     )  # fmt: skip
-    strength: Float | None = Field(None, description=_about("strength"))
+    strength: Float | None = Field(None, gt=0, le=1, description=_about("strength"))
     resize: ResizeMode | None = Field(None, description=_about("resize"))
 
 

@@ -10,7 +10,6 @@ replicas only get pixels. Every bad upload is a 400 naming the field the client 
 
 from __future__ import annotations
 
-import typing
 from typing import Any
 
 from pydantic import ConfigDict, Field, PrivateAttr, ValidationError
@@ -47,7 +46,10 @@ class ImagesEditRequest(ImagesGenerationRequest):
     guidance_scale: float | None = Field(None, description="Classifier-free guidance scale.")
     lora_scale: float | None = Field(None, description="How strongly lora applies.")
     strength: float | None = Field(
-        None, description="How far from the image the result may go (0 < strength <= 1; 0.8)."
+        None,
+        gt=0,
+        le=1,
+        description="How far from the image the result may go (0 < strength <= 1; 0.8).",
     )
     resize: ResizeMode | None = Field(
         None, description="With size: how the image becomes it (fill, fit or stretch)."
@@ -60,31 +62,27 @@ class ImagesEditRequest(ImagesGenerationRequest):
 
 
 def form_document() -> dict[str, Any]:
-    """The route's OpenAPI requestBody: the form's fields, `image` and `mask` as files."""
-    from enum import Enum
-
+    """The route's OpenAPI requestBody: the form's fields as ImagesEditRequest states them
+    (null dropped: a form field is text or absent; enums inlined), `image` and `mask` files."""
+    schema = ImagesEditRequest.model_json_schema()
+    defs = schema.get("$defs", {})
     properties: dict[str, Any] = {
         "image": {"type": "string", "format": "binary", "description": "The image to edit "
                   "(PNG, JPEG or WebP); without size the output takes its size rounded down "
                   "to a multiple of 8."},
         "mask": {"type": "string", "format": "binary", "description": "A mask the image's "
-                 "size: white (or transparent) where the image is repainted, black kept."},
+                 "size: white where the image is repainted, black where it is kept."},
     }  # fmt: skip
-    kinds = {int: "integer", float: "number", str: "string"}
-    for name, info in ImagesEditRequest.model_fields.items():
-        kind = next((a for a in typing.get_args(info.annotation) or (info.annotation,)
-                     if a is not type(None)), str)  # fmt: skip
-        prop: dict[str, Any] = {"description": info.description or ""}
-        if isinstance(kind, type) and issubclass(kind, Enum):
-            prop.update(type="string", enum=[m.value for m in kind])
-        elif typing.get_origin(kind) is typing.Literal:
-            prop.update(type="string", enum=list(typing.get_args(kind)))
-        else:
-            prop["type"] = kinds.get(kind, "string")
-        properties[name] = prop
-    schema = {"type": "object", "required": ["image", "prompt"], "properties": properties}
+    for name, prop in schema["properties"].items():
+        options = [o for o in prop.pop("anyOf", [prop]) if o.get("type") != "null"]
+        option = dict(options[0]) if options else {}
+        if "$ref" in option:
+            option = dict(defs[option.pop("$ref").rsplit("/", 1)[-1]])
+        option.pop("title", None)
+        properties[name] = {**option, "description": prop.get("description", "")}
+    body = {"type": "object", "required": ["image", "prompt"], "properties": properties}
     return {"requestBody": {"required": True,
-                            "content": {"multipart/form-data": {"schema": schema}}}}  # fmt: skip
+                            "content": {"multipart/form-data": {"schema": body}}}}  # fmt: skip
 
 
 async def read_edit_form(form: Any) -> tuple[ImagesEditRequest, dict[str, bytes]] | list[FieldError]:  # fmt: skip
