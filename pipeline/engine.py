@@ -264,7 +264,7 @@ class DiffusionEngine:
         pixels = None if entry is None else np.stack([i.pixels for i in images])
         init = None  # a 9-channel UNet from noise (strength 1) never encodes the image itself
         if entry is not None and not (nine and entry[1] == 0):
-            init = denoiser.encode_images(pixels, generators)
+            init = denoiser.pack(denoiser.encode_images(pixels, generators))  # FLUX packs
         shape = (1, *denoiser.noise_shape(latent_h, latent_w))
         noise = torch.cat([torch.randn(shape, generator=g, device=noise_device)
                            for g in generators])  # fmt: skip

@@ -1,7 +1,7 @@
 """Images in (img2img, inpainting): what the engine takes beside a request, where the loop
 starts, and how a mask keeps what it keeps.
 
-An init image enters the denoising loop part way: `strength` (0 < strength <= 1) decides
+An init image enters the denoising loop part way (UNet models, SD3 and FLUX alike): `strength` (0 < strength <= 1) decides
 how many of the request's steps run, int(steps * strength) as diffusers counts them, and the
 image's latents are noised to the first of those steps. The engine takes the pixels already
 at the request's size (reading, decoding and resizing are CPU work done before it, as
@@ -78,17 +78,17 @@ def image_refusal(image: ImageInput | None, steps: int, width: int, height: int,
             ))  # fmt: skip
         if image is None:
             return None
-    if model.family != "unet":
-        return RequestRefused("init_image", (
-            f"img2img and inpainting run on UNet models so far; {model.name} is a "
-            f"{model.family} transformer"
+    if model.family != "unet" and image.mask is not None:
+        return RequestRefused("mask_image", (
+            f"inpainting runs on UNet models so far; {model.name} is a {model.family} "
+            "transformer (img2img without a mask runs on it)"
         ))  # fmt: skip
     if image.pixels.shape[:2] != (height, width):
         return RequestRefused("init_image", (
             f"{image.pixels.shape[1]}x{image.pixels.shape[0]} pixels for a {width}x{height} "
             "image; resize it to the request's size first"
         ))  # fmt: skip
-    channels = model.unet.config.in_channels
+    channels = model.unet.config.in_channels if model.family == "unet" else 0
     if image.mask is not None and channels not in (4, 9):
         return RequestRefused("mask_image", (
             f"{model.name}'s UNet takes {channels} channels; inpainting runs on 4-channel UNets "
@@ -110,6 +110,8 @@ def noised_start(scheduler: Any, start: int, image_latents: Any, noise: Any) -> 
     if hasattr(scheduler, "set_begin_index"):
         scheduler.set_begin_index(begin)
     first = timesteps[:1].repeat(noise.shape[0])
+    if hasattr(scheduler, "scale_noise"):  # flow matching (SD3, FLUX): (1 - s) x + s noise
+        return timesteps, scheduler.scale_noise(image_latents, first, noise)
     return timesteps, scheduler.add_noise(image_latents, noise, first)
 
 

@@ -235,3 +235,40 @@ def test_cached_alone_equals_in_a_batch_and_exact_is_untouched(engine, scheduler
     difference = np.abs(alone.image.astype(int) - exact_before.image.astype(int)).mean()
     assert difference > 0  # a cheaper computation; close to exact on a deterministic sampler:
     assert difference < 8 or scheduler == "euler_a"  # (random tiny weights, 8 steps)
+
+
+def _photo(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:64, 0:64] / 64
+    image = np.stack([x, y, 1 - x], axis=-1) * 200 + rng.uniform(0, 40, (64, 64, 3))
+    return image.clip(0, 255).astype(np.uint8)
+
+
+def test_img2img_matches_diffusers_pipeline(engine, saved):
+    """img2img on a flow-matching transformer: the photo's latents mixed with the noise at
+    the start step's sigma, as StableDiffusion3Img2ImgPipeline / FluxImg2ImgPipeline do on
+    the same folder and seed; the same request alone and beside a text-only one."""
+    from daguerre.pipeline.image_inputs import ImageInput
+    from diffusers import FluxImg2ImgPipeline, StableDiffusion3Img2ImgPipeline
+    from PIL import Image
+
+    peer = FluxImg2ImgPipeline if engine.model.family == "flux" else StableDiffusion3Img2ImgPipeline
+    pipe = peer.from_pretrained(str(saved), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    request = req(engine, 1, steps=5, width=64, height=64)
+    kwargs = {"prompt": request.prompt, "image": Image.fromarray(_photo(1)), "strength": 0.6,
+              "num_inference_steps": request.steps, "guidance_scale": request.guidance_scale,
+              "height": 64, "width": 64, "output_type": "np",
+              "generator": torch.Generator().manual_seed(request.seed),
+              "max_sequence_length": engine.model.text_max_length}  # fmt: skip
+    if request.negative_prompt:
+        kwargs["negative_prompt"] = request.negative_prompt
+    theirs = (pipe(**kwargs).images[0] * 255).round()
+    init = ImageInput(_photo(1), 0.6)
+    ours = engine.generate([request], [init])[0].image
+    assert np.abs(theirs - ours.astype(float)).mean() <= 1.0
+    batch = engine.generate([req(engine, 2, steps=5), request], [None, init])
+    assert max_diff(batch[1].image, ours) <= 1
+    masked = ImageInput(_photo(1), 0.6, np.full((64, 64), 255, np.uint8))
+    [refused] = engine.request_errors([request], [masked]).values()
+    assert refused.field == "mask_image" and "runs on UNet models so far" in str(refused)

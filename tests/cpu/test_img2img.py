@@ -123,8 +123,10 @@ def test_bad_inputs_say_what_is_wrong(engine, tmp_path):
     with pytest.raises(ValueError, match="1 init images for 2 requests"):
         engine.generate([req(0), req(1)], [inputs[3]])
     flux = DiffusionEngine(EngineConfig(model="tiny-flux", device="cpu"))
-    [refused] = flux.request_errors([req(0, scheduler="euler")], [inputs[3]]).values()
-    assert refused.field == "init_image" and "run on UNet models so far" in str(refused)
+    masked = ImageInput(photo(0), 0.5, square_mask())
+    [refused] = flux.request_errors([req(0, scheduler="euler")], [masked]).values()
+    assert refused.field == "mask_image" and "runs on UNet models so far" in str(refused)
+    assert not flux.request_errors([req(0, scheduler="euler")], [inputs[3]])  # img2img runs
 
 
 # -- inpainting: masked latent blending on a 4-channel UNet ----------------------------------
