@@ -229,7 +229,8 @@ def test_nine_channel_inpainting_matches_diffusers_pipeline(inpainting_peer, sch
     inits = [photo(s) for s in seeds]
     requests = [req(s, seed=s, scheduler=scheduler) for s in seeds]
     masks = [square_mask(), 255 - square_mask()]
-    made = ours.generate(requests, [ImageInput(p, strength, m) for p, m in zip(inits, masks)])
+    images = [ImageInput(p, strength, m) for p, m in zip(inits, masks, strict=True)]
+    made = ours.generate(requests, images)
     theirs = pipe(
         prompt=[r.prompt for r in requests], image=[Image.fromarray(p) for p in inits],
         mask_image=[Image.fromarray(m) for m in masks], strength=strength,
