@@ -17,6 +17,7 @@ import secrets
 import socket
 from typing import Any
 
+from ..pipeline.composite import check_fixed_sources
 from ..pipeline.config import ModelDeploymentConfig, ServeConfig, validate_config
 from ..pipeline.files import WriteOptions, check_outputs
 from ..pipeline.models import describe_model
@@ -73,6 +74,7 @@ def build_app(args: dict[str, Any] | ServeConfig | None = None) -> Any:
 
     config = args if isinstance(args, ServeConfig) else validate_config(ServeConfig, args or {})
     check_outputs(config)
+    check_fixed_sources(config.composite)
     check_quality(config.quality)
     cluster_gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
     engines, default_sides, families = {}, {}, {}
@@ -129,6 +131,7 @@ def start(
     from ray import serve
 
     check_outputs(config)  # a logo, a key, a classifier: one line, before Ray starts
+    check_fixed_sources(config.composite)
     check_quality(config.quality)
     init_ray(address, verbose=verbose)
     http = {"host": config.host, "port": config.port}

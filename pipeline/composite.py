@@ -213,6 +213,19 @@ def check_composite(config: CompositeConfig, read: Read) -> None:
         raise ConfigError(str(exc)) from None
 
 
+def check_fixed_sources(config: CompositeConfig) -> None:
+    """ConfigError naming the first image layer whose file each row names (online, where a
+    client's metadata would choose which of the server's files is read)."""
+    from .config import ConfigError
+
+    for i, layer in enumerate(config.layers):
+        field = f"composite.layers[{i}].source"
+        if layer.kind == "image" and _template_names(layer.source, field):
+            raise ConfigError(f"{field}: {layer.source!r} names a file per request; online a "
+                              "client's metadata would choose which of the server's files is "
+                              "read, so give a fixed path (per-row images are for batch jobs)")  # fmt: skip
+
+
 def compose(
     pixels: np.ndarray, values: dict[str, str], config: CompositeConfig, read: Read
 ) -> tuple[np.ndarray, list[dict[str, Any]]]:

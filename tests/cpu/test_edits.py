@@ -137,3 +137,16 @@ def test_a_row_the_layers_cannot_take_is_a_400(server):
     made = native(server, metadata={}, steps=2)
     assert made["error"]["fields"][0]["field"] == "composite.layers[1].text"
     assert "user" in made["error"]["fields"][0]["reason"]
+
+
+def test_online_layers_cannot_read_files_a_request_names(tmp_path):
+    """A per-row image source ({column}) would let a client's metadata choose which of the
+    server's files is read: a deployment refuses it in one line, before Ray starts."""
+    from daguerre.cluster.serve import start
+    from daguerre.pipeline.config import ConfigError
+
+    composite = {"layers": [{"kind": "image", "source": "{product}",
+                             "box": {"x": 0, "y": 0, "width": 8, "height": 8}}]}  # fmt: skip
+    config = ServeConfig(output=str(tmp_path / "out"), composite=composite)
+    with pytest.raises(ConfigError, match=r"^composite\.layers\[0\]\.source: '\{product\}' names"):
+        start(config)
