@@ -62,7 +62,7 @@ def dry_run(manifest: str, output: str, config: JobConfig, *, address: str | Non
     names = [plan.config.engine.model, plan.model.name]
     invalid: collections.Counter[str] = collections.Counter()
     buckets: collections.Counter[tuple] = collections.Counter()
-    valid = finished = 0
+    valid = finished = photos = 0
     for row, duplicate, done in zip(table.to_pylist(), duplicated, finished_mask, strict=True):
         result = check_row(row, plan.config.limits, names, duplicate=bool(duplicate),
                            rules=plan.config.rules)  # fmt: skip
@@ -74,13 +74,18 @@ def dry_run(manifest: str, output: str, config: JobConfig, *, address: str | Non
             finished += 1
             continue
         buckets[bucket_key(result, plan.model.default_size)] += 1
+        photos += result.init_image is not None
     size = min(plan.config.batch_size, plan.config.engine.max_batch_size)
     report = DryRun(
         manifest_rows=table.num_rows, valid=valid, invalid=sum(invalid.values()),
         invalid_by_field=dict(invalid), finished=finished, to_generate=sum(buckets.values()),
         buckets={_label(key): n for key, n in sorted(buckets.items())},
         engine_batches=sum(math.ceil(n / size) for n in buckets.values()), batch_size=size,
-        actors=f"{plan.config.min_actors}:{plan.config.max_actors}", notices=plan.notices,
+        actors=f"{plan.config.min_actors}:{plan.config.max_actors}",
+        notices=plan.notices + ([f"{photos} rows start from an init image: read and checked "
+                                 "when the job runs (a bad one is then an errors row); sized "
+                                 "by their image, they are counted at the model's size here"]
+                                if photos else []),
     )  # fmt: skip
     _estimate(report, plan.model.name, buckets, size, plan.config.max_actors)
     return report
