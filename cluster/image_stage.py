@@ -67,11 +67,12 @@ def _read_into(row: dict[str, Any], request: Any, read: Any, base: str | None,
                mask_pixels=None if image.mask is None else image.mask.tobytes())  # fmt: skip
 
 
-def image_inputs(rows: list[dict[str, Any]]) -> dict[str, ImageInput]:
-    """The init images the rows carry (read by `read_images`), by request id."""
+def image_inputs(rows: list[dict[str, Any]], requests: list[Any]) -> list[ImageInput | None]:
+    """The init images of `requests` (in order; None for those without) that the rows
+    carry, read by `read_images` (ids are unique within a job)."""
     import numpy as np
 
-    images = {}
+    images: dict[str, ImageInput] = {}
     for row in rows:
         if not row.get("init_pixels"):
             continue
@@ -83,7 +84,7 @@ def image_inputs(rows: list[dict[str, Any]]) -> dict[str, ImageInput]:
             pixels, provenance["strength"],
             None if mask is None else np.frombuffer(mask, np.uint8).reshape(shape), provenance,
         )  # fmt: skip
-    return images
+    return [images.get(r.id) for r in requests]
 
 
 def manifest_base(uri: str, config: StorageConfig | None) -> str:

@@ -99,8 +99,7 @@ class OnlineMaking:
     async def _generate(self, model: str, requests: list[ImageRequest],
                         inputs: dict[str, Any]) -> list[ReplicaImage]:  # fmt: skip
         """The images of one HTTP request, from one engine call (replicas batch calls)."""
-        wanted = {r.id: inputs[r.id] for r in requests if r.id in inputs}
-        call = self.engines[model].generate.remote(requests, wanted)
+        call = self.engines[model].generate.remote(requests, [inputs.get(r.id) for r in requests])
         self.in_flight[model] += 1
         try:
             return await call

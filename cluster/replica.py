@@ -63,17 +63,19 @@ class _Waiting:
     future: asyncio.Future
     key: Any
     priority: str
+    image: ImageInput | None = None  # its init image (img2img, inpainting)
 
 
 class EngineScheduler:
     """Batches waiting requests by bucket for one engine; drops cancelled work; supervised.
 
-    `run_batch` makes one engine call (a list of requests -> one result or exception each).
+    `run_batch` makes one engine call (requests and their init images, in order -> one
+    result or exception each).
     Pure asyncio, so it is tested without Serve (tests/cpu/test_replica.py)."""
 
     def __init__(
         self,
-        run_batch: Callable[[list[ImageRequest]], Awaitable[list[Any]]],
+        run_batch: Callable[[list[ImageRequest], list[Any]], Awaitable[list[Any]]],
         bucket_key: Callable[[ImageRequest], Any],
         max_batch_size: int,
         batch_wait_timeout_s: float = 0.0,
@@ -103,10 +105,13 @@ class EngineScheduler:
 
     # -- callers -------------------------------------------------------------------------
 
-    async def generate(self, requests: list[ImageRequest], priority: str = ONLINE) -> list[Any]:
-        """One result per request (an image or the exception that stopped it). If the caller
-        is cancelled, its requests that have not started are dropped."""
-        futures = [self.submit(r, priority) for r in requests]
+    async def generate(self, requests: list[ImageRequest], priority: str = ONLINE,
+                       images: list[Any] | None = None) -> list[Any]:  # fmt: skip
+        """One result per request (an image or the exception that stopped it); `images[i]`:
+        request i's init image, kept with it while it waits. If the caller is cancelled,
+        its requests that have not started are dropped."""
+        images = images or [None] * len(requests)
+        futures = [self.submit(r, priority, m) for r, m in zip(requests, images, strict=True)]
         try:
             return list(await asyncio.gather(*futures))
         except asyncio.CancelledError:
@@ -114,9 +119,11 @@ class EngineScheduler:
                 future.cancel()
             raise
 
-    def submit(self, request: ImageRequest, priority: str = ONLINE) -> asyncio.Future:
+    def submit(self, request: ImageRequest, priority: str = ONLINE,
+               image: Any = None) -> asyncio.Future:  # fmt: skip
         future = asyncio.get_running_loop().create_future()
-        self.waiting[priority].append(_Waiting(request, future, self.bucket_key(request), priority))
+        key = self.bucket_key(request)
+        self.waiting[priority].append(_Waiting(request, future, key, priority, image))
         self._ensure_loop()
         self._wakeup.set()
         return future
@@ -255,7 +262,7 @@ class EngineScheduler:
         self.running, self.running_since = len(batch), time.monotonic()
         started = self.clock()
         try:
-            results = await self.run_batch([w.request for w in batch])
+            results = await self.run_batch([w.request for w in batch], [w.image for w in batch])
         except Exception as exc:  # the engine call itself broke: its requests fail, then the loop
             for waiting in batch:
                 if not waiting.future.done():
@@ -305,7 +312,6 @@ class EngineDeployment:
             batch_wait_timeout_s, online_fill_slack=online_fill_slack,
         )  # fmt: skip
         self._busy_s, self._first_call = 0.0, None
-        self._images: dict[str, ImageInput] = {}  # init images of requests waiting, by id
         self.description = {
             "model": engine.model.name, "weights_hash": engine.model.weights_hash,
             "backend": engine.backend, "default_size": engine.model.default_size,
@@ -313,7 +319,8 @@ class EngineDeployment:
             "max_batch_size": engine.config.max_batch_size, "max_replicas": max_replicas,
         }  # fmt: skip
 
-    async def _run_and_record(self, requests: list[ImageRequest]) -> list[Any]:
+    async def _run_and_record(self, requests: list[ImageRequest],
+                              images: list[Any]) -> list[Any]:  # fmt: skip
         """One engine call, with its metrics (cluster/metrics.py)."""
         from . import metrics
 
@@ -323,7 +330,6 @@ class EngineDeployment:
         )
         started = time.monotonic()
         self._first_call = self._first_call or started
-        images = {r.id: self._images[r.id] for r in requests if r.id in self._images}
         results = await self._thread.generate_each_async(requests, images)
         ended = time.monotonic()
         self._busy_s += ended - started
@@ -345,22 +351,22 @@ class EngineDeployment:
                 self._images.pop(request.id, None)
 
     async def generate(self, requests: list[ImageRequest],
-                       images: dict[str, ImageInput] | None = None) -> list[ReplicaImage]:  # fmt: skip
+                       images: list[ImageInput | None] | None = None) -> list[ReplicaImage]:  # fmt: skip
         """Online: one image per request, ahead of batch work; concurrent calls share batches.
-        `images`: the init images of requests that have one (img2img, inpainting), by id."""
-        results = await self._scheduled(requests, ONLINE, images)
+        `images[i]`: request i's init image (img2img, inpainting), or None."""
+        results = await self.scheduler.generate(requests, ONLINE, images)
         for result in results:
             if isinstance(result, Exception):
                 raise result
         return [ReplicaImage(image=r, provenance=self._provenance_of(r)) for r in results]
 
     async def generate_batch(
-        self, requests: list[ImageRequest], images: dict[str, ImageInput] | None = None
+        self, requests: list[ImageRequest], images: list[ImageInput | None] | None = None
     ) -> list[ReplicaImage | Rejected | RequestRefused | str]:
         """A batch job's engine call: behind online work; one image, the quality gate's
         Rejected, or the failure's one-line reason per request (a bad request does not fail
         its batch-mates)."""
-        results = await self._scheduled(requests, BATCH, images)
+        results = await self.scheduler.generate(requests, BATCH, images)
         return [
             r if isinstance(r, (Rejected, RequestRefused))
             else f"{type(r).__name__}: {first_line(r)}" if isinstance(r, Exception)

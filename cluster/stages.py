@@ -189,7 +189,7 @@ class EngineWorker:
         rows = batch.to_pylist()
         requests = _requests(rows)
         started = time.time()
-        results = self._engine_thread.generate_each(requests, image_inputs(rows))
+        results = self._engine_thread.generate_each(requests, image_inputs(rows, requests))
         ended = time.time()
         if requests:  # a batch of rejected rows never reaches the engine
             from . import metrics
@@ -228,7 +228,7 @@ class ServeEngineClient:
 
         rows = batch.to_pylist()
         requests = _requests(rows)
-        answers = self._call(requests, image_inputs(rows)) if requests else []
+        answers = self._call(requests, image_inputs(rows, requests)) if requests else []
         results, provenance = [], []
         for answer in answers:
             if isinstance(answer, (str, Rejected, RequestRefused)):  # one failed, or was rejected
@@ -240,7 +240,7 @@ class ServeEngineClient:
                 self.provenance = provenance[-1]
         return engine_rows(rows, requests, results, provenance, self.provenance)
 
-    def _call(self, requests: list[ImageRequest], images: dict[str, Any]) -> list[Any]:
+    def _call(self, requests: list[ImageRequest], images: list[Any]) -> list[Any]:
         from ray.exceptions import ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 

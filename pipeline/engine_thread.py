@@ -5,6 +5,7 @@ one thread of its own for all torch work (`EngineThread`)."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from .config import EngineConfig, StorageConfig
 from .engine import DiffusionEngine
@@ -13,7 +14,7 @@ from .quality import QualityConfig, QualityGate
 from .schema import GeneratedImage, ImageRequest
 from .semantic_cache import SemanticIndex, semantic_hits
 
-Images = dict[str, ImageInput]  # init images by request id (img2img, inpainting)
+Images = list[ImageInput | None]  # per request, in order: its init image, or None
 
 
 def generate_each(engine: DiffusionEngine, requests: list[ImageRequest],
@@ -21,24 +22,24 @@ def generate_each(engine: DiffusionEngine, requests: list[ImageRequest],
     """One image or one exception per request, in order: a request whose LoRA adapter cannot
     be used fails alone first (LoraError, field `lora`); a batch that fails is retried one
     request at a time, so a single bad request cannot take its batch-mates down with it.
-    `images`: the init images of the requests that have one, by id."""
+    `images[i]`: request i's init image (None: it has none)."""
     if not requests:
         return []
-    images = images or {}
-    failed = engine.request_errors(requests, [images.get(r.id) for r in requests])
+    images = images or [None] * len(requests)
+    failed = engine.request_errors(requests, images)
     if failed:
-        rest = iter(generate_each(engine, [r for i, r in enumerate(requests) if i not in failed],
-                                  images))  # fmt: skip
+        kept = [i for i in range(len(requests)) if i not in failed]
+        rest = iter(generate_each(engine, [requests[i] for i in kept], [images[i] for i in kept]))
         return [failed[i] if i in failed else next(rest) for i in range(len(requests))]
     try:
-        return list(engine.generate(requests, [images.get(r.id) for r in requests]))
+        return list(engine.generate(requests, images))
     except Exception as exc:
         if len(requests) == 1:
             return [exc]
     out: list[GeneratedImage | Exception] = []
-    for request in requests:
+    for request, image in zip(requests, images, strict=True):
         try:
-            out.append(engine.generate([request], [images.get(request.id)])[0])
+            out.append(engine.generate([request], [image])[0])
         except Exception as exc:
             out.append(exc)
     return out
@@ -72,7 +73,9 @@ class EngineThread:
             return self._make(requests, images)
         quality = self.gate.config if self.gate is not None else None
         hits, vectors = semantic_hits(self.semantic, self.engine, requests, quality)
-        made = iter(self._make([r for i, r in enumerate(requests) if i not in hits], images))
+        images = images or [None] * len(requests)
+        kept = [i for i in range(len(requests)) if i not in hits]
+        made = iter(self._make([requests[i] for i in kept], [images[i] for i in kept]))
         out: list[GeneratedImage | Exception] = []
         for i in range(len(requests)):
             if i in hits:
@@ -90,7 +93,11 @@ class EngineThread:
         results = generate_each(self.engine, requests, images)
         if self.gate is None:
             return results
-        again = lambda retries: generate_each(self.engine, retries, images)  # noqa: E731
+        images = images or [None] * len(requests)
+
+        def again(retries: list[ImageRequest], indices: list[int]) -> list[Any]:
+            return generate_each(self.engine, retries, [images[i] for i in indices])
+
         return self.gate.run(again, requests, results)
 
     def generate_each(self, requests: list[ImageRequest],

@@ -133,10 +133,11 @@ class QualityGate:
                 return f"classifier: {verdict if isinstance(verdict, str) else 'rejected'}"
         return None
 
-    def run(self, generate: Callable[[list[ImageRequest]], list[Any]],
+    def run(self, generate: Callable[[list[ImageRequest], list[int]], list[Any]],
             requests: list[ImageRequest], results: list[Any]) -> list[Any]:  # fmt: skip
         """`results` with every rejected image regenerated (derived seeds, in batches of the
-        rejected ones) up to `regenerate` times, then replaced by Rejected."""
+        rejected ones) up to `regenerate` times, then replaced by Rejected. `generate` takes
+        the retries and their positions in `requests`."""
         results = list(results)
         reasons = {
             i: self.reason(r) for i, r in enumerate(results) if isinstance(r, GeneratedImage)
@@ -147,7 +148,7 @@ class QualityGate:
                 break
             retries = [requests[i].model_copy(update={"seed": derived_seed(
                 requests[i].resolved_seed, attempt)}) for i in again]  # fmt: skip
-            for i, result in zip(again, generate(retries), strict=True):
+            for i, result in zip(again, generate(retries, again), strict=True):
                 if isinstance(result, GeneratedImage):  # judged as made; kept as asked
                     reasons[i] = self.reason(result)
                     results[i] = dataclasses.replace(result, request=requests[i])

@@ -77,7 +77,8 @@ def test_a_rejected_image_is_regenerated_with_a_derived_seed(tiny_engine, classi
     requests = [ImageRequest(id="r", prompt="retry me", seed=7, steps=2),
                 ImageRequest(id="k", prompt="keep me", seed=7, steps=2),
                 ImageRequest(id="x", prompt="reject me", seed=3, steps=2)]  # fmt: skip
-    results = gate.run(tiny_engine.generate, requests, tiny_engine.generate(requests))
+    results = gate.run(lambda retries, _: tiny_engine.generate(retries), requests,
+                       tiny_engine.generate(requests))  # fmt: skip
     retried, kept, rejected = results
     assert retried.seed == derived_seed(7, 1) and retried.request == requests[0]
     again = tiny_engine.generate([requests[0].model_copy(update={"seed": derived_seed(7, 1)})])

@@ -21,13 +21,15 @@ class Engine:
         self.gate.set()
         self.fail_next = False
 
-    async def run(self, requests: list[ImageRequest]) -> list[str]:
+    async def run(self, requests: list[ImageRequest], images: list | None = None) -> list[str]:
         self.calls.append([r.id for r in requests])
         await self.gate.wait()
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("the engine thread is gone")
-        return [f"image of {r.id}" for r in requests]
+        images = images or [None] * len(requests)
+        return [f"image of {r.id}" + (f" from {m}" if m else "")
+                for r, m in zip(requests, images, strict=True)]  # fmt: skip
 
 
 def request(i: int, steps: int = 4) -> ImageRequest:
@@ -44,6 +46,28 @@ async def until(condition, what: str) -> None:
             return
         await asyncio.sleep(0.001)
     raise AssertionError(f"never happened: {what}")
+
+
+def test_init_images_travel_with_their_request_even_when_ids_repeat():
+    """Two callers (two jobs on one app) may send the same id with different photos: each
+    request is made from its own, in one engine batch."""
+
+    async def main():
+        engine = Engine()
+        engine.gate.clear()
+        s = scheduler(engine)
+        first = asyncio.create_task(s.generate([request(9)]))
+        await until(lambda: engine.calls, "the first call")
+        a = asyncio.create_task(s.generate([request(0), request(1)], images=["photo A", None]))
+        b = asyncio.create_task(s.generate([request(0)], images=["photo B"]))
+        await until(lambda: s.stats()["pending"] == 3, "three waiting")
+        engine.gate.set()
+        await first
+        return await a, await b, engine.calls
+
+    a, b, calls = asyncio.run(main())
+    assert a == ["image of r0 from photo A", "image of r1"] and b == ["image of r0 from photo B"]
+    assert calls[1] == ["r0", "r1", "r0"]  # one batch
 
 
 def test_waiting_requests_run_by_bucket_up_to_the_batch_size():
@@ -179,9 +203,9 @@ class TimedEngine(Engine):
     def clock(self) -> float:
         return self.now
 
-    async def run(self, requests: list[ImageRequest]) -> list[str]:
+    async def run(self, requests: list[ImageRequest], images: list | None = None) -> list[str]:
         self.now += self.cost(len(requests))
-        return await super().run(requests)
+        return await super().run(requests, images)
 
 
 def _online_under_batch_load(cost, slack: float | None = 0.25, lessons: int = 1) -> list[list[str]]:
