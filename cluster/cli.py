@@ -102,7 +102,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     names = ", ".join(m.served_name for m in config.models)
     print(f"daguerre serving {names} at {url}", flush=True)
     print(f"  try it:            {url}/   (a page to generate from a browser)", flush=True)
-    print(f"  OpenAI-compatible: POST {url}/v1/images/generations", flush=True)
+    print(f"  OpenAI-compatible: POST {url}/v1/images/generations, {url}/v1/images/edits",
+          flush=True)  # fmt: skip
     print(f"  native:            POST {url}/v1/generate   API: {url}/openapi.json", flush=True)
     print(f"  url images and their metadata go to {config.output}", flush=True)
     print("Ctrl-C to stop", flush=True)
@@ -187,6 +188,10 @@ def cmd_manifest(args: argparse.Namespace) -> int:
     defaults = {k: v for k, v in defaults.items() if v is not None}
     images = {"init_image": args.init_image_column, "mask_image": args.mask_image_column}
     images = {k: v for k, v in images.items() if v is not None}
+    unused = [f"--{k}" for k in ("strength", "resize") if getattr(args, k) is not None]
+    if unused and "init_image" not in images:
+        raise ConfigError(f"{' and '.join(unused)} apply to init images: add "
+                          "--init-image-column COLUMN (the CSV column naming each row's photo)")  # fmt: skip
     table = build_manifest(args.prompts, args.template, args.seeds, args.seed_base, defaults,
                            images, args.output.parent)  # fmt: skip
     write_manifest(table, args.output)

@@ -65,7 +65,7 @@ def dry_run(manifest: str, output: str, config: JobConfig, *, address: str | Non
     valid = finished = photos = 0
     for row, duplicate, done in zip(table.to_pylist(), duplicated, finished_mask, strict=True):
         result = check_row(row, plan.config.limits, names, duplicate=bool(duplicate),
-                           rules=plan.config.rules)  # fmt: skip
+                           rules=plan.config.rules, composite=plan.config.composite)  # fmt: skip
         if not isinstance(result, ImageRequest):
             invalid[result[0].field] += 1
             continue

@@ -16,7 +16,7 @@ from pydantic import ConfigDict, Field, PrivateAttr, ValidationError
 
 from ..pipeline.config import RequestRefused
 from ..pipeline.image_inputs import ImageInput
-from ..pipeline.image_reads import load_image_input
+from ..pipeline.image_reads import ONLINE_INPUT_PIXELS, load_image_input
 from ..pipeline.schema import (
     SEED_LIMIT,
     FieldError,
@@ -120,21 +120,33 @@ async def read_edit_form(form: Any) -> tuple[ImagesEditRequest, dict[str, bytes]
     return body, uploads
 
 
-def image_inputs(requests: list[ImageRequest], uploads: dict[str, bytes], limits: RequestLimits,
-                 default_side: int, field: Any) -> dict[str, ImageInput] | list[FieldError]:  # fmt: skip
-    """{request id: its ImageInput} for the requests with an init image, or the errors of
-    those that cannot be used; `field(i, name)` names the client's field of request i's
+def decoded_uploads(requests: list[ImageRequest], uploads: dict[str, bytes],
+                    limits: RequestLimits, default_side: int, multiple: int,
+                    field: Any) -> dict[str, ImageInput] | list[FieldError]:  # fmt: skip
+    """{request id: its ImageInput} for the requests with an init image, each upload decoded
+    once however many images share it (at most ONLINE_INPUT_PIXELS), or the errors of those
+    that cannot be used; `field(i, name)` names the client's field of request i's
     init_image or mask_image."""
     images: dict[str, ImageInput] = {}
+    decoded: dict[tuple, ImageInput | RequestRefused] = {}
     errors: list[FieldError] = []
     for i, request in enumerate(requests):
         if request.init_image is None:
             continue
-        try:
-            images[request.id] = load_image_input(request, uploads.__getitem__, None, limits,
-                                                  default_side)  # fmt: skip
-        except RequestRefused as refused:
-            errors.append(FieldError(field=field(i, refused.field), reason=refused.reason))
+        same = request.model_dump(include={"init_image", "mask_image", "width", "height",
+                                           "resize", "strength", "steps"})  # fmt: skip
+        key = tuple(sorted((k, str(v)) for k, v in same.items()))
+        if key not in decoded:
+            try:
+                decoded[key] = load_image_input(request, uploads.__getitem__, None, limits,
+                                                default_side, multiple, ONLINE_INPUT_PIXELS)  # fmt: skip
+            except RequestRefused as refused:
+                decoded[key] = refused
+        result = decoded[key]
+        if isinstance(result, RequestRefused):
+            errors.append(FieldError(field=field(i, result.field), reason=result.reason))
+        else:
+            images[request.id] = result
     return errors or images
 
 

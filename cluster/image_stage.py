@@ -26,7 +26,7 @@ IMAGE_COLUMNS = {  # name -> Arrow type name, added to the prepared rows
 
 
 def read_images(batch: Any, base: str | None, storage_config: StorageConfig | None,
-                limits: dict[str, Any], default_side: int) -> Any:  # fmt: skip
+                limits: dict[str, Any], default_side: int, multiple: int = 8) -> Any:  # fmt: skip
     """The prepared rows with their init images' pixels (None for the others); a row whose
     image cannot be read, decoded or sized turns into a `validate` error naming the field."""
     import pyarrow as pa
@@ -42,7 +42,7 @@ def read_images(batch: Any, base: str | None, storage_config: StorageConfig | No
         request = request_from_json(row["request"]) if row["request"] else None
         if request is None or request.init_image is None or row.get("cache_key"):
             continue
-        _read_into(row, request, read, base, limits_model, default_side)
+        _read_into(row, request, read, base, limits_model, default_side, multiple)
     columns = {name: pa.array([r[name] for r in rows], type=batch.schema.field(name).type)
                for name in batch.schema.names}  # fmt: skip
     for name, kind in IMAGE_COLUMNS.items():
@@ -52,11 +52,11 @@ def read_images(batch: Any, base: str | None, storage_config: StorageConfig | No
 
 
 def _read_into(row: dict[str, Any], request: Any, read: Any, base: str | None,
-               limits: RequestLimits, default_side: int) -> None:  # fmt: skip
+               limits: RequestLimits, default_side: int, multiple: int) -> None:  # fmt: skip
     from ..pipeline.image_reads import load_image_input
 
     try:
-        image = load_image_input(request, read, base, limits, default_side)
+        image = load_image_input(request, read, base, limits, default_side, multiple)
     except RequestRefused as refused:
         row.update(error_stage="validate", error_field=refused.field, error_reason=refused.reason,
                    row=row["request"], request=None)  # fmt: skip

@@ -28,6 +28,7 @@ from fastapi import Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..pipeline.config import ServeConfig, first_line
 from ..pipeline.files import WriteOptions
@@ -37,6 +38,7 @@ from ..pipeline.formats import (
     VARIANT_NAME,
     VARIANTS,
 )
+from ..pipeline.image_reads import FAMILY_MULTIPLE
 from ..pipeline.outputs import (
     new_run_id,
 )
@@ -57,9 +59,9 @@ from .api import (
 )
 from .edits import (
     MAX_FORM_FIELDS,
+    decoded_uploads,
     form_document,
     form_field,
-    image_inputs,
     native_field,
     read_edit_form,
 )
@@ -116,7 +118,7 @@ class ApiIngress(OnlineMaking):
         self.config = ServeConfig.model_validate(config)
         self.engines = engines  # served name -> DeploymentHandle
         self.default_sides = default_sides  # served name -> the model's native side
-        families = families or {}  # served name -> unet, sd3 or flux: its default scheduler
+        families = self.families = families or {}  # served name -> unet, sd3 or flux
         self.limits = {name: self.config.limits.for_family(families.get(name, "unet"))
                        for name in engines}  # fmt: skip
         self.default_model = self.config.models[0].served_name
@@ -195,6 +197,8 @@ class ApiIngress(OnlineMaking):
         self._authorize(request)
         try:
             form = await request.form(max_files=4, max_fields=MAX_FORM_FIELDS)
+        except StarletteHTTPException:  # a streamed body over the limit: its 413 stands
+            raise
         except Exception as exc:  # not a parsable multipart body
             raise ApiError(400, f"the body is not a readable multipart form ({first_line(exc)})",
                            code="invalid_value") from None  # fmt: skip
@@ -217,7 +221,7 @@ class ApiIngress(OnlineMaking):
         images = await self._image_inputs(model, image_requests, uploads, form_field)
         self._check_budget(model, image_requests, "n", images)
         stored = await self._make(model, image_requests, body.response_format, request, {},
-                                  images)  # fmt: skip
+                                  images, lambda name: form_field(0, name))  # fmt: skip
         data = [ImageData(seed=s.record.seed, id=s.record.id, **fields) for s, fields in stored]
         return JSONResponse(
             ImagesResponse(created=int(time.time()), data=data).model_dump(exclude_none=True)
@@ -228,8 +232,10 @@ class ApiIngress(OnlineMaking):
         """The requests' init images decoded and sized (off the event loop), or a 400."""
         if not uploads:
             return {}
-        images = await asyncio.to_thread(image_inputs, requests, uploads, self.limits[model],
-                                         self.default_sides.get(model, 512), field)  # fmt: skip
+        images = await asyncio.to_thread(decoded_uploads, requests, uploads, self.limits[model],
+                                         self.default_sides.get(model, 512),
+                                         FAMILY_MULTIPLE[self.families.get(model, "unet")],
+                                         field)  # fmt: skip
         if isinstance(images, list):
             raise ApiError(400, fields=images, code="invalid_value")
         return images

@@ -29,6 +29,7 @@ from ..pipeline.config import JobConfig
 from ..pipeline.environment import git_commit, host, software_versions
 from ..pipeline.files import OutputLayout, WriteOptions
 from ..pipeline.formats import EXTENSIONS
+from ..pipeline.image_reads import FAMILY_MULTIPLE
 from ..pipeline.lease import OutputLease
 from ..pipeline.outputs import cache_view, new_run_id
 from ..pipeline.report import mean_engine_batch_counts, speed_figures_s
@@ -221,24 +222,27 @@ def _run_pipeline(
             "default_side": plan.model.default_size,
             "rules": config.rules.model_dump(),
             "cache": cache_view(options, plan.model.weights_hash(), config.engine),
+            "composite": config.composite.model_dump() if config.composite.enabled else None,
         },  # fmt: skip
         batch_format="pyarrow",
         num_cpus=config.writer_num_cpus,
     )
     if limit is not None:  # --limit counts rows still to do, not finished ones
         ds = ds.limit(limit)
-    ds = ds.map_batches(  # init images read ahead of the engine (cluster/image_stage.py)
+    ds = ds.repartition(target_num_rows_per_block=config.batch_size)
+    ds = ds.map_batches(  # init images read ahead of the engine, a batch per task
         read_images,
         fn_kwargs={
             "base": manifest_base(plan.manifest.uri, config.storage),
             "storage_config": config.storage,
             "limits": config.limits.model_dump(),
             "default_side": plan.model.default_size,
+            "multiple": FAMILY_MULTIPLE[plan.model.family],
         },  # fmt: skip
+        batch_size=config.batch_size,
         batch_format="pyarrow",
         num_cpus=config.writer_num_cpus,
     )
-    ds = ds.repartition(target_num_rows_per_block=config.batch_size)
     ds = _engine_stage(ds, plan, address, options)
     shards = {}
     if config.output_format == "webdataset":  # one shard per write batch of shard_images

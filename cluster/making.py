@@ -18,10 +18,10 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 import daguerre
 
-from ..pipeline.composite import CompositeError
+from ..pipeline.composite import CompositeError, missing_value
 from ..pipeline.config import RequestRefused, first_line
 from ..pipeline.credentials import CredentialsError
-from ..pipeline.files import Provenance
+from ..pipeline.files import Provenance, layer_values
 from ..pipeline.formats import EXTENSIONS
 from ..pipeline.outputs import StoredImage, cache_view, keep_rejected, write_errors, write_outputs
 from ..pipeline.quality import Rejected
@@ -45,13 +45,16 @@ class OnlineMaking:
 
     async def _make(self, model: str, requests: list[ImageRequest], response_format: ResponseFormat,
                     request: Request, client_ids: dict[str, str],
-                    inputs: dict[str, Any] | None = None) -> list[tuple[StoredImage, dict]]:  # fmt: skip
+                    inputs: dict[str, Any] | None = None,
+                    rename: Any = None) -> list[tuple[StoredImage, dict]]:  # fmt: skip
         """Generate (what the result cache does not hold), then encode (and for url, write)
-        through the one write path. `inputs`: init images by request id."""
+        through the one write path. `inputs`: init images by request id; `rename`: the
+        client's name of a request field an engine refusal names."""
         inputs = inputs or {}
+        self._check_layers(requests)
         hits = await self._cached(model, requests, inputs) if self.options.cache is not None else {}
         misses = [r for r in requests if r.id not in hits]
-        made = iter(await self._generate(model, misses, inputs) if misses else [])
+        made = iter(await self._generate(model, misses, inputs, rename) if misses else [])
         images = [hits[r.id] if r.id in hits else next(made) for r in requests]
         if hits:
             metrics.record_cache_hits("serve", model, len(hits))
@@ -96,8 +99,18 @@ class OnlineMaking:
 
         return await asyncio.to_thread(read)
 
-    async def _generate(self, model: str, requests: list[ImageRequest],
-                        inputs: dict[str, Any]) -> list[ReplicaImage]:  # fmt: skip
+    def _check_layers(self, requests: list[ImageRequest]) -> None:
+        """400 before any image is made for a request the deployment's layers cannot take."""
+        if not self.options.composite.enabled:
+            return
+        for request in requests:
+            missing = missing_value(self.options.composite, layer_values(request))
+            if missing is not None:
+                raise ApiError(400, fields=[FieldError(field=missing.field, reason=missing.reason)],
+                               code="invalid_value")  # fmt: skip
+
+    async def _generate(self, model: str, requests: list[ImageRequest], inputs: dict[str, Any],
+                        rename: Any = None) -> list[ReplicaImage]:  # fmt: skip
         """The images of one HTTP request, from one engine call (replicas batch calls)."""
         call = self.engines[model].generate.remote(requests, [inputs.get(r.id) for r in requests])
         self.in_flight[model] += 1
@@ -126,7 +139,8 @@ class OnlineMaking:
         except RequestRefused as exc:  # the model cannot make this request (an adapter that
             # does not load, a negative prompt for FLUX, a scheduler without a flow form)
             cause = getattr(exc, "cause", exc)  # Ray's wrapper keeps the engine's exception
-            raise ApiError(400, fields=[FieldError(field=cause.field, reason=cause.detail)],
+            field = rename(cause.field) if rename else cause.field
+            raise ApiError(400, fields=[FieldError(field=field, reason=cause.detail)],
                            code="invalid_value") from None  # fmt: skip
         except EngineLoopFailed as exc:
             raise ApiError(503, str(exc), type="server_error", code="engine_restarted",

@@ -228,7 +228,7 @@ def rejects_only(plan: JobPlan) -> list[tuple[dict[str, Any], list[Any]]] | None
     out = []
     for row, duplicate in zip(table.filter(keep).to_pylist(), duplicated[keep], strict=True):
         result = check_row(row, plan.config.limits, names, duplicate=bool(duplicate),
-                           rules=plan.config.rules)  # fmt: skip
+                           rules=plan.config.rules, composite=plan.config.composite)  # fmt: skip
         if isinstance(result, ImageRequest):
             return None
         out.append((row, result))
@@ -247,5 +247,6 @@ def _conflict_line(plan: JobPlan, findings: Any, asked: str) -> str:
     example = findings.examples[0] if findings.examples else "?"
     return (
         f"{findings.changed} finished ids were made from other request fields than the manifest "
-        f"now gives (prompt, seed, steps, guidance, size or scheduler; e.g. {example!r}): {fix}"
+        f"now gives (prompt, seed, steps, guidance, size, scheduler, speed, LoRA, or the init "
+        f"image, mask, strength or resize; e.g. {example!r}): {fix}"
     )

@@ -14,14 +14,16 @@ import json
 import time
 from typing import Any
 
+from ..pipeline.composite import CompositeConfig, missing_value
 from ..pipeline.config import EngineConfig, RequestRefused, StorageConfig, first_line
-from ..pipeline.files import PLAIN, Provenance, WriteOptions
+from ..pipeline.files import PLAIN, Provenance, WriteOptions, layer_values
 from ..pipeline.lease import check_lease
 from ..pipeline.outputs import keep_rejected, write_errors, write_outputs
 from ..pipeline.quality import QualityConfig, Rejected
 from ..pipeline.result_cache import CacheView
-from ..pipeline.rules import NO_RULES, PromptRules, apply_rules, error_stage
+from ..pipeline.rules import NO_RULES, LayersRefused, PromptRules, apply_rules, error_stage
 from ..pipeline.schema import (
+    UPLOAD_PREFIX,
     EngineRow,
     ErrorRecord,
     FieldError,
@@ -54,6 +56,7 @@ PREPARED_COLUMNS = (
 def prepare_batch(
     batch: Any, skip: Any, duplicates: Any, limits: dict[str, Any], model_names: list[str],
     default_side: int, rules: dict[str, Any] | None = None, cache: CacheView | None = None,
+    composite: dict[str, Any] | None = None,
 ) -> Any:  # fmt: skip
     """Drop finished rows; validate the rest. Valid rows carry their request as JSON, sorted
     by bucket (size, steps, scheduler, speed) so engine batches share one denoising loop; invalid
@@ -69,7 +72,7 @@ def prepare_batch(
     # Ray Data does not resolve refs in fn_kwargs.
     skip, duplicates = ray.get([skip, duplicates])
     prepared = prepare_rows(batch, skip, duplicates, limits, model_names, default_side, rules,
-                            cache)  # fmt: skip
+                            cache, composite)  # fmt: skip
     metrics.observe_stage("prepare", "job", time.perf_counter() - started)
     return prepared
 
@@ -77,6 +80,7 @@ def prepare_batch(
 def prepare_rows(
     batch: Any, skip: Any, duplicates: Any, limits: dict[str, Any], model_names: list[str],
     default_side: int, rules: dict[str, Any] | None = None, cache: CacheView | None = None,
+    composite: dict[str, Any] | None = None,
 ) -> Any:  # fmt: skip
     """prepare_batch with the indexes at hand (IdIndex each). Rows the result cache holds
     come after the others (their own engine batches, which never call the engine)."""
@@ -96,10 +100,11 @@ def prepare_rows(
         batch, digests = batch.filter(pa.array(keep)), digests[keep]
     duplicated = duplicates.contains(digests) if len(duplicates) else np.zeros(len(digests), bool)
     limits_model, rules_model = RequestLimits(**limits), PromptRules(**(rules or {}))
+    layers = CompositeConfig(**composite) if composite else None
     valid, invalid = [], []
     for row, duplicate in zip(batch.to_pylist(), duplicated, strict=True):
         result = check_row(row, limits_model, model_names, duplicate=bool(duplicate),
-                           rules=rules_model)  # fmt: skip
+                           rules=rules_model, composite=layers)  # fmt: skip
         if isinstance(result, ImageRequest):
             valid.append((bucket_key(result, default_side), result))
         else:
@@ -140,20 +145,31 @@ def check_row(
     *,
     duplicate: bool,
     rules: PromptRules = NO_RULES,
+    composite: CompositeConfig | None = None,
 ) -> ImageRequest | list[FieldError]:
     """A manifest row's request (the rules' style applied), or every reason it is rejected
-    (the field first); `duplicate`: its id appears more than once in the manifest."""
+    (the field first); `duplicate`: its id appears more than once in the manifest;
+    `composite`: the job's layers, whose templates the row must fill."""
     result = validate_request(row, limits)
     if isinstance(result, list):
         return result
     if duplicate:
         return [FieldError(field="id", reason=f"{result.id!r} appears more than once in the "
                            "manifest; ids must be unique")]  # fmt: skip
+    for name in ("init_image", "mask_image"):  # content names are the ingress's to give
+        if (getattr(result, name) or "").startswith(UPLOAD_PREFIX):
+            return [FieldError(field=name, reason=f"{UPLOAD_PREFIX}... names an online upload; "
+                               "a manifest names a file: a path, file:// or s3://")]  # fmt: skip
     if result.model is not None and result.model not in model_names:
         return [FieldError(field="model", reason=f"{result.model!r} is not served by this job "
                            f"(it runs {model_names[0]!r})")]  # fmt: skip
     ruled = apply_rules(result, rules)
-    return ruled if isinstance(ruled, ImageRequest) else [ruled]
+    if not isinstance(ruled, ImageRequest):
+        return [ruled]
+    missing = None if composite is None else missing_value(composite, layer_values(ruled))
+    if missing is not None:  # found before its image is made
+        return [LayersRefused(field=missing.field, reason=missing.reason)]
+    return ruled
 
 
 # -- stage 2: the engine (actor pool) -----------------------------------------------------

@@ -183,6 +183,17 @@ def template_fields(config: CompositeConfig) -> set[str]:
     return {name for field, t in _layer_templates(config) for name in _template_names(t, field)}
 
 
+def missing_value(config: CompositeConfig, values: dict[str, str]) -> CompositeError | None:
+    """Why a row with `values` cannot be composited (a column a template needs), checked
+    before its image is made; None when it can."""
+    for field, template in _layer_templates(config):
+        for name in _template_names(template, field):
+            if values.get(name) is None:
+                return CompositeError(field, f"needs the metadata column {name!r}, which this "
+                                      "row does not have")  # fmt: skip
+    return None
+
+
 def _filled(template: str, values: dict[str, str], field: str) -> str:
     """`template` filled from the row's `values`; CompositeError for a missing column."""
     for name in _template_names(template, field):

@@ -83,8 +83,8 @@ class EngineThread:
                 out.append(dataclasses.replace(generated, made_by=provenance))
                 continue
             result = next(made)
-            if isinstance(result, GeneratedImage):
-                result = dataclasses.replace(result, prompt_vector=vectors[i])
+            if isinstance(result, GeneratedImage) and requests[i].init_image is None:
+                result = dataclasses.replace(result, prompt_vector=vectors[i])  # indexed
             out.append(result)
         return out
 

@@ -156,16 +156,26 @@ def composited(generated: GeneratedImage, options: WriteOptions) -> tuple[Any, l
     The engine's pixels stay as made (the result cache keeps them unplaced)."""
     if not options.composite.enabled:
         return generated.image, None
-    request = generated.request
-    values = {"id": request.id, "prompt": request.prompt, "seed": str(generated.seed),
-              **request.metadata}  # fmt: skip
+    values = layer_values(generated.request)
     return compose(generated.image, values, options.composite, options.read or StorageReader())
+
+
+def layer_values(request: Any) -> dict[str, str]:
+    """What a request's composite templates fill from: id, prompt, seed and its metadata."""
+    return {"id": request.id, "prompt": request.prompt, "seed": str(request.resolved_seed),
+            **request.metadata}  # fmt: skip
 
 
 def watermark_survives(data: bytes, marks: MarksConfig) -> bool:
     """Whether `marks`' watermark decodes back from the encoded file `data`."""
     payload = marks.watermark.encode()
     return read_watermark(decode(data), len(payload), marks.watermark_method) == payload
+
+
+def _input_digests(inputs: dict[str, Any] | None) -> dict[str, Any]:
+    """What a published file says of its source photo: its digests, strength and steps run,
+    not its URI (an internal bucket key or path stays in the metadata row)."""
+    return {k: v for k, v in (inputs or {}).items() if k not in ("init_image", "mask_image")}
 
 
 def provenance_fields(generated: GeneratedImage, provenance: Provenance, run_id: str,
@@ -180,6 +190,6 @@ def provenance_fields(generated: GeneratedImage, provenance: Provenance, run_id:
             "model": provenance.model, "weights_hash": provenance.weights_hash,
             "speed": request.speed.value, "lora": request.lora,
             "lora_scale": request.lora_scale if request.lora else None,
-            "lora_sha256": generated.lora_sha256, **(generated.inputs or {}),
+            "lora_sha256": generated.lora_sha256, **_input_digests(generated.inputs),
             "run_id": run_id, "daguerre_version": version, "ai_generated": True,
             "watermark": watermark}  # fmt: skip

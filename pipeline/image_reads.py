@@ -31,7 +31,10 @@ from .image_inputs import ImageInput, start_step
 from .schema import UPLOAD_PREFIX, ImageRequest, RequestLimits, ResizeMode
 
 MAX_INPUT_BYTES = 64 * 2**20  # largest init image or mask file read
-MAX_INPUT_PIXELS = 64 * 10**6  # largest decoded (width x height), checked before decoding
+MAX_INPUT_PIXELS = 64 * 10**6  # largest (width x height) a job decodes, checked before decoding
+ONLINE_INPUT_PIXELS = 16 * 10**6  # ... an HTTP upload: a phone photo, not a decompression bomb
+FORMATS = ("PNG", "JPEG", "WEBP")  # what is decoded; other formats are refused unread
+FAMILY_MULTIPLE = {"unet": 8, "sd3": 16, "flux": 16}  # image sides: the VAE's factor x patching
 WHITE = (255, 255, 255)
 
 Reader = Callable[[str], bytes]
@@ -39,12 +42,13 @@ Reader = Callable[[str], bytes]
 
 def resolve_uri(uri: str, base: str | None) -> str:
     """`uri` as read: URLs and absolute paths as they are, relative paths under `base` (the
-    manifest's folder, itself a path or URL)."""
+    manifest's folder, itself a path or URL), `..` resolved."""
     if "://" in uri or uri.startswith(UPLOAD_PREFIX) or os.path.isabs(uri) or not base:
         return uri
     if "://" in base:
-        return posixpath.join(base.rstrip("/"), uri)
-    return os.path.join(base, uri)
+        scheme, _, rest = base.rstrip("/").partition("://")
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, uri))}"
+    return os.path.normpath(os.path.join(base, uri))
 
 
 class StorageReader:
@@ -84,24 +88,27 @@ def storage_reader(config: StorageConfig | None = None) -> Reader:
     return StorageReader(config)
 
 
-def load_image_input(request: ImageRequest, read: Reader, base: str | None,
-                     limits: RequestLimits, default_side: int) -> ImageInput:  # fmt: skip
+def load_image_input(request: ImageRequest, read: Reader, base: str | None, limits: RequestLimits,
+                     default_side: int, multiple: int = 8,
+                     max_pixels: int = MAX_INPUT_PIXELS) -> ImageInput:  # fmt: skip
     """The engine's ImageInput of a request with an init image (its provenance for the
     metadata row with it); RequestRefused naming init_image or mask_image when it cannot be
-    used."""
+    used. `multiple`: the model's size grid (FAMILY_MULTIPLE); `max_pixels`: the largest
+    image decoded."""
     assert request.init_image is not None
     init_bytes = _read(request.init_image, "init_image", read, base)
-    init = _decode(init_bytes, "init_image", mode="RGB")
+    init = _open(init_bytes, "init_image", max_pixels)
+    width, height = output_size(request, _upright_size(init), limits, default_side, multiple)
+    init = _decoded(init, "init_image", mode="RGB")
     mask = mask_bytes = None
     if request.mask_image is not None:
         mask_bytes = _read(request.mask_image, "mask_image", read, base)
-        mask = _decode(mask_bytes, "mask_image", mode="L")
+        mask = _decoded(_open(mask_bytes, "mask_image", max_pixels), "mask_image", mode="L")
         if mask.size != init.size:
             raise RequestRefused("mask_image", (
                 f"is {mask.size[0]}x{mask.size[1]} pixels; it must match init_image's "
                 f"{init.size[0]}x{init.size[1]}"
             ))  # fmt: skip
-    width, height = output_size(request, init.size, limits, default_side)
     mode = None if request.sized_by_image else request.resize
     pixels = _resized(init, width, height, mode)
     mask_pixels = None if mask is None else _resized(mask, width, height, mode)
@@ -116,12 +123,13 @@ def load_image_input(request: ImageRequest, read: Reader, base: str | None,
 
 
 def output_size(request: ImageRequest, image_size: tuple[int, int], limits: RequestLimits,
-                default_side: int) -> tuple[int, int]:  # fmt: skip
+                default_side: int, multiple: int = 8) -> tuple[int, int]:  # fmt: skip
     """(width, height) of the output: the request's, or the image's rounded down to a
-    multiple of 8 (and of the limits' size_multiple), refused past the limits."""
+    multiple of the model's grid (8; 16 for SD3 and FLUX) and of the limits' size_multiple,
+    refused past the limits."""
     if not request.sized_by_image:
         return request.resolved_size(default_side)
-    step = math.lcm(8, limits.size_multiple)
+    step = math.lcm(8, multiple, limits.size_multiple)
     width, height = (side - side % step for side in image_size)
     shown = f"{image_size[0]}x{image_size[1]} pixels"
     if min(width, height) < step:
@@ -129,7 +137,7 @@ def output_size(request: ImageRequest, image_size: tuple[int, int], limits: Requ
     if max(width, height) > limits.max_side or width * height > limits.max_pixels:
         raise RequestRefused("init_image", (
             f"is {shown}; this deployment makes at most {limits.max_side} per side and "
-            f"{limits.max_pixels} pixels: give width and height to resize it"
+            f"{limits.max_pixels} pixels: give a size (width and height) to resize it"
         ))  # fmt: skip
     return width, height
 
@@ -147,26 +155,45 @@ def _read(uri: str, field: str, read: Reader, base: str | None) -> bytes:
                              f"{first_line(exc)})") from None  # fmt: skip
 
 
-def _decode(data: bytes, field: str, mode: str) -> Any:
-    """The image in `data` as a Pillow image of `mode`, upright (EXIF orientation applied),
-    transparency composited over white; RequestRefused when it is not a usable image."""
+def _open(data: bytes, field: str, max_pixels: int) -> Any:
+    """The image in `data`, opened but not decoded (its header read): RequestRefused when it
+    is not a PNG, JPEG or WebP, or has more than `max_pixels`."""
+    from PIL import Image
+
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Exception as exc:  # not an image, or a format not decoded here
+        raise RequestRefused(field, f"is not a PNG, JPEG or WebP image Pillow can decode "
+                             f"({type(exc).__name__})") from None  # fmt: skip
+    if image.width * image.height > max_pixels:
+        raise RequestRefused(field, (
+            f"is {image.width}x{image.height} pixels; at most {max_pixels} are read"
+        ))  # fmt: skip
+    return image
+
+
+def _upright_size(image: Any) -> tuple[int, int]:
+    """An opened image's (width, height) once its EXIF orientation is applied (header only)."""
+    turned = image.getexif().get(0x0112) in (5, 6, 7, 8)  # rotated a quarter turn
+    return (image.height, image.width) if turned else image.size
+
+
+def _decoded(image: Any, field: str, mode: str) -> Any:
+    """An opened image decoded as `mode`, upright (EXIF orientation applied), transparency
+    composited over white; a mask with transparency is its alpha: transparent is painted
+    (OpenAI's convention), opaque kept. RequestRefused when it does not decode."""
     from PIL import Image, ImageOps
 
     try:
-        image = Image.open(io.BytesIO(data))
-        if image.width * image.height > MAX_INPUT_PIXELS:
-            raise RequestRefused(field, (
-                f"is {image.width}x{image.height} pixels; at most {MAX_INPUT_PIXELS} are read"
-            ))  # fmt: skip
         image = ImageOps.exif_transpose(image)
         image.load()
-    except RequestRefused:
-        raise
-    except Exception as exc:  # not an image, truncated, an unknown format
+    except Exception as exc:  # truncated, corrupt
         raise RequestRefused(field, f"is not an image Pillow can decode "
                              f"({type(exc).__name__})") from None  # fmt: skip
     if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
         rgba = image.convert("RGBA")
+        if mode == "L" and rgba.getextrema()[3][0] < 255:  # a mask with transparent parts
+            return rgba.getchannel("A").point(lambda a: 255 if a < 128 else 0)
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (*WHITE, 255)), rgba)
     return image.convert(mode)
 

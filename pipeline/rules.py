@@ -67,9 +67,16 @@ class RuleBroken(FieldError):
     """A request refused by a prompt rule (the errors table's stage `rules`, not `validate`)."""
 
 
+class LayersRefused(FieldError):
+    """A request the job's composite layers cannot take (a template column it lacks),
+    found before its image is made (the errors table's stage `composite`)."""
+
+
 def error_stage(errors: list[FieldError]) -> str:
-    """The errors-table stage of a refused row's errors: rules or validate."""
-    return "rules" if isinstance(errors[0], RuleBroken) else "validate"
+    """The errors-table stage of a refused row's errors: rules, composite or validate."""
+    if isinstance(errors[0], RuleBroken):
+        return "rules"
+    return "composite" if isinstance(errors[0], LayersRefused) else "validate"
 
 
 @functools.lru_cache(maxsize=1024)

@@ -364,6 +364,9 @@ class ImageRequest(BaseModel):
                 )
         if self.mask_image is not None and self.init_image is None:
             raise ValueError("mask_image: needs init_image (the image the mask applies to)")
+        if self.init_image is not None and int(self.steps * self.strength) < 1:
+            raise ValueError(f"strength: {self.strength} of {self.steps} steps runs no step; use "
+                             f"strength >= {1 / self.steps:.3g} or more steps")  # fmt: skip
         return self
 
     @property
@@ -409,6 +412,7 @@ class ImageRequest(BaseModel):
                           strength=float(self.strength), resize=self.resize.value)  # fmt: skip
             if self.sized_by_image:  # a rerun computes it from the manifest, unread
                 fields["width"] = fields["height"] = "init_image"
+                del fields["resize"]  # unused: nothing is resized
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -86,7 +86,7 @@ def test_bad_inputs_are_refused_naming_the_field(tmp_path):
     assert missing.field == "init_image" and "does not exist" in missing.reason
     assert "gone.png" in missing.reason
     garbage = _refusal(ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "notes.png")))
-    assert garbage.field == "init_image" and "not an image" in garbage.reason
+    assert garbage.field == "init_image" and "not a PNG, JPEG or WebP image" in garbage.reason
     mismatch = _refusal(ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "photo.png"),
                                      mask_image=str(tmp_path / "small_mask.png")))  # fmt: skip
     assert mismatch.field == "mask_image"
@@ -101,7 +101,7 @@ def test_an_image_past_the_limits_asks_for_a_size(tmp_path):
     limits = RequestLimits(max_side=256)
     request = ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "big.png"))
     refused = _refusal(request, limits=limits)
-    assert refused.field == "init_image" and "give width and height" in refused.reason
+    assert refused.field == "init_image" and "give a size (width and height)" in refused.reason
     sized = request.model_copy(update={"width": 128, "height": 64})
     assert _load(sized, limits=limits).pixels.shape == (64, 128, 3)
     _png(tmp_path / "tiny.png", 5, 40)
@@ -149,3 +149,40 @@ def test_storage_reader_reads_file_uris(tmp_path):
     path = _png(tmp_path / "a.png", 8, 8)
     data = READ(f"file://{path}")
     assert Image.open(io.BytesIO(data)).size == (8, 8)
+
+
+def test_only_png_jpeg_and_webp_are_decoded(tmp_path):
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.gif")
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.webp")
+    refused = _refusal(ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "a.gif")))
+    assert refused.field == "init_image" and "not a PNG, JPEG or WebP" in refused.reason
+    assert _load(
+        ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "a.webp"))
+    ).pixels.shape == (16, 16, 3)
+
+
+def test_large_images_are_refused_from_the_header(tmp_path):
+    _png(tmp_path / "big.png", 400, 300)  # 120,000 pixels; the cap below is 100,000
+    request = ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "big.png"), width=64,
+                           height=64)  # fmt: skip
+    with pytest.raises(RequestRefused, match="is 400x300 pixels; at most 100000 are read"):
+        load_image_input(request, READ, None, DEFAULT_LIMITS, 64, max_pixels=100_000)
+
+
+def test_transformers_round_to_16(tmp_path):
+    _png(tmp_path / "photo.png", 101, 67)
+    request = ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "photo.png"))
+    image = load_image_input(request, READ, None, DEFAULT_LIMITS, 64, multiple=16)
+    assert image.pixels.shape == (64, 96, 3)
+
+
+def test_a_mask_with_transparency_paints_where_it_is_transparent(tmp_path):
+    """OpenAI's convention: the mask's transparent pixels are edited, opaque ones kept."""
+    _png(tmp_path / "photo.png", 16, 16)
+    mask = Image.new("RGBA", (16, 16), (255, 255, 255, 255))  # opaque white: kept here
+    mask.paste((0, 0, 0, 0), (0, 0, 8, 16))  # transparent left half: painted
+    mask.save(tmp_path / "mask.png")
+    request = ImageRequest(id="a", prompt="p", init_image=str(tmp_path / "photo.png"),
+                           mask_image=str(tmp_path / "mask.png"))  # fmt: skip
+    painted = _load(request).mask
+    assert (painted[:, :8] == 255).all() and (painted[:, 8:] == 0).all()
