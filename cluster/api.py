@@ -42,6 +42,8 @@ from ..pipeline.schema import (
 )
 
 MAX_N = 10  # OpenAI's limit on `n`
+# 0 < strength <= 1, stated in the document; checked by ImageRequest (its message, everywhere)
+STRENGTH = {"exclusiveMinimum": 0, "maximum": 1}
 # "WIDTHxHEIGHT": decimal sides without leading zeros, a lowercase x, nothing around.
 SIZE_PATTERN = re.compile(r"([1-9][0-9]{0,5})x([1-9][0-9]{0,5})")
 
@@ -208,7 +210,7 @@ class ImageRequestIn(BaseModel):
         None, description="Inpainting: a mask the size of init_image (base64), white where the "
         "image is repainted, black where it is kept.",
     )  # fmt: skip
-    strength: Float | None = Field(None, gt=0, le=1, description=_about("strength"))
+    strength: Float | None = Field(None, description=_about("strength"), json_schema_extra=STRENGTH)
     resize: ResizeMode | None = Field(None, description=_about("resize"))
 
 

@@ -25,7 +25,7 @@ from ..pipeline.schema import (
     ResizeMode,
     field_error,
 )
-from .api import MAX_N, ImagesGenerationRequest, upload_uri
+from .api import MAX_N, STRENGTH, ImagesGenerationRequest, upload_uri
 
 FORM_FILES = {"image": "init_image", "image[]": "init_image", "mask": "mask_image"}
 MAX_FORM_FIELDS = 40
@@ -46,11 +46,9 @@ class ImagesEditRequest(ImagesGenerationRequest):
     guidance_scale: float | None = Field(None, description="Classifier-free guidance scale.")
     lora_scale: float | None = Field(None, description="How strongly lora applies.")
     strength: float | None = Field(
-        None,
-        gt=0,
-        le=1,
+        None, json_schema_extra=STRENGTH,
         description="How far from the image the result may go (0 < strength <= 1; 0.8).",
-    )
+    )  # fmt: skip
     resize: ResizeMode | None = Field(
         None, description="With size: how the image becomes it (fill, fit or stretch)."
     )

@@ -24,19 +24,11 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-import numpy as np
 import torch
 
 from .config import HOT_PATH_OPTIONS, EngineConfig, StorageConfig, first_line
 from .denoiser_build import build_denoiser
-from .image_inputs import (
-    ImageInput,
-    MaskedBlend,
-    image_refusal,
-    is_inpainting_unet,
-    noised_start,
-    start_step,
-)
+from .image_inputs import ImageInput, LoopStart, image_refusal, start_step
 from .lora import LoraAdapters, LoraError
 from .models import SDXL_TIME_IDS, ModelComponents, describe_model, load_model
 from .schema import BucketKey, GeneratedImage, ImageRequest, Speed, StageTimings, bucket_key
@@ -257,40 +249,22 @@ class DiffusionEngine:
 
         # 2. Per-request initial noise from per-request generators (CPU by default), drawn
         #    unpacked [1, C, h, w] each (FLUX packs it after, as diffusers does); init images
-        #    (img2img) are encoded first, sampled with the same generators.
+        #    are encoded first, sampled with the same generators (pipeline/image_inputs.py).
         noise_device = self.device if self.config.noise_on_device else torch.device("cpu")
         generators = [torch.Generator(noise_device).manual_seed(r.resolved_seed) for r in requests]
-        nine = entry is not None and entry[0] == "inpaint" and is_inpainting_unet(self.model)
-        pixels = None if entry is None else np.stack([i.pixels for i in images])
-        init = None  # a 9-channel UNet from noise (strength 1) never encodes the image itself
-        if entry is not None and not (nine and entry[1] == 0):
-            init = denoiser.pack(denoiser.encode_images(pixels, generators))  # FLUX packs
+        start = LoopStart(entry, images, denoiser, self.model)
+        start.encode(generators)
         shape = (1, *denoiser.noise_shape(latent_h, latent_w))
         noise = torch.cat([torch.randn(shape, generator=g, device=noise_device)
                            for g in generators])  # fmt: skip
         noise = denoiser.pack(noise.to(self.device, self.dtype))
-        if nine:  # the masked image's latents, drawn next as diffusers draws them
-            masks = np.stack([i.mask for i in images])
-            cond.extra["inpaint"] = denoiser.inpaint_channels(pixels, masks, generators,
-                                                              latent_h, latent_w)  # fmt: skip
-        elif entry is not None and entry[0] == "inpaint":  # diffusers draws the masked
-            denoiser.skip_posterior_draw(generators, latent_h, latent_w)  # image's next
+        start.condition(cond, generators, latent_h, latent_w)
 
         # 3. Timesteps. A scheduler instance is stateful: one per chunk. From noise the loop
         #    runs them all; from an init image those from its start on, the image noised to
         #    it (inpainting at strength 1: from noise), a mask putting back what it keeps.
         scheduler = denoiser.scheduler(scheduler_name, steps, width, height)
-        timesteps, blend = scheduler.timesteps, None
-        latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching: none
-        if entry is not None:
-            kind, start = entry
-            timesteps, noised = noised_start(scheduler, start, noise if init is None else init,
-                                             noise)  # fmt: skip
-            if kind == "img2img" or start > 0:
-                latents = noised
-            if kind == "inpaint" and not nine:
-                masks = torch.from_numpy(np.stack([i.mask for i in images])).to(self.device)
-                blend = MaskedBlend(scheduler, timesteps, init, noise, masks)
+        timesteps, latents, blend = start.loop(scheduler, noise)
 
         # 4. Denoising loop (speed: cached skips most of the model between full steps),
         #    each sample through its request's LoRA adapter: names [2B], uncond then cond half.
@@ -306,9 +280,9 @@ class DiffusionEngine:
         t2 = self._clock()
 
         # 5. VAE decode, [B, 3, H, W] in [-1, 1] -> uint8 [B, H, W, 3].
-        pixels = self.model.vae.decode(denoiser.to_vae(latents, latent_h, latent_w)).sample
-        pixels = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-        made = pixels.permute(0, 2, 3, 1).cpu().numpy()
+        decoded = self.model.vae.decode(denoiser.to_vae(latents, latent_h, latent_w)).sample
+        decoded = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+        made = decoded.permute(0, 2, 3, 1).cpu().numpy()
         t3 = self._clock()
 
         share = StageTimings(

@@ -136,3 +136,54 @@ class MaskedBlend:
         if index < len(self.timesteps) - 1:
             kept = self.scheduler.add_noise(kept, self.noise, self.timesteps[index + 1 : index + 2])
         return (1 - self.mask) * kept + self.mask * latents
+
+
+class LoopStart:
+    """Where one chunk's denoising loop starts: from noise (entry None), or from its init
+    images (entry: (img2img or inpaint, the start step)), drawing from each request's
+    generator in diffusers' order: the image's posterior, the noise, the masked image's."""
+
+    def __init__(self, entry: tuple | None, images: list, denoiser: Any, model: Any):
+        import numpy as np
+
+        self.entry, self.images, self.denoiser = entry, images, denoiser
+        self.nine = entry is not None and entry[0] == "inpaint" and is_inpainting_unet(model)
+        self.pixels = None if entry is None else np.stack([i.pixels for i in images])
+        self.init: Any = None  # the init images' latents (packed as the noise is)
+
+    def encode(self, generators: list) -> None:
+        """Before the noise: the init images' latents (a 9-channel UNet from noise never
+        encodes the image itself)."""
+        if self.entry is not None and not (self.nine and self.entry[1] == 0):
+            self.init = self.denoiser.pack(self.denoiser.encode_images(self.pixels, generators))
+
+    def condition(self, cond: Any, generators: list, latent_h: int, latent_w: int) -> None:
+        """After the noise: a 9-channel UNet's mask and masked-image latents in `cond`; a
+        4-channel UNet's inpainting skips that draw (diffusers makes it, never uses it)."""
+        import numpy as np
+
+        if self.nine:
+            masks = np.stack([i.mask for i in self.images])
+            cond.extra["inpaint"] = self.denoiser.inpaint_channels(self.pixels, masks, generators,
+                                                                   latent_h, latent_w)  # fmt: skip
+        elif self.entry is not None and self.entry[0] == "inpaint":
+            self.denoiser.skip_posterior_draw(generators, latent_h, latent_w)
+
+    def loop(self, scheduler: Any, noise: Any) -> tuple[Any, Any, MaskedBlend | None]:
+        """(the timesteps to run, the first latents, the blend after each step or None)."""
+        import numpy as np
+        import torch
+
+        latents = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching: none
+        if self.entry is None:
+            return scheduler.timesteps, latents, None
+        kind, start = self.entry
+        image = noise if self.init is None else self.init
+        timesteps, noised = noised_start(scheduler, start, image, noise)
+        if kind == "img2img" or start > 0:  # inpainting at strength 1 starts from noise
+            latents = noised
+        blend = None
+        if kind == "inpaint" and not self.nine:
+            masks = torch.from_numpy(np.stack([i.mask for i in self.images])).to(noise.device)
+            blend = MaskedBlend(scheduler, timesteps, self.init, noise, masks)
+        return timesteps, latents, blend

@@ -104,7 +104,7 @@ def test_a_mask_inpaints_and_size_resizes(server):
 @pytest.mark.parametrize(
     "files, data, field, words",
     [
-        ({"image": ("a.png", b"not an image", "image/png")}, {}, "image", "not an image"),
+        ({"image": ("a.png", b"not an image", "image/png")}, {}, "image", "not a PNG, JPEG"),
         ({"image": ("a.png", PHOTO, "image/png"),
           "mask": ("m.png", png(np.zeros((8, 8), np.uint8)), "image/png")}, {}, "mask", "8x8"),
         ({}, {}, "image", "is required"),
