@@ -184,8 +184,8 @@ def plan_resume(plan: JobPlan, storage: Storage, overwrite: bool, *,
                             plan.manifest.table, distributed=distributed)  # fmt: skip
     asked_hash = plan.model.weights_hash()
     sets = plan_id_sets(source, storage, asked_hash, plan.config.limits.model_dump(),
-                        plan.model.default_size, distributed,
-                        plan.config.rules.model_dump())  # fmt: skip
+                        plan.model.default_size, distributed, plan.config.rules.model_dump(),
+                        plan.config.composite.model_dump())  # fmt: skip
     if sets.redone and not overwrite:
         raise ResumeConflict(_conflict_line(plan, sets.findings, asked_hash))
     plan.ids = sets
@@ -247,6 +247,6 @@ def _conflict_line(plan: JobPlan, findings: Any, asked: str) -> str:
     example = findings.examples[0] if findings.examples else "?"
     return (
         f"{findings.changed} finished ids were made from other request fields than the manifest "
-        f"now gives (prompt, seed, steps, guidance, size, scheduler, speed, LoRA, or the init "
-        f"image, mask, strength or resize; e.g. {example!r}): {fix}"
+        f"now gives (prompt, seed, steps, guidance, size, scheduler, speed, LoRA, the init "
+        f"image, mask, strength or resize, or the composite layers; e.g. {example!r}): {fix}"
     )

@@ -107,12 +107,15 @@ def merge_finished(tables: list[Any]) -> tuple[IdIndex, dict[str, str]]:
 
 
 def resume_block(batch: Any, finished: IdIndex, limits: dict[str, Any], default_side: int,
-                 rules: dict[str, Any] | None = None) -> Any:  # fmt: skip
+                 rules: dict[str, Any] | None = None,
+                 composite: dict[str, Any] | None = None) -> Any:  # fmt: skip
     """A manifest block checked against the finished index: one row per digest to make again
     (other model, other request fields: the prompt rules' style counts), then one row with
     the block's findings (JSON)."""
     import pyarrow as pa
 
+    from ..pipeline.composite import CompositeConfig, layers_stamp
+    from ..pipeline.files import layer_values
     from ..pipeline.rules import PromptRules, apply_rules
 
     digests = id_digests(batch.column("id"))
@@ -122,6 +125,7 @@ def resume_block(batch: Any, finished: IdIndex, limits: dict[str, Any], default_
     if findings.finished:
         values = finished.values[at]
         limits_model, rules_model = RequestLimits(**limits), PromptRules(**(rules or {}))
+        layers_config = CompositeConfig(**(composite or {}))
         rows = batch.take(pa.array(np.flatnonzero(found))).to_pylist()
         for row, digest, value in zip(rows, digests[found], values[found], strict=True):
             if not value["same_model"]:
@@ -133,7 +137,9 @@ def resume_block(batch: Any, finished: IdIndex, limits: dict[str, Any], default_
                 request = apply_rules(request, rules_model)
             if not isinstance(request, ImageRequest):
                 continue  # an invalid row is recorded as such, finished or not
-            asked = id_digests([request.fingerprint(*request.resolved_size(default_side))])[0]
+            layers = layers_stamp(layers_config, layer_values(request))
+            size = request.resolved_size(default_side)
+            asked = id_digests([request.fingerprint(*size, layers)])[0]
             if asked != value["fingerprint"]:
                 findings.changed += 1
                 findings.examples = (findings.examples + [request.id])[:EXAMPLES]
@@ -179,8 +185,8 @@ class IdSets:
 
 
 def plan_id_sets(manifest: Any, output: Storage, asked_hash: str, limits: dict[str, Any],
-                 default_side: int, distributed: bool,
-                 rules: dict[str, Any] | None = None) -> IdSets:  # fmt: skip
+                 default_side: int, distributed: bool, rules: dict[str, Any] | None = None,
+                 composite: dict[str, Any] | None = None) -> IdSets:  # fmt: skip
     """Duplicates, finished ids and what a rerun would make again, for `manifest` (a
     `ParquetSource`) against `output`."""
     runner = _RayRunner() if distributed else _LocalRunner()
@@ -190,7 +196,8 @@ def plan_id_sets(manifest: Any, output: Storage, asked_hash: str, limits: dict[s
     finished, others = _finished_index(runner, output, asked_hash, distributed)
     if finished is None:
         return sets
-    skip, findings = runner.resume(manifest.batches(None), finished, limits, default_side, rules)
+    skip, findings = runner.resume(manifest.batches(None), finished, limits, default_side, rules,
+                                   composite)  # fmt: skip
     findings.other_models = runner.get(others)
     sets.skip, sets.findings = skip, findings
     return sets
@@ -232,8 +239,8 @@ class _LocalRunner:
         return merge_fn([block_fn(b) for b in batches])
 
     def resume(self, batches: Any, finished: IdIndex, limits: dict, side: int,
-               rules: dict | None = None) -> tuple:  # fmt: skip
-        return merge_resume(finished, [resume_block(b, finished, limits, side, rules)
+               rules: dict | None = None, composite: dict | None = None) -> tuple:  # fmt: skip
+        return merge_resume(finished, [resume_block(b, finished, limits, side, rules, composite)
                                        for b in batches])  # fmt: skip
 
     def size(self, index: IdIndex) -> int:
@@ -267,11 +274,11 @@ class _RayRunner:
         return tuple(refs) if returns > 1 else refs
 
     def resume(self, dataset: Any, finished: Any, limits: dict, side: int,
-               rules: dict | None = None) -> tuple:  # fmt: skip
+               rules: dict | None = None, composite: dict | None = None) -> tuple:  # fmt: skip
         import ray
 
         tables = self._tables(dataset, _resume_task, finished_ref=finished, limits=limits,
-                              side=side, rules=rules)  # fmt: skip
+                              side=side, rules=rules, composite=composite)  # fmt: skip
         merge = ray.remote(num_returns=2)(_merge_resume_task)
         skip, findings = merge.remote(finished, *tables)
         return skip, ray.get(findings)
@@ -316,10 +323,10 @@ def _merge_task(merge_fn: Any, *tables: Any) -> Any:
 
 
 def _resume_task(batch: Any, finished_ref: Any, limits: dict, side: int,
-                 rules: dict | None = None) -> Any:  # fmt: skip
+                 rules: dict | None = None, composite: dict | None = None) -> Any:  # fmt: skip
     import ray
 
-    return resume_block(batch, ray.get(finished_ref), limits, side, rules)
+    return resume_block(batch, ray.get(finished_ref), limits, side, rules, composite)
 
 
 def _merge_resume_task(finished: IdIndex, *tables: Any) -> tuple:

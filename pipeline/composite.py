@@ -183,6 +183,19 @@ def template_fields(config: CompositeConfig) -> set[str]:
     return {name for field, t in _layer_templates(config) for name in _template_names(t, field)}
 
 
+def layers_stamp(config: CompositeConfig, values: dict[str, str]) -> str | None:
+    """What of a row's composite decides its file (the layers' config and the values its
+    templates read), as a digest its fingerprint counts; None without layers."""
+    import hashlib
+    import json
+
+    if not config.enabled:
+        return None
+    used = {name: values.get(name) for name in sorted(template_fields(config))}
+    text = json.dumps([config.model_dump(mode="json"), used], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def missing_value(config: CompositeConfig, values: dict[str, str]) -> CompositeError | None:
     """Why a row with `values` cannot be composited (a column a template needs), checked
     before its image is made; None when it can."""

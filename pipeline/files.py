@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .composite import CompositeConfig, check_composite, compose
+from .composite import CompositeConfig, check_composite, compose, layers_stamp
 from .credentials import NO_CREDENTIALS, CredentialsConfig, check_credentials, sign
 from .formats import (
     MEDIA_TYPES,
@@ -113,6 +113,7 @@ class EncodedImage:
     seconds: float  # time spent encoding
     credentials: bool = False  # every file carries a signed C2PA manifest
     composite: list[dict[str, Any]] | None = None  # the layers placed (composite:)
+    layers: str | None = None  # their stamp, which the image's fingerprint counts
 
 
 def encode_image(generated: GeneratedImage, provenance: Provenance, options: WriteOptions,
@@ -146,7 +147,8 @@ def encode_image(generated: GeneratedImage, provenance: Provenance, options: Wri
                  for name, fmt, data, said in files]  # fmt: skip
     return EncodedImage(generated, provenance, master.format, files[0][2],
                         [(name, fmt, data) for name, fmt, data, _ in files[1:]], payload,
-                        time.perf_counter() - t0, options.credentials.enabled, placed)  # fmt: skip
+                        time.perf_counter() - t0, options.credentials.enabled, placed,
+                        layers_stamp(options.composite, layer_values(generated.request)))  # fmt: skip
 
 
 def composited(generated: GeneratedImage, options: WriteOptions) -> tuple[Any, list | None]:

@@ -88,7 +88,7 @@ def image_record(encoded: EncodedImage, *, uri: str, variants: dict[str, str], r
         model=provenance.model,
         uri=uri,
         sha256=hashlib.sha256(encoded.master).hexdigest(),
-        request_fingerprint=request.fingerprint(generated.width, generated.height),
+        request_fingerprint=request.fingerprint(generated.width, generated.height, encoded.layers),
         weights_hash=provenance.weights_hash,
         scheduler_config=generated.scheduler_config,
         backend=provenance.backend,

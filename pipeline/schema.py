@@ -383,7 +383,7 @@ class ImageRequest(BaseModel):
         """(width, height) made: the request's, the model's native side filling what is missing."""
         return self.width or default_side, self.height or default_side
 
-    def fingerprint(self, width: int, height: int) -> str:
+    def fingerprint(self, width: int, height: int, layers: str | None = None) -> str:
         """A digest of everything that decides this request's pixels at a resolved size.
 
         `metadata` and `model` are left out: the first never changes an image, the second is
@@ -391,7 +391,9 @@ class ImageRequest(BaseModel):
         compares fingerprints from the manifest alone, without reading adapters), `lora_scale`
         only with a lora, so requests without one keep the fingerprints they had. An init
         image counts by its URI, with the mask, strength and resize mode (online uploads are
-        named by their content's sha256); sized by the image, the size is "init_image"."""
+        named by their content's sha256); sized by the image, the size is "init_image".
+        `layers`: the stamp of the composite layers placed on it (pipeline/composite.py's
+        `layers_stamp`: the config and the metadata its templates read), when there are any."""
         fields = {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
@@ -413,6 +415,8 @@ class ImageRequest(BaseModel):
             if self.sized_by_image:  # a rerun computes it from the manifest, unread
                 fields["width"] = fields["height"] = "init_image"
                 del fields["resize"]  # unused: nothing is resized
+        if layers is not None:
+            fields["layers"] = layers
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -206,6 +206,20 @@ def test_composited_ad_creatives(ray_session, tmp_path):
     assert tuple(centre) == (0, 200, 0)  # the product, opaque, on top
     assert (pixels[32:, :, 0] > 200).any()  # red headline ink in the lower half
 
+    # A rerun skips the creative; a changed headline is a changed request, made again
+    # with --overwrite (the fingerprint counts the layers and the values they read).
+    from daguerre.cluster.plan import ResumeConflict
+
+    again = run_job(str(tmp_path / "ads.parquet"), str(tmp_path / "out"), config, progress=False)
+    assert again.generated == 0 and again.skipped_done == 1
+    rows[0]["metadata"]["headline"] = "SALE 30%"
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "ads.parquet")
+    with pytest.raises(ResumeConflict, match="composite layers"):
+        run_job(str(tmp_path / "ads.parquet"), str(tmp_path / "out"), config, progress=False)
+    redo = run_job(str(tmp_path / "ads.parquet"), str(tmp_path / "out"), config, progress=False,
+                   overwrite=True)  # fmt: skip
+    assert redo.generated == 1
+
 
 def test_a_bad_layer_config_fails_before_any_actor(ray_session, tmp_path):
     from daguerre.pipeline.config import ConfigError
