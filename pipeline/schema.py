@@ -95,6 +95,17 @@ def _check_unicode(v: str) -> str:
     return v
 
 
+def _check_location(v: str, limit: int) -> str:
+    """A path or URI: not empty, at most `limit` characters, no control characters."""
+    if not v:
+        raise ValueError("must not be empty")
+    if len(v) > limit:
+        raise ValueError(f"is {len(v)} characters long; at most {limit} allowed")
+    if any(ord(c) < 32 or ord(c) == 127 for c in v):
+        raise ValueError("contains control characters")
+    return _check_unicode(v)
+
+
 def _check_text(v: str, limit: int) -> str:
     """Prompt text: valid Unicode, at most `limit` characters."""
     _check_unicode(v)
@@ -278,28 +289,14 @@ class ImageRequest(BaseModel):
     @field_validator("lora")
     @classmethod
     def _check_lora(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        if not v:
-            raise ValueError("must not be empty")
-        if len(v) > MAX_LORA_CHARS:
-            raise ValueError(f"is {len(v)} characters long; at most {MAX_LORA_CHARS} allowed")
-        if any(ord(c) < 32 or ord(c) == 127 for c in v):
-            raise ValueError("contains control characters")
-        return _check_unicode(v)
+        return None if v is None else _check_location(v, MAX_LORA_CHARS)
 
     @field_validator("init_image", "mask_image")
     @classmethod
     def _check_image_uri(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        if not v.strip():
+        if v is not None and not v.strip():
             raise ValueError("must not be empty")
-        if len(v) > MAX_URI_CHARS:
-            raise ValueError(f"is {len(v)} characters long; at most {MAX_URI_CHARS} allowed")
-        if any(ord(c) < 32 or ord(c) == 127 for c in v):
-            raise ValueError("contains control characters")
-        return _check_unicode(v)
+        return None if v is None else _check_location(v, MAX_URI_CHARS)
 
     @field_validator("strength")
     @classmethod
