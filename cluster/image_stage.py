@@ -31,11 +31,11 @@ def read_images(batch: Any, base: str | None, storage_config: StorageConfig | No
     image cannot be read, decoded or sized turns into a `validate` error naming the field."""
     import pyarrow as pa
 
-    from ..pipeline.image_reads import storage_reader
+    from ..pipeline.image_reads import StorageReader
     from . import metrics
 
     started = time.perf_counter()
-    read, limits_model = storage_reader(storage_config), RequestLimits(**limits)
+    read, limits_model = StorageReader(storage_config), RequestLimits(**limits)
     rows = batch.to_pylist()
     for row in rows:
         row.update(dict.fromkeys(IMAGE_COLUMNS))

@@ -18,10 +18,10 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 import daguerre
 
-from ..pipeline.composite import CompositeError, missing_value
+from ..pipeline.composite import CompositeError, layer_values, missing_value
 from ..pipeline.config import RequestRefused, first_line
 from ..pipeline.credentials import CredentialsError
-from ..pipeline.files import Provenance, layer_values
+from ..pipeline.files import Provenance
 from ..pipeline.formats import EXTENSIONS
 from ..pipeline.outputs import StoredImage, cache_view, keep_rejected, write_errors, write_outputs
 from ..pipeline.quality import Rejected

@@ -114,8 +114,7 @@ def resume_block(batch: Any, finished: IdIndex, limits: dict[str, Any], default_
     the block's findings (JSON)."""
     import pyarrow as pa
 
-    from ..pipeline.composite import CompositeConfig, layers_stamp
-    from ..pipeline.files import layer_values
+    from ..pipeline.composite import CompositeConfig, LayersStamp
     from ..pipeline.rules import PromptRules, apply_rules
 
     digests = id_digests(batch.column("id"))
@@ -125,7 +124,7 @@ def resume_block(batch: Any, finished: IdIndex, limits: dict[str, Any], default_
     if findings.finished:
         values = finished.values[at]
         limits_model, rules_model = RequestLimits(**limits), PromptRules(**(rules or {}))
-        layers_config = CompositeConfig(**(composite or {}))
+        stamp = LayersStamp(CompositeConfig(**(composite or {})))
         rows = batch.take(pa.array(np.flatnonzero(found))).to_pylist()
         for row, digest, value in zip(rows, digests[found], values[found], strict=True):
             if not value["same_model"]:
@@ -137,9 +136,8 @@ def resume_block(batch: Any, finished: IdIndex, limits: dict[str, Any], default_
                 request = apply_rules(request, rules_model)
             if not isinstance(request, ImageRequest):
                 continue  # an invalid row is recorded as such, finished or not
-            layers = layers_stamp(layers_config, layer_values(request))
             size = request.resolved_size(default_side)
-            asked = id_digests([request.fingerprint(*size, layers)])[0]
+            asked = id_digests([request.fingerprint(*size, stamp(request))])[0]
             if asked != value["fingerprint"]:
                 findings.changed += 1
                 findings.examples = (findings.examples + [request.id])[:EXAMPLES]

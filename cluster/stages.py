@@ -14,9 +14,9 @@ import json
 import time
 from typing import Any
 
-from ..pipeline.composite import CompositeConfig, missing_value
+from ..pipeline.composite import CompositeConfig, layer_values, missing_value
 from ..pipeline.config import EngineConfig, RequestRefused, StorageConfig, first_line
-from ..pipeline.files import PLAIN, Provenance, WriteOptions, layer_values
+from ..pipeline.files import PLAIN, Provenance, WriteOptions
 from ..pipeline.lease import check_lease
 from ..pipeline.outputs import keep_rejected, write_errors, write_outputs
 from ..pipeline.quality import QualityConfig, Rejected

@@ -183,17 +183,31 @@ def template_fields(config: CompositeConfig) -> set[str]:
     return {name for field, t in _layer_templates(config) for name in _template_names(t, field)}
 
 
-def layers_stamp(config: CompositeConfig, values: dict[str, str]) -> str | None:
-    """What of a row's composite decides its file (the layers' config and the values its
-    templates read), as a digest its fingerprint counts; None without layers."""
-    import hashlib
-    import json
+def layer_values(request: Any) -> dict[str, str]:
+    """What a request's templates fill from: its id, prompt, seed and metadata."""
+    return {"id": request.id, "prompt": request.prompt, "seed": str(request.resolved_seed),
+            **request.metadata}  # fmt: skip
 
-    if not config.enabled:
-        return None
-    used = {name: values.get(name) for name in sorted(template_fields(config))}
-    text = json.dumps([config.model_dump(mode="json"), used], sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+class LayersStamp:
+    """What of a request's composite decides its file (the layers' config and the values
+    its templates read), as a digest its fingerprint counts; None without layers. Made
+    once per config (templates parsed, config serialised), applied per request."""
+
+    def __init__(self, config: CompositeConfig):
+        self.fields = sorted(template_fields(config)) if config.enabled else None
+        self.basis = config.model_dump(mode="json") if config.enabled else None
+
+    def __call__(self, request: Any) -> str | None:
+        import hashlib
+        import json
+
+        if self.fields is None:
+            return None
+        values = layer_values(request)
+        used = {name: values.get(name) for name in self.fields}
+        text = json.dumps([self.basis, used], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def missing_value(config: CompositeConfig, values: dict[str, str]) -> CompositeError | None:

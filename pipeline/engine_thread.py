@@ -68,7 +68,8 @@ class EngineThread:
                   images: Images | None = None) -> list[GeneratedImage | Exception]:  # fmt: skip
         """Near-duplicates from the semantic cache (with it), the rest made: `generate_each`,
         then the quality gate (its regenerations included); made images carry their prompt
-        vector, so the write path indexes them. Requests with an init image are always made."""
+        vector, so the write path indexes them. (Rows whose photo is named by a URI have no
+        cache group, `cache_salt`: they are always made; uploads, named by content, can hit.)"""
         if self.semantic is None:
             return self._make(requests, images)
         quality = self.gate.config if self.gate is not None else None
@@ -80,11 +81,12 @@ class EngineThread:
         for i in range(len(requests)):
             if i in hits:
                 generated, provenance = hits[i]
-                out.append(dataclasses.replace(generated, made_by=provenance))
+                inputs = None if images[i] is None else images[i].provenance  # as asked
+                out.append(dataclasses.replace(generated, made_by=provenance, inputs=inputs))
                 continue
             result = next(made)
-            if isinstance(result, GeneratedImage) and requests[i].init_image is None:
-                result = dataclasses.replace(result, prompt_vector=vectors[i])  # indexed
+            if isinstance(result, GeneratedImage):
+                result = dataclasses.replace(result, prompt_vector=vectors[i])
             out.append(result)
         return out
 

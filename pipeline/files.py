@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .composite import CompositeConfig, check_composite, compose, layers_stamp
+from .composite import CompositeConfig, LayersStamp, check_composite, compose, layer_values
 from .credentials import NO_CREDENTIALS, CredentialsConfig, check_credentials, sign
 from .formats import (
     MEDIA_TYPES,
@@ -124,7 +124,7 @@ def encode_image(generated: GeneratedImage, provenance: Provenance, options: Wri
     encoder or is recorded as none; variants (resized) claim none."""
     t0 = time.perf_counter()
     marks, encoding = options.marks, options.encoding
-    pixels, placed = composited(generated, options)
+    pixels, placed, stamp = composited(generated, options)
     pixels, payload = watermarked(visibly_marked(pixels, marks), marks)
     master = master_format(encoding)
     if master.lossy:  # no text chunks in WebP or JPEG: encode, then see what survived
@@ -147,25 +147,21 @@ def encode_image(generated: GeneratedImage, provenance: Provenance, options: Wri
                  for name, fmt, data, said in files]  # fmt: skip
     return EncodedImage(generated, provenance, master.format, files[0][2],
                         [(name, fmt, data) for name, fmt, data, _ in files[1:]], payload,
-                        time.perf_counter() - t0, options.credentials.enabled, placed,
-                        layers_stamp(options.composite, layer_values(generated.request)))  # fmt: skip
+                        time.perf_counter() - t0, options.credentials.enabled, placed, stamp)  # fmt: skip
 
 
-def composited(generated: GeneratedImage, options: WriteOptions) -> tuple[Any, list | None]:
+def composited(generated: GeneratedImage,
+               options: WriteOptions) -> tuple[Any, list | None, str | None]:  # fmt: skip
     """(the image's pixels with the layers `options.composite` places, what was placed
-    where), or (its pixels, None) without layers; CompositeError when this row's layers
-    cannot be placed (a template column it lacks, a product image that cannot be read).
-    The engine's pixels stay as made (the result cache keeps them unplaced)."""
+    where, their stamp for the fingerprint), or (its pixels, None, None) without layers;
+    CompositeError when this row's layers cannot be placed (a template column it lacks, a
+    product image that cannot be read). The engine's pixels stay as made (the result cache
+    keeps them unplaced)."""
     if not options.composite.enabled:
-        return generated.image, None
-    values = layer_values(generated.request)
-    return compose(generated.image, values, options.composite, options.read or StorageReader())
-
-
-def layer_values(request: Any) -> dict[str, str]:
-    """What a request's composite templates fill from: id, prompt, seed and its metadata."""
-    return {"id": request.id, "prompt": request.prompt, "seed": str(request.resolved_seed),
-            **request.metadata}  # fmt: skip
+        return generated.image, None, None
+    request, read = generated.request, options.read or StorageReader()
+    pixels, placed = compose(generated.image, layer_values(request), options.composite, read)
+    return pixels, placed, LayersStamp(options.composite)(request)
 
 
 def watermark_survives(data: bytes, marks: MarksConfig) -> bool:

@@ -83,11 +83,6 @@ def _plain(value: Any) -> str:
     return secret() if secret else str(value)
 
 
-def storage_reader(config: StorageConfig | None = None) -> Reader:
-    """A reader of paths, file:// and s3:// URIs with `config`'s credentials."""
-    return StorageReader(config)
-
-
 def load_image_input(request: ImageRequest, read: Reader, base: str | None, limits: RequestLimits,
                      default_side: int, multiple: int = 8,
                      max_pixels: int = MAX_INPUT_PIXELS) -> ImageInput:  # fmt: skip

@@ -390,7 +390,7 @@ class ImageRequest(BaseModel):
         image counts by its URI, with the mask, strength and resize mode (online uploads are
         named by their content's sha256); sized by the image, the size is "init_image".
         `layers`: the stamp of the composite layers placed on it (pipeline/composite.py's
-        `layers_stamp`: the config and the metadata its templates read), when there are any."""
+        `LayersStamp`: the config and the metadata its templates read), when there are any."""
         fields = {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,

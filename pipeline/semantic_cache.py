@@ -125,8 +125,6 @@ def semantic_hits(index: SemanticIndex, engine: Any, requests: list[ImageRequest
     hits: dict[int, tuple[GeneratedImage, dict]] = {}
     read: dict[str, list[dict]] = {}  # group -> its entries, listed once per call
     for i, (request, vector) in enumerate(zip(requests, vectors, strict=True)):
-        if request.init_image is not None:  # made from an image, not only its prompt
-            continue
         try:
             group = group_key(view, request, *request.resolved_size(side))
             if group is not None and group not in read:

@@ -8,11 +8,11 @@ import io
 import numpy as np
 import pytest
 from daguerre.pipeline.config import RequestRefused
-from daguerre.pipeline.image_reads import load_image_input, resolve_uri, storage_reader
+from daguerre.pipeline.image_reads import StorageReader, load_image_input, resolve_uri
 from daguerre.pipeline.schema import DEFAULT_LIMITS, ImageRequest, RequestLimits, validate_request
 from PIL import Image
 
-READ = storage_reader()
+READ = StorageReader()
 
 
 def _png(path, width, height, color=(200, 30, 30), mode="RGB"):

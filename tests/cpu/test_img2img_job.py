@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from daguerre.cluster.job import run_job
 from daguerre.pipeline.config import EngineConfig, JobConfig
-from daguerre.pipeline.image_reads import load_image_input, storage_reader
+from daguerre.pipeline.image_reads import StorageReader, load_image_input
 from daguerre.pipeline.schema import DEFAULT_LIMITS, ImageRequest, manifest_schema
 from PIL import Image
 
@@ -110,7 +110,7 @@ def test_job_image_equals_the_engine_image(local_job, tiny_engine):
     meta, _ = _tables(root / "out")
     row = next(r for r in ROWS if r["id"] == "lamp")
     request = ImageRequest(**row)
-    image = load_image_input(request, storage_reader(), str(root), DEFAULT_LIMITS,
+    image = load_image_input(request, StorageReader(), str(root), DEFAULT_LIMITS,
                              tiny_engine.model.default_size)  # fmt: skip
     direct = tiny_engine.generate([request], [image])[0].image
     written = np.asarray(Image.open(meta["lamp"]["uri"].removeprefix("file://")))
